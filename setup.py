@@ -1,0 +1,32 @@
+"""uhd-jax: LLaVA-UHD v1/v2, SliME, LLaVA-1.5 and LLaVAR in JAX/Flax.
+
+Versions are pinned to the set the test suite runs against; change them together and re-run `make test`.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "transformers==5.23.0",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+]
+# Conversion to/from PyTorch checkpoints and the parity tests. torch 2.13.0 is the CPU build.
+TORCH = ["torch==2.13.0", "safetensors==0.8.0"]
+TEST = ["pytest==9.2.0"]
+
+setup(
+    name="uhd-jax",
+    version="0.1.0",
+    description="JAX/Flax LLaVA-UHD v1/v2, SliME, LLaVA-1.5 and LLaVAR: training, evaluation, torch conversion",
+    python_requires=">=3.11",
+    packages=find_packages(include=["uhd_jax", "uhd_jax.*"]),
+    install_requires=CORE,
+    extras_require={"torch": TORCH, "test": TORCH + TEST},
+)

@@ -1,0 +1,1 @@
+"""PyTorch <-> uhd-jax checkpoint conversion: `python -m tools.convert_torch --help`."""

@@ -1,0 +1,118 @@
+"""Convert checkpoints between PyTorch layouts and uhd-jax.
+
+  python -m tools.convert_torch import --src DIR [--vision DIR] [--projector mm_projector.bin]
+                                       [--config configs/llava15.py:7b] --out CKPT
+  python -m tools.convert_torch export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
+  python -m tools.convert_torch layouts
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tools.convert_torch import hf_configs, tables
+from tools.convert_torch.exporter import FORMATS, export_checkpoint
+from tools.convert_torch.importer import CheckpointMismatchError, Source, import_checkpoint
+from tools.convert_torch.torch_io import list_keys, read_config
+
+
+def model_for_sources(sources: list[Source], config_spec: str | None) -> tuple[dict, dict, str | None]:
+    """(config.model dict, HF metadata, family) from --config, else from the sources' config.json files."""
+    main = sources[0]
+    layout = main.layout or tables.detect_layout(list_keys(main.path))
+    cfg = read_config(main.path) or {}
+    meta = hf_configs.hf_meta(cfg) if cfg else {}
+    if config_spec:
+        from uhd_jax.config_loading import load_config
+
+        exp = load_config(config_spec)
+        return exp.model.to_dict(), meta, exp.get("family")
+    if not cfg:
+        raise ValueError(f"{main.path} has no config.json; pass --config (e.g. configs/llava15.py:7b)")
+    vision_cfg = None
+    vision_src = next((s for s in sources[1:] if (s.layout or tables.detect_layout(list_keys(s.path))) == "hf_clip"),
+                      None)
+    if vision_src is not None:
+        vision_cfg = read_config(vision_src.path)
+    if layout == "llava_hf":
+        model, family = hf_configs.model_from_llava_hf(cfg), "llava15"
+    elif layout == "llava_original":
+        model, family = hf_configs.model_from_llava_original(cfg, vision_cfg), "llava15"
+    elif layout == "hf_llama":
+        model, family = {"llm": hf_configs.llm_from_hf(cfg)}, None
+        if vision_cfg is not None:
+            model["vision"] = hf_configs.vision_from_hf(vision_cfg)
+    elif layout == "hf_clip":
+        model, family = {"vision": hf_configs.vision_from_hf(cfg)}, None
+    else:
+        raise ValueError(f"layout {layout}: pass --config to say which model this belongs to")
+    model.update(dtype="bfloat16", param_dtype="float32", attention_impl="xla", remat_policy="none",
+                 scan_layers=False)
+    return model, meta, family
+
+
+def cmd_import(args) -> int:
+    from uhd_jax.train.checkpoints import save_params
+
+    sources = [Source(args.src, args.layout)]
+    if args.vision:
+        sources.append(Source(args.vision, "hf_clip"))
+    if args.projector:
+        sources.append(Source(args.projector, "mm_projector"))
+    model, meta, family = model_for_sources(sources, args.config)
+    params, report = import_checkpoint(sources, model)
+    save_params(args.out, params, {"model": model, "hf": meta, "family": family, "conversion": report})
+    print(f"imported {report['tensors']} tensors ({', '.join(report['components'])}) from "
+          f"{', '.join(f'{s} [{l}]' for s, l in zip(report['sources'], report['layouts']))} -> {args.out}")
+    if report["skipped"]:
+        print(f"skipped {len(report['skipped'])} tensors the model does not use, e.g. {report['skipped'][:3]}")
+    for line in report["overridden"]:
+        print(f"note: {line}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    files = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, args.image_token_index)
+    print(f"exported {args.checkpoint} as {args.format} ({args.dtype}) -> {args.out}: {', '.join(files)}")
+    return 0
+
+
+def cmd_layouts(args) -> int:
+    for name, layout in tables.LAYOUTS.items():
+        prefixes = "; ".join(f"{c.ours}: {', '.join(c.prefixes)}" for c in layout.components)
+        print(f"{name:15s} {layout.description}\n{'':15s} {prefixes}")
+    print("\nexport formats: " + ", ".join(f"{k} ({v.description})" for k, v in FORMATS.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_torch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="PyTorch checkpoint(s) -> uhd-jax checkpoint")
+    p.add_argument("--src", required=True, help="checkpoint directory or file (safetensors / .bin, sharded or not)")
+    p.add_argument("--layout", choices=sorted(tables.LAYOUTS), help="key layout of --src (default: detect)")
+    p.add_argument("--vision", help="HF CLIP checkpoint for models that do not store their vision tower")
+    p.add_argument("--projector", help="a stage-1 mm_projector.bin to add or replace the projector")
+    p.add_argument("--config", help="experiment config FILE[:variant] describing the model (default: config.json)")
+    p.add_argument("--out", required=True, help="output uhd-jax checkpoint directory")
+    p.set_defaults(fn=cmd_import)
+    p = sub.add_parser("export", help="uhd-jax checkpoint -> PyTorch layout")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--image-token-index", type=int, help="llava_hf: id of the <image> token in the vocabulary")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("layouts", help="list the supported key layouts and export formats")
+    p.set_defaults(fn=cmd_layouts)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Name tables: torch key template <-> our parameter path template, plus the layout transform.
+
+Templates use `{i}` for a layer number and `{name:a|b}` for one of a few literal alternatives; the same rule is
+compiled into a regex for each direction, so import and export can never disagree. A checkpoint *layout* says which
+key prefixes hold which component (vision / projector / llm) and which table reads them. Adding a projector means
+adding a table to `PROJECTOR_TABLES`, not new code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Callable
+
+from tools.convert_torch import transforms as T
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
+
+
+def _choices(*templates: str) -> tuple[tuple[str, str], ...]:
+    """Placeholder alternatives declared in any of the templates (`{p:q|k|v}` once is enough)."""
+    found = {}
+    for t in templates:
+        for m in _PLACEHOLDER.finditer(t):
+            if m.group(2):
+                found[m.group(1)] = m.group(2)
+    return tuple(sorted(found.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(template: str, choices: tuple[tuple[str, str], ...]) -> re.Pattern:
+    alternatives = dict(choices)
+    out, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{alternatives.get(m.group(1), r'[0-9]+')})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _fill(template: str, values: dict) -> str:
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str   # relative to the component's torch prefix, dot-separated
+    ours: str    # relative to the component's root in our tree, '/'-separated
+    transform: object = T.IDENTITY
+
+    def match_torch(self, key: str):
+        m = _compile(self.torch, _choices(self.torch, self.ours)).match(key)
+        return None if m is None else _fill(self.ours, m.groupdict())
+
+    def match_ours(self, path: str):
+        m = _compile(self.ours, _choices(self.torch, self.ours)).match(path)
+        return None if m is None else _fill(self.torch, m.groupdict())
+
+
+CLIP_VISION = (
+    Rule("embeddings.class_embedding", "class_embedding"),
+    Rule("embeddings.patch_embedding.weight", "patch_embedding", T.PATCH_CONV),
+    Rule("embeddings.position_embedding.weight", "position_embedding"),
+    Rule("{ln:pre_layrnorm|post_layernorm}.weight", "{ln}/scale"),
+    Rule("{ln:pre_layrnorm|post_layernorm}.bias", "{ln}/bias"),
+    Rule("encoder.layers.{i}.self_attn.{p:q|k|v}_proj.weight", "layers_{i}/attn/{p}/kernel", T.LINEAR),
+    Rule("encoder.layers.{i}.self_attn.{p:q|k|v}_proj.bias", "layers_{i}/attn/{p}/bias", T.FLATTEN),
+    Rule("encoder.layers.{i}.self_attn.out_proj.weight", "layers_{i}/attn/o/kernel", T.LINEAR_FROM_HEADS),
+    Rule("encoder.layers.{i}.self_attn.out_proj.bias", "layers_{i}/attn/o/bias"),
+    Rule("encoder.layers.{i}.layer_norm{n:1|2}.weight", "layers_{i}/ln{n}/scale"),
+    Rule("encoder.layers.{i}.layer_norm{n:1|2}.bias", "layers_{i}/ln{n}/bias"),
+    Rule("encoder.layers.{i}.mlp.fc{n:1|2}.weight", "layers_{i}/fc{n}/kernel", T.LINEAR),
+    Rule("encoder.layers.{i}.mlp.fc{n:1|2}.bias", "layers_{i}/fc{n}/bias"),
+)
+
+LLAMA_DECODER = (
+    Rule("embed_tokens.weight", "embed_tokens/embedding"),
+    Rule("norm.weight", "norm/scale"),
+    Rule("layers.{i}.self_attn.{p:q|k|v}_proj.weight", "layers_{i}/attn/{p}/kernel", T.LINEAR),
+    Rule("layers.{i}.self_attn.{p:q|k|v}_proj.bias", "layers_{i}/attn/{p}/bias", T.FLATTEN),  # Qwen2
+    Rule("layers.{i}.self_attn.o_proj.weight", "layers_{i}/attn/o/kernel", T.LINEAR_FROM_HEADS),
+    Rule("layers.{i}.mlp.{p:gate|up|down}_proj.weight", "layers_{i}/{p}/kernel", T.LINEAR),
+    Rule("layers.{i}.input_layernorm.weight", "layers_{i}/input_norm/scale"),
+    Rule("layers.{i}.post_attention_layernorm.weight", "layers_{i}/post_attn_norm/scale"),
+)
+
+LM_HEAD = (Rule("weight", "lm_head", T.LINEAR),)
+
+_MAX_MLP_DEPTH = 8
+# Original repos: nn.Sequential(Linear, GELU, Linear, ...) -> Linear layers at even indices.
+MLP_ORIGINAL = tuple(r for i in range(_MAX_MLP_DEPTH) for r in (
+    Rule(f"{2 * i}.weight", f"dense_{i}/kernel", T.LINEAR), Rule(f"{2 * i}.bias", f"dense_{i}/bias")))
+# llava-hf: multi_modal_projector.linear_1 / linear_2.
+MLP_HF = tuple(r for i in range(_MAX_MLP_DEPTH) for r in (
+    Rule(f"linear_{i + 1}.weight", f"dense_{i}/kernel", T.LINEAR), Rule(f"linear_{i + 1}.bias", f"dense_{i}/bias")))
+LINEAR_ORIGINAL = (Rule("weight", "dense_0/kernel", T.LINEAR), Rule("bias", "dense_0/bias"))
+
+# Projector tables of the original repos' `model.mm_projector.*` naming, by projector kind.
+PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL}
+
+
+def projector_kind(projector_type: str) -> str:
+    return "linear" if projector_type == "linear" else "mlp" if projector_type.startswith("mlp") else projector_type
+
+
+def original_projector_table(projector_type: str) -> tuple[Rule, ...]:
+    kind = projector_kind(projector_type)
+    if kind not in PROJECTOR_TABLES:
+        raise ValueError(f"no conversion table for projector type {projector_type!r}; known: {sorted(PROJECTOR_TABLES)}")
+    return PROJECTOR_TABLES[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    ours: str                      # 'vision' | 'projector' | 'llm'
+    prefixes: tuple[str, ...]      # accepted torch key prefixes; the first is written on export
+    table: Callable[[str], tuple[Rule, ...]] | tuple[Rule, ...]
+
+    def rules(self, projector_type: str) -> tuple[Rule, ...]:
+        return self.table(projector_type) if callable(self.table) else self.table
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    components: tuple[Component, ...]
+    skip: tuple[str, ...] = ()     # regexes of keys that are known and deliberately not imported
+    description: str = ""
+
+
+# transformers 5 saves CLIPVisionModel keys bare; hub CLIP checkpoints (CLIPModel) nest them under vision_model.
+VISION_HF = Component("vision", ("", "vision_model."), CLIP_VISION)
+
+LAYOUTS: dict[str, Layout] = {
+    "hf_clip": Layout("hf_clip", (VISION_HF,),
+                      skip=(r"^text_model\.", r"^(visual|text)_projection\.", r"^logit_scale$",
+                            r"\.position_ids$"),
+                      description="HF CLIPVisionModel / CLIPModel (text tower skipped)"),
+    "hf_llama": Layout("hf_llama", (Component("llm", ("model.",), LLAMA_DECODER),
+                                    Component("llm", ("lm_head.",), LM_HEAD)),
+                       skip=(r"rotary_emb\.inv_freq$",),
+                       description="HF LlamaForCausalLM (Vicuna, Llama-3)"),
+    "llava_hf": Layout("llava_hf", (
+        Component("vision", ("vision_tower.", "vision_tower.vision_model.", "model.vision_tower.",
+                             "model.vision_tower.vision_model."), CLIP_VISION),
+        Component("projector", ("multi_modal_projector.", "model.multi_modal_projector."), MLP_HF),
+        Component("llm", ("language_model.model.", "model.language_model."), LLAMA_DECODER),
+        Component("llm", ("language_model.lm_head.", "lm_head."), LM_HEAD),
+    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$"),
+        description="llava-hf LlavaForConditionalGeneration (on-disk and in-memory names)"),
+    "llava_original": Layout("llava_original", (
+        Component("vision", ("model.vision_tower.vision_tower.vision_model.",), CLIP_VISION),
+        Component("projector", ("model.mm_projector.",), original_projector_table),
+        Component("llm", ("model.",), LLAMA_DECODER),
+        Component("llm", ("lm_head.",), LM_HEAD),
+    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$"),
+        description="original LLaVA / LLaVA-UHD / LLaVAR / SliME checkpoints (model.mm_projector.*, model.layers.*)"),
+    "mm_projector": Layout("mm_projector", (
+        Component("projector", ("model.mm_projector.", "mm_projector."), original_projector_table),
+    ), description="stage-1 mm_projector.bin alone"),
+}
+
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("language_model.") or has("model.language_model.") or has("multi_modal_projector."):
+        return "llava_hf"
+    if has("model.layers.") and (has("model.mm_projector.") or has("model.vision_tower.")):
+        return "llava_original"
+    if has("model.layers.") or has("model.embed_tokens."):
+        return "hf_llama"
+    if has("vision_model.") or (has("embeddings.patch_embedding") and has("encoder.layers.")):
+        return "hf_clip"
+    if keys and all(k.startswith(("model.mm_projector.", "mm_projector.")) for k in keys):
+        return "mm_projector"
+    sample = ", ".join(keys[:5])
+    raise ValueError(f"cannot tell the checkpoint layout from its keys (first keys: {sample}); pass --layout one of "
+                     f"{sorted(LAYOUTS)}")

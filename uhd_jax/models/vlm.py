@@ -1,0 +1,93 @@
+"""The vision-language model: ViT -> projector -> features written into the LLM's input embeddings.
+
+Batch schema (static shapes; built on the host, see `uhd_jax.data`):
+  input_ids        (B, L) int32   text ids; image slots hold any id (their embedding is replaced)
+  token_valid      (B, L) bool    real tokens (False = padding)
+  positions        (B, L) int32   RoPE positions (0..n-1 over real tokens)
+  pixel_values     (B, I, H, W, 3) float32  normalised images, I = image slots per sample (fixed)
+  image_token_map  (B, L) int32   for each LLM position, the row of this sample's flattened image features
+                                  (I * tokens_per_image rows, image-major) to write there, or -1 for text
+
+LLaVA-1.5 and LLaVAR are configurations of this model: LLaVAR's `<im_start>`/`<im_end>` are ordinary text tokens
+placed by the tokenizer around the 576 image slots. Text-only samples carry a zero image whose features no position
+references.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uhd_jax.models.llama import KVCache, Llama, LlamaConfig
+from uhd_jax.models.projectors import build_projector
+from uhd_jax.models.vit import ViTConfig, VisionTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    vision: ViTConfig
+    llm: LlamaConfig
+    projector_type: str = "mlp2x_gelu"
+    vision_trainable: bool = False  # frozen tower: no gradient flows into (or through) it
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def tokens_per_image(self) -> int:
+        n = self.vision.grid ** 2
+        return n + 1 if self.vision.select_feature == "cls_patch" else n
+
+
+def splice_image_features(text_embeds, image_features, image_token_map):
+    """Write image feature rows into the text embedding sequence where `image_token_map >= 0` (one gather)."""
+    rows = jnp.take_along_axis(image_features, jnp.maximum(image_token_map, 0)[..., None], axis=1)
+    return jnp.where((image_token_map >= 0)[..., None], rows.astype(text_embeds.dtype), text_embeds)
+
+
+class VLM(nn.Module):
+    cfg: VLMConfig
+
+    def setup(self):
+        c = self.cfg
+        self.vision = VisionTransformer(c.vision, name="vision")
+        self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype)
+        self.llm = Llama(c.llm, name="llm")
+
+    def encode_images(self, pixel_values):
+        """(B, I, H, W, 3) -> projected features (B, I * tokens_per_image, H_llm)."""
+        b, i = pixel_values.shape[:2]
+        feats = self.vision(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
+        if not self.cfg.vision_trainable:
+            feats = jax.lax.stop_gradient(feats)
+        feats = self.projector(feats.astype(self.cfg.dtype))
+        return feats.reshape(b, i * feats.shape[1], feats.shape[-1])
+
+    def embed_image_and_text(self, input_ids, pixel_values, image_token_map):
+        text = self.llm.embed(input_ids)
+        return splice_image_features(text, self.encode_images(pixel_values), image_token_map)
+
+    def __call__(self, input_ids, token_valid, positions, pixel_values, image_token_map,
+                 cache: KVCache | None = None, return_hidden: bool = False):
+        embeds = self.embed_image_and_text(input_ids, pixel_values, image_token_map)
+        return self.llm(embeds, positions, token_valid, cache=cache, return_hidden=return_hidden)
+
+    def decode(self, input_ids, token_valid, positions, cache: KVCache):
+        """Text-only continuation (generation steps after the prefill)."""
+        return self.llm(self.llm.embed(input_ids), positions, token_valid, cache=cache)
+
+
+def example_inputs(cfg: VLMConfig, batch: int = 1, seq_len: int = 8, images: int = 1):
+    """Smallest well-formed inputs for `init` / `eval_shape` (shapes only matter)."""
+    size = cfg.vision.image_size
+    return (jnp.zeros((batch, seq_len), jnp.int32), jnp.ones((batch, seq_len), bool),
+            jnp.zeros((batch, seq_len), jnp.int32), jnp.zeros((batch, images, size, size, 3), jnp.float32),
+            jnp.full((batch, seq_len), -1, jnp.int32))
+
+
+def init_fn(cfg: VLMConfig):
+    """`rng -> boxed variables` of the whole VLM; wrap with `jax.eval_shape` or `parallel.sharding.init_sharded`."""
+    model = VLM(cfg)
+    return lambda rng: model.init(rng, *example_inputs(cfg))
