@@ -15,15 +15,45 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+class DenseGeneral(nn.Module):
+    """y = x . kernel over the trailing `axis` dims, kernel created at its full shape with logical axis names.
+
+    (flax's DenseGeneral initialises a flattened kernel and constrains it before reshaping, which fails under a mesh.)
+    """
+
+    features: int | Sequence[int]
+    axes: Sequence[str | None]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(sorted(a % x.ndim for a in axis))
+        if axis != tuple(range(x.ndim - len(axis), x.ndim)):
+            raise ValueError(f"DenseGeneral contracts trailing dims only, got axis={self.axis} for rank {x.ndim}")
+        shape = tuple(x.shape[a] for a in axis) + features
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)), shape,
+                            self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                                ((axis, tuple(range(len(axis)))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   tuple(self.axes[len(axis):])),
+                              features, self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
 def dense(features, *, axes: Sequence[str | None], name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
-          axis: int | Sequence[int] = -1, kernel_init: Callable = default_kernel_init) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel carries `axes` (input dims then output dims) and whose bias the output axes."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes[-n_out:])),
-    )
+          axis: int | Sequence[int] = -1, kernel_init: Callable = default_kernel_init) -> DenseGeneral:
+    """A dense layer whose kernel carries `axes` (input dims then output dims) and whose bias the output axes."""
+    return DenseGeneral(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, dtype=dtype,
+                        param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 def layer_norm(*, eps: float, name: str, dtype: Dtype, param_dtype: Dtype, axis_name: str = "norm") -> nn.LayerNorm:
