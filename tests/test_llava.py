@@ -208,3 +208,43 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert convert_cli(["import", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("naming", ["hub_classic", "in_memory"])
+def test_llava_hf_key_namings_import_identically(llava, tmp_path, naming):
+    """llava-hf hub files (vision_tower.vision_model.*) and transformers' in-memory names (model.language_model.*)."""
+    ref, src, ckpt = llava
+    if naming == "in_memory":
+        state = dict(ref.state_dict())
+    else:
+        state = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+                 for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    d = tmp_path / naming
+    os.makedirs(d)
+    save_file({k: v.contiguous() for k, v in state.items()}, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    out = tmp_path / "ours"
+    assert convert_cli(["import", "--src", str(d), "--out", str(out)]) == 0
+    got, want = flatten(load_params(out)), flatten(load_params(ckpt))
+    assert sorted(got) == sorted(want)
+    for key in got:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_original_llava_exports_to_llava_hf_with_added_image_token(llava, tmp_path):
+    ref, _, _ = llava
+    main, clip = original_layout(ref, tmp_path)
+    ours, out = tmp_path / "ours", tmp_path / "hf"
+    assert convert_cli(["import", "--src", str(main), "--vision", str(clip), "--out", str(ours)]) == 0
+    assert convert_cli(["export", "--checkpoint", str(ours), "--format", "llava_hf", "--out", str(out)]) == 0
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert back.config.image_token_index == 128 and back.config.text_config.pad_token_id == 129
+    assert back.config.text_config.vocab_size == 192  # 128 + 2 padded to a multiple of 64
+    ids, valid, _ = prompt_batch()
+    new_ids = np.where(ids == IMAGE_TOKEN, 128, ids)
+    pixels = to_nchw(random_pixels(2, 56, 56, seed=12))
+    mask = torch.from_numpy(valid.astype(np.int64))
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), pixel_values=pixels, attention_mask=mask).logits.numpy()
+        got = back(input_ids=torch.from_numpy(new_ids), pixel_values=pixels, attention_mask=mask).logits.numpy()
+    assert rel_err(got[..., :128][valid], want[valid]) <= 1e-5

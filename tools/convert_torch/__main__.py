@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--image-token-index", type=int, help="llava_hf: id of the <image> token in the vocabulary")
+    p.add_argument("--image-token-index", type=int, help="llava_hf: id of the <image> token in the vocabulary (default: the one recorded at import, "
+                   "else <image> and <pad> are appended as llava-hf does)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("layouts", help="list the supported key layouts and export formats")
     p.set_defaults(fn=cmd_layouts)

@@ -51,6 +51,20 @@ def torch_state(flat: dict, layout: tables.Layout, components, projector_type: s
         raise ValueError(f"layout {layout.name!r} has no name for these parameters: {unmapped}")
 
 
+def add_image_and_pad_tokens(flat: dict, model: dict, hf: dict, multiple: int = 64):
+    """llava-hf's convention for original LLaVA checkpoints: `<image>` = old vocab size, `<pad>` = +1, vocabulary
+    padded to a multiple of 64. New embedding and lm_head rows are the mean of the old rows (llava-hf samples around
+    the mean instead; the mean keeps the export deterministic)."""
+    vocab = model["llm"]["vocab_size"]
+    new_vocab = -(-(vocab + 2) // multiple) * multiple
+    emb, head = flat["llm/embed_tokens/embedding"], flat["llm/lm_head"]
+    flat["llm/embed_tokens/embedding"] = np.concatenate(
+        [emb, np.repeat(emb.mean(0, keepdims=True), new_vocab - vocab, 0)], 0)
+    flat["llm/lm_head"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), new_vocab - vocab, 1)], 1)
+    model = dict(model, llm=dict(model["llm"], vocab_size=new_vocab))
+    return model, dict(hf, image_token_index=vocab, pad_token_id=vocab + 1)
+
+
 def load_flat(checkpoint: str):
     meta = load_meta(checkpoint)
     params = jax.device_get(load_params(checkpoint))
@@ -77,6 +91,8 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
     if not need <= have:
         raise ValueError(f"{checkpoint} holds {sorted(have)}; format {fmt} needs {sorted(need)}")
     components = [c for c in spec.components if c in have]
+    if fmt == "llava_hf" and "image_token_index" not in hf:
+        model, hf = add_image_and_pad_tokens(flat, model, hf)
     layout = tables.LAYOUTS[spec.layout]
     projector_type = model.get("projector_type", "mlp2x_gelu")
     state = torch_state(flat, layout, components, projector_type)

@@ -132,8 +132,6 @@ def llava_config(model: dict, meta: dict):
     if model["projector_type"] != "mlp2x_gelu":
         raise ValueError(f"LlavaForConditionalGeneration has only the mlp2x_gelu projector; this model uses "
                          f"{model['projector_type']!r}: export with --format llava_original instead")
-    if "image_token_index" not in meta:
-        raise ValueError("no image token id recorded for this model; pass --image-token-index")
     vision = model["vision"]
     return LlavaConfig(vision_config=clip_vision_config(vision), text_config=llama_config(model["llm"], meta),
                        image_token_index=meta["image_token_index"], projector_hidden_act="gelu",
