@@ -248,3 +248,22 @@ def test_original_llava_exports_to_llava_hf_with_added_image_token(llava, tmp_pa
         want = ref(input_ids=torch.from_numpy(ids), pixel_values=pixels, attention_mask=mask).logits.numpy()
         got = back(input_ids=torch.from_numpy(new_ids), pixel_values=pixels, attention_mask=mask).logits.numpy()
     assert rel_err(got[..., :128][valid], want[valid]) <= 1e-5
+
+
+def test_verify_command_measures_each_family(llava, tmp_path, capsys):
+    ref, src, ckpt = llava
+    assert convert_cli(["verify", "--checkpoint", ckpt, "--torch", src]) == 0
+    for fmt in ("hf_llama", "hf_clip"):
+        out = tmp_path / fmt
+        assert convert_cli(["export", "--checkpoint", ckpt, "--format", fmt, "--out", str(out)]) == 0
+        assert convert_cli(["verify", "--checkpoint", ckpt, "--torch", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("within tolerance") == 3
+    # A corrupted checkpoint fails the check.
+    broken = tmp_path / "broken"
+    state = load_file(os.path.join(src, "model.safetensors"))
+    state["multi_modal_projector.linear_1.weight"] = state["multi_modal_projector.linear_1.weight"] * 1.01
+    os.makedirs(broken)
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    (broken / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    assert convert_cli(["verify", "--checkpoint", ckpt, "--torch", str(broken)]) == 1

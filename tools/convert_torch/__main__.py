@@ -3,6 +3,7 @@
   python -m tools.convert_torch import --src DIR [--vision DIR] [--projector mm_projector.bin]
                                        [--config configs/llava15.py:7b] --out CKPT
   python -m tools.convert_torch export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
+  python -m tools.convert_torch verify --checkpoint CKPT --torch DIR      # logit check against transformers
   python -m tools.convert_torch layouts
 """
 from __future__ import annotations
@@ -77,6 +78,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from tools.convert_torch.verify import compare_logits
+
+    err = compare_logits(args.checkpoint, args.torch)
+    ok = err <= args.tolerance
+    print(f"relative error {err:.3e} ({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g}): "
+          f"{args.checkpoint} vs {args.torch}")
+    return 0 if ok else 1
+
+
 def cmd_layouts(args) -> int:
     for name, layout in tables.LAYOUTS.items():
         prefixes = "; ".join(f"{c.ours}: {', '.join(c.prefixes)}" for c in layout.components)
@@ -105,6 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-token-index", type=int, help="llava_hf: id of the <image> token in the vocabulary (default: the one recorded at import, "
                    "else <image> and <pad> are appended as llava-hf does)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("verify", help="compare our logits with the transformers model in a directory (fp32, CPU)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--torch", required=True, help="llava_hf, hf_llama or hf_clip directory")
+    p.add_argument("--tolerance", type=float, default=1e-5)
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("layouts", help="list the supported key layouts and export formats")
     p.set_defaults(fn=cmd_layouts)
     args = parser.parse_args(argv)
