@@ -17,6 +17,15 @@ TINY_LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 
 
+LLMS = {"7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM}
+
+
+def choose_llm(config_file: str, variant: str) -> dict:
+    if variant not in LLMS:
+        raise ValueError(f"{config_file}: unknown variant {variant!r}; choose one of {sorted(LLMS)}")
+    return dict(LLMS[variant])
+
+
 def base_config(vision: dict, llm: dict, *, projector_type: str, tiny: bool) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(

@@ -13,11 +13,9 @@ from configs import common
 
 def get_config(arg: str | None = None):
     variant = arg or "7b"
-    llms = {"7b": common.VICUNA_7B, "13b": common.VICUNA_13B, "tiny": common.TINY_LLM}
-    if variant not in llms:
-        raise ValueError(f"configs/llava15.py: unknown variant {variant!r}; choose one of {sorted(llms)}")
+    llm = common.choose_llm("configs/llava15.py", variant)
     tiny = variant == "tiny"
-    c = common.base_config(common.TINY_VISION if tiny else common.CLIP_L_336, llms[variant],
+    c = common.base_config(common.TINY_VISION if tiny else common.CLIP_L_336, llm,
                            projector_type="mlp2x_gelu", tiny=tiny)
     c.family = "llava15"
     c.variant = variant

@@ -15,11 +15,8 @@ EXTRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")
 
 def get_config(arg: str | None = None):
     variant = arg or "13b"
-    llms = {"7b": common.VICUNA_7B, "13b": common.VICUNA_13B, "tiny": common.TINY_LLM}
-    if variant not in llms:
-        raise ValueError(f"configs/llavar.py: unknown variant {variant!r}; choose one of {sorted(llms)}")
+    llm = common.choose_llm("configs/llavar.py", variant)
     tiny = variant == "tiny"
-    llm = dict(llms[variant])
     if not tiny:
         llm["vocab_size"] = 32000 + len(EXTRA_TOKENS)
         llm["max_position_embeddings"] = 2048
