@@ -15,3 +15,17 @@ import jax  # noqa: E402
 
 # Parity tests compare against float32 PyTorch on CPU: full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A small synthetic text-rich dataset (LLaVA JSON + images) and its tokenizer, shared by the data tests."""
+    from uhd_jax.data.synthetic import build_tokenizer, corpus_texts, write_dataset
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    train = write_dataset(root, "train", 48, seed=0, min_side=64, max_side=320)
+    held = write_dataset(root, "eval", 16, seed=1, min_side=64, max_side=320)
+    build_tokenizer(corpus_texts([train["pretrain"], train["sft"]]), root + "/tokenizer", vocab_size=600)
+    return {"root": root, "train": train, "eval": held, "tokenizer": root + "/tokenizer", "images": root + "/images"}

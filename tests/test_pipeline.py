@@ -1,0 +1,168 @@
+"""Grain pipeline: determinism, disjoint process shards, iterator state, batch schema, and bad inputs as counted skips."""
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uhd_jax.data.batch import BatchShape
+from uhd_jax.data.dataset import SamplePreparer, read_samples
+from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator
+
+SHAPE = BatchShape(batch_size=4, max_length=96, max_images=1, image_size=56)
+
+
+def factory(tokenizer, template="vicuna_v1", max_length=96):
+    return PreparerFactory(tuple(dict(tokenizer_path=tokenizer, template=template, max_length=max_length,
+                                      tokens_per_image=16, image_size=56).items()))
+
+
+def sft_source(d):
+    return [Source(d["train"]["sft"], d["images"])]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_same_seed_same_batches_other_seed_other_order(synthetic_data):
+    d = synthetic_data
+    a = take(make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=3), 3)
+    b = take(make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=3), 3)
+    c = take(make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=4), 3)
+    assert [x["meta"]["ids"] for x in a] == [x["meta"]["ids"] for x in b]
+    for x, y in zip(a, b):
+        for k in x["arrays"]:
+            np.testing.assert_array_equal(x["arrays"][k], y["arrays"][k])
+    assert [x["meta"]["ids"] for x in a] != [x["meta"]["ids"] for x in c]
+
+
+def test_two_processes_get_disjoint_shards_covering_the_epoch(synthetic_data):
+    d = synthetic_data
+    seen = []
+    for p in range(2):
+        it = make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=0, num_epochs=1, process_index=p,
+                           process_count=2)
+        ids = [i for batch in take(it, 6) for i in batch["meta"]["ids"]]  # 24 of each process's 24 samples
+        assert len(ids) == len(set(ids)) == 24
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 48
+
+
+def test_iterator_state_round_trips(synthetic_data):
+    d = synthetic_data
+    it = make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=1)
+    take(it, 2)
+    state = it.get_state()
+    expected = [b["meta"]["ids"] for b in take(it, 3)]
+    fresh = make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=1)
+    fresh.set_state(state)
+    assert [b["meta"]["ids"] for b in take(fresh, 3)] == expected
+
+
+def test_worker_processes_produce_batches_and_resumable_state(synthetic_data):
+    d = synthetic_data
+    it = make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=2, num_workers=2)
+    first = take(it, 2)
+    state = it.get_state()
+    expected = [b["meta"]["ids"] for b in take(it, 2)]
+    assert all(b["arrays"]["input_ids"].shape == (4, 96) for b in first)
+    fresh = make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=2, num_workers=2)
+    fresh.set_state(state)
+    assert [b["meta"]["ids"] for b in take(fresh, 2)] == expected
+
+
+def test_batch_schema_and_label_alignment(synthetic_data):
+    d = synthetic_data
+    batch = next(make_iterator(sft_source(d), factory(d["tokenizer"]), SHAPE, seed=0))
+    a = batch["arrays"]
+    assert a["pixel_values"].shape == (4, 1, 56, 56, 3) and a["image_valid"].all()
+    for row in range(4):
+        n = int(a["token_valid"][row].sum())
+        assert a["token_valid"][row, :n].all() and not a["token_valid"][row, n:].any()
+        np.testing.assert_array_equal(a["targets"][row, :n - 1], a["input_ids"][row, 1:n])
+        slots = np.flatnonzero(a["image_token_map"][row] >= 0)
+        np.testing.assert_array_equal(a["image_token_map"][row, slots], np.arange(16))
+        assert not a["loss_mask"][row, slots].any()  # image slots are never targets...
+        assert not a["loss_mask"][row, slots - 1].any()  # ...nor predicted
+        assert a["loss_mask"][row].any() and not a["loss_mask"][row, n - 1:].any()
+
+
+def write_png_header(path, w, h):
+    """A small file whose PNG header claims w x h pixels (a decompression bomb's shape; the data is cut short)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+                + chunk(b"IEND", b""))
+
+
+def test_bad_inputs_are_counted_skips_with_reasons(synthetic_data, tmp_path):
+    d = synthetic_data
+    good = read_samples(d["train"]["sft"])[:8]
+    img_dir = tmp_path / "imgs"
+    os.makedirs(img_dir)
+    Image.new("RGB", (64, 64)).save(img_dir / "ok.png")
+    (img_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 20)
+    (img_dir / "empty.png").write_bytes(b"")
+    Image.new("RGB", (1, 1)).save(img_dir / "tiny.png")
+    write_png_header(img_dir / "huge.png", 20000, 20000)
+    q = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": q},
+        {"id": "corrupt", "image": "corrupt.jpg", "conversations": q},
+        {"id": "empty", "image": "empty.png", "conversations": q},
+        {"id": "tiny", "image": "tiny.png", "conversations": q},
+        {"id": "huge", "image": "huge.png", "conversations": q},
+        {"id": "schema", "image": "ok.png", "conversations": "not a list"},
+        {"id": "two_images", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+    ]
+    for s in good:  # good samples point into the synthetic image folder
+        s["image"] = os.path.relpath(os.path.join(d["images"], s["image"]), img_dir)
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(good + bad))
+    it = make_iterator([Source(str(path), str(img_dir))], factory(d["tokenizer"]), SHAPE, seed=0, num_epochs=1)
+    skipped, trained = {}, []
+    for batch in take(it, 2):  # 8 good samples = 2 batches; the 7 bad ones are skipped on the way
+        skipped.update(dict(batch["meta"]["skipped"]))
+        trained += batch["meta"]["ids"]
+    assert sorted(trained) == sorted(s["id"] for s in good)
+    expected = {"missing": "image file not found", "corrupt": "cannot decode image", "empty": "empty (0 bytes)",
+                "tiny": "below data.min_image_area", "huge": "decompression-bomb limit",
+                "schema": "'conversations' must be a non-empty list",
+                "two_images": "2 <image> placeholder(s) but the sample has 1 image(s)"}
+    assert set(skipped) == set(expected)
+    for sid, needle in expected.items():
+        assert needle in skipped[sid], (sid, skipped[sid])
+    assert "huge.png" in skipped["huge"] and "nope.png" in skipped["missing"]
+
+
+def test_image_tokens_cut_by_the_budget_skip_but_text_truncates(synthetic_data):
+    d = synthetic_data
+    prep = SamplePreparer(tokenizer_path=d["tokenizer"], image_folder=d["images"], template="llavar_v1",
+                          max_length=20, tokens_per_image=16, image_size=56)
+    long_q = "word " * 30
+    img = read_samples(d["train"]["sft"])[0]["image"]
+    late = {"id": "late", "image": img, "conversations": [
+        {"from": "human", "value": long_q + "<image>"}, {"from": "gpt", "value": "x"}]}
+    assert "image tokens would be cut" in prep((0, late))["skip"]
+    early = SamplePreparer(tokenizer_path=d["tokenizer"], image_folder=d["images"], template="vicuna_v1",
+                           max_length=64, tokens_per_image=16, image_size=56)
+    sample = {"id": "s", "image": img, "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "answer " * 40}]}
+    out = early((0, sample))
+    assert "skip" not in out and out["truncated"] and len(out["ids"]) == 64
+
+
+def test_file_level_errors_name_the_file(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="d.json: expected a JSON list"):
+        read_samples(str(tmp_path / "d.json"))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_samples(str(tmp_path / "nope.json"))

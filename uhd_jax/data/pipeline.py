@@ -1,0 +1,114 @@
+"""Grain input pipeline: LLaVA JSON sources -> seeded shuffle -> per-process shard -> preparation (in Grain worker
+processes) -> static batches with skip accounting -> prefetch. The iterator state is checkpointable.
+
+Order of operations: each source is tagged and prepared lazily, sources are mixed by weight, the mixture is shuffled
+with a seed and repeated (a new order each epoch), then process p takes elements p, p+P, ... So all processes agree on
+the global order and their shards are disjoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import jax
+
+from uhd_jax.data.batch import BatchShape, collate
+from uhd_jax.data.dataset import SamplePreparer, read_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    json: str
+    image_folder: str
+    weight: float = 1.0
+
+
+def _with_index(index, sample):
+    return (index, sample)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagEpoch:
+    epoch_length: int
+
+    def __call__(self, index, example):
+        return dict(example, epoch=index // self.epoch_length)
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, shape: BatchShape):
+        super().__init__(parent)
+        self._shape = shape
+
+    def __next__(self):
+        good, skipped, truncated, epoch = [], [], 0, 0
+        while len(good) < self._shape.batch_size:
+            ex = next(self._parent)
+            epoch = max(epoch, ex["epoch"])
+            if "skip" in ex:
+                skipped.append((ex["id"], ex["skip"]))
+                continue
+            truncated += int(ex["truncated"])
+            good.append(ex)
+        meta = {"ids": [ex["id"] for ex in good], "skipped": skipped, "truncated": truncated, "epoch": epoch}
+        return {"arrays": collate(good, self._shape), "meta": meta}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class SkipCountingBatch(grain.IterDataset):
+    """Collects `batch_size` good examples per batch; the skipped ones ride along in `meta['skipped']`."""
+
+    def __init__(self, parent, shape: BatchShape):
+        super().__init__(parent)
+        self._shape = shape
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), self._shape)
+
+
+def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num_epochs: int | None = None,
+                     process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
+    """The shuffled, sharded MapDataset of prepared examples (dicts with arrays, or a 'skip' reason)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    parts, total = [], 0
+    for src in sources:
+        samples = read_samples(src.json)
+        total += len(samples)
+        parts.append(grain.MapDataset.source(samples).map_with_index(_with_index).map(make_preparer(src)))
+    if len(parts) == 1:
+        ds, epoch_length = parts[0], total
+    else:
+        ds = grain.MapDataset.mix(parts, weights=[s.weight for s in sources])
+        epoch_length = len(ds)
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    return ds.map_with_index(_TagEpoch(max(1, epoch_length // process_count)))
+
+
+def make_iterator(sources: Sequence[Source], make_preparer, shape: BatchShape, *, seed: int,
+                  num_epochs: int | None = None, num_workers: int = 0, prefetch: int = 2,
+                  process_index: int | None = None, process_count: int | None = None):
+    ds = prepared_dataset(sources, make_preparer, seed=seed, num_epochs=num_epochs, process_index=process_index,
+                          process_count=process_count)
+    it_ds = SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)), shape)
+    if num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                per_worker_buffer_size=prefetch))
+    return iter(it_ds)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparerFactory:
+    """Builds the per-source SamplePreparer from the data config (module level: picklable for Grain workers)."""
+
+    kwargs: tuple
+
+    def __call__(self, src: Source) -> SamplePreparer:
+        return SamplePreparer(image_folder=src.image_folder, **dict(self.kwargs))
