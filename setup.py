@@ -16,6 +16,8 @@ CORE = [
     "pillow==13.0.0",
     "numpy==2.4.6",
     "absl-py==2.5.1",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
 ]
 # Conversion to/from PyTorch checkpoints and the parity tests. torch 2.13.0 is the CPU build.
 TORCH = ["torch==2.13.0", "safetensors==0.8.0"]

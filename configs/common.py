@@ -13,11 +13,17 @@ VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_laye
 # Tiny sizes for tests and CPU demos: every dimension divisible by the 8-device test mesh axes.
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, patch_size=14, image_size=56,
                    layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2, select_feature="patch")
+# The CPU demo: a few million parameters, images at 112 px (8 x 8 = 64 tokens), vocabulary of the synthetic tokenizer.
+DEMO_VISION = dict(hidden_size=96, intermediate_size=384, num_layers=4, num_heads=4, patch_size=14, image_size=112,
+                   layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2, select_feature="patch")
+DEMO_LLM = dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
+                rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024)
 TINY_LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 
 
-LLMS = {"7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM}
+LLMS = {"7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM, "demo": DEMO_LLM}
+VISIONS = {"7b": CLIP_L_336, "13b": CLIP_L_336, "tiny": TINY_VISION, "demo": DEMO_VISION}
 
 
 def choose_llm(config_file: str, variant: str) -> dict:
@@ -39,4 +45,24 @@ def base_config(vision: dict, llm: dict, *, projector_type: str, tiny: bool) -> 
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = None  # None = uhd_jax.parallel.sharding.DEFAULT_RULES
+    c.seed = 0
+    c.data_root = "data"  # relative data paths below are resolved against it
+    c.tokenizer = ""
+    c.data = ml_collections.ConfigDict(dict(
+        image_aspect_ratio="pad", max_images=1, num_workers=4, max_image_pixels=89_478_485, min_image_area=16,
+        alpha="drop", slot_token="", image_prefix_tokens=(), image_suffix_tokens=()))
     return c
+
+
+def stage(*, template: str, sources: list, trainable: list, lrs: dict, batch_size: int, max_length: int,
+          num_epochs: float = 1.0, grad_accum: int = 1, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
+          save_every: int = 500, **extra) -> ml_collections.ConfigDict:
+    """One training stage. `trainable`: [regex over parameter paths, group] (first match wins; group 'frozen' is not
+    trained; every parameter must match). `lrs`: a learning rate per trained group."""
+    fields = dict(
+        template=template, sources=sources, trainable=trainable, lrs=lrs, batch_size=batch_size,
+        max_length=max_length, num_epochs=num_epochs, num_steps=0, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, grad_clip_norm=0.0, save_every=save_every, keep=2, log_every=1, max_bad_steps=5,
+        init_checkpoints=[], init_from_stage="")
+    fields.update(extra)
+    return ml_collections.ConfigDict(fields)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.torch_helpers import random_pixels, rel_err, tiny_llava, to_nchw
 from tools.convert_torch.__main__ import main as convert_cli
 from tools.convert_torch.importer import CheckpointMismatchError, Source, import_checkpoint
-from tools.convert_torch.tree import flatten
+from uhd_jax.train.param_tree import flatten
 from uhd_jax.config_loading import load_config
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM

@@ -166,3 +166,12 @@ def test_file_level_errors_name_the_file(tmp_path):
         read_samples(str(tmp_path / "d.json"))
     with pytest.raises(FileNotFoundError, match="nope.json"):
         read_samples(str(tmp_path / "nope.json"))
+
+
+def test_a_dataset_that_skips_everything_is_an_error_not_a_hang(synthetic_data):
+    from uhd_jax.data.pipeline import DataExhausted
+
+    d = synthetic_data
+    it = make_iterator(sft_source(d), factory(d["tokenizer"], max_length=24), SHAPE, seed=0)
+    with pytest.raises(DataExhausted, match="last 1000 samples were all skipped .* image tokens would be cut"):
+        next(it)

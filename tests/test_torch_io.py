@@ -11,7 +11,7 @@ from tests.torch_helpers import tiny_llama
 from tools.convert_torch.hf_configs import llm_from_hf
 from tools.convert_torch.importer import Source, import_checkpoint
 from tools.convert_torch.torch_io import SafetensorsWriter, checkpoint_files, iter_tensors
-from tools.convert_torch.tree import flatten
+from uhd_jax.train.param_tree import flatten
 
 
 def write_sharded_bin(state, directory, per_shard=5):

@@ -10,7 +10,7 @@ import numpy as np
 
 from tools.convert_torch import hf_configs, tables
 from tools.convert_torch.torch_io import SafetensorsWriter, save_torch_bin
-from tools.convert_torch.tree import flatten, unstack_layers
+from uhd_jax.train.param_tree import flatten, unstack_layers
 from uhd_jax.train.checkpoints import load_meta, load_params
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from tools.convert_torch import tables
 from tools.convert_torch.torch_io import iter_tensors, list_keys
-from tools.convert_torch.tree import flatten, stack_layers, unflatten
+from uhd_jax.train.param_tree import flatten, stack_layers, unflatten
 from uhd_jax.models import config as model_config
 from uhd_jax.models.llama import Llama
 from uhd_jax.models.vit import VisionTransformer

@@ -7,6 +7,7 @@ the global order and their shards are disjoint.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Sequence
 
@@ -36,19 +37,31 @@ class _TagEpoch:
         return dict(example, epoch=index // self.epoch_length)
 
 
+class DataExhausted(RuntimeError):
+    """Every sample in a long run was skipped: the data or its config is wrong, not a few samples."""
+
+
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, shape: BatchShape):
+    def __init__(self, parent, shape: BatchShape, max_consecutive_skips: int):
         super().__init__(parent)
         self._shape = shape
+        self._max_skips = max_consecutive_skips
 
     def __next__(self):
-        good, skipped, truncated, epoch = [], [], 0, 0
+        good, skipped, truncated, epoch, streak = [], [], 0, 0, 0
         while len(good) < self._shape.batch_size:
             ex = next(self._parent)
             epoch = max(epoch, ex["epoch"])
             if "skip" in ex:
                 skipped.append((ex["id"], ex["skip"]))
+                streak += 1
+                if streak >= self._max_skips:
+                    reasons = collections.Counter(r.split(":")[0] for _, r in skipped[-streak:])
+                    raise DataExhausted(f"the last {streak} samples were all skipped ({dict(reasons)}); e.g. "
+                                        f"{skipped[-1][0]}: {skipped[-1][1]}. Check the data config "
+                                        f"(paths, template, max_length).")
                 continue
+            streak = 0
             truncated += int(ex["truncated"])
             good.append(ex)
         meta = {"ids": [ex["id"] for ex in good], "skipped": skipped, "truncated": truncated, "epoch": epoch}
@@ -64,12 +77,13 @@ class _BatchIterator(grain.DatasetIterator):
 class SkipCountingBatch(grain.IterDataset):
     """Collects `batch_size` good examples per batch; the skipped ones ride along in `meta['skipped']`."""
 
-    def __init__(self, parent, shape: BatchShape):
+    def __init__(self, parent, shape: BatchShape, max_consecutive_skips: int = 1000):
         super().__init__(parent)
         self._shape = shape
+        self._max_skips = max_consecutive_skips
 
     def __iter__(self):
-        return _BatchIterator(self._parent.__iter__(), self._shape)
+        return _BatchIterator(self._parent.__iter__(), self._shape, self._max_skips)
 
 
 def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num_epochs: int | None = None,

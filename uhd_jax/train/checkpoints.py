@@ -25,10 +25,11 @@ def save_params(directory: str, params: Any, meta: dict) -> None:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     ckpt.wait_until_finished()
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    if jax.process_index() == 0:  # written last: its presence marks a complete checkpoint
+        tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, os.path.join(directory, CONFIG_FILE))
 
 
 def load_meta(directory: str) -> dict:
@@ -49,3 +50,66 @@ def load_params(directory: str, target: Any | None = None) -> Any:
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+class IteratorSnapshot:
+    """The data iterator's state as it was when a save was requested, in the shape Grain's Orbax handler expects.
+
+    Saving a snapshot (not the live iterator) keeps an asynchronous save from recording a later position.
+    """
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes):
+        self.state = json.loads(state)
+
+    def start_prefetch(self):
+        pass
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over three items per step: the train state, the data iterator state (one file per
+    process) and JSON metadata. Saves are asynchronous and committed by rename: an interrupted save leaves the
+    previous step restorable."""
+
+    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+        import grain
+
+        self.save_every = save_every
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, iterator_state, meta: dict, force: bool = False) -> bool:
+        import grain
+
+        if not force and step % self.save_every:
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(IteratorSnapshot(iterator_state)),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_state):
+        import grain
+
+        snapshot = IteratorSnapshot()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(snapshot),
+            meta=ocp.args.JsonRestore()))
+        return out.state, snapshot.state, out.meta
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

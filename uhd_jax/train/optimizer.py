@@ -1,0 +1,89 @@
+"""Which parameters a stage trains, and how: regex rules -> groups, AdamW with warmup + cosine per group.
+
+A stage lists `trainable` rules `[(regex over '/'-joined parameter paths, group)]`, first match wins; the group
+`frozen` means not trained. Every parameter must match some rule (an unmatched one is an error naming it), so a new
+module can never be silently frozen or trained. Frozen parameters are split off before differentiation: they get no
+gradient computation and no optimizer state, and stay bit-identical.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import jax
+import optax
+
+FROZEN = "frozen"
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def group_labels(params, rules: Sequence[Sequence[str]]) -> dict:
+    """A tree like `params` whose leaves are group names; raises listing every parameter no rule matches."""
+    compiled = [(re.compile(pattern), group) for pattern, group in rules]
+    unmatched = []
+
+    def label(path, _):
+        name = path_str(path)
+        for pattern, group in compiled:
+            if pattern.fullmatch(name):
+                return group
+        unmatched.append(name)
+        return FROZEN
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} parameters match no trainable rule (add a rule, e.g. ('.*', 'frozen')): "
+                         f"{unmatched[:10]}{' ...' if len(unmatched) > 10 else ''}")
+    return labels
+
+
+def trainable_labels(labels):
+    return jax.tree_util.tree_map(lambda g: None if g == FROZEN else g, labels)
+
+
+def split_trainable(params, labels):
+    """(trainable, frozen): two trees shaped like `params` with None where the other one holds the leaf."""
+    trainable = jax.tree_util.tree_map(lambda p, g: None if g == FROZEN else p, params, labels)
+    frozen = jax.tree_util.tree_map(lambda p, g: p if g == FROZEN else None, params, labels)
+    return trainable, frozen
+
+
+def merge(trainable, frozen):
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trainable, frozen,
+                                  is_leaf=lambda x: x is None)
+
+
+def schedule(lr: float, total_steps: int, warmup_ratio: float, kind: str = "cosine"):
+    warmup = int(round(total_steps * warmup_ratio))
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total_steps, warmup + 1), 0.0)
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+                                    [max(warmup, 1)])
+    raise ValueError(f"unknown schedule {kind!r} (cosine, constant)")
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only, not on biases or norm scales (the originals' rule)."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(trainable_labels, lrs: Mapping[str, float], total_steps: int, *, warmup_ratio: float = 0.03,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   grad_clip_norm: float | None = None, schedule_kind: str = "cosine"):
+    """An optax transform over the trainable tree (frozen leaves are None and carry no state)."""
+    groups = sorted({g for g in jax.tree_util.tree_leaves(trainable_labels) if g != FROZEN})
+    missing = [g for g in groups if g not in lrs]
+    if missing:
+        raise ValueError(f"no learning rate for group(s) {missing}; set stage.lrs.<group>")
+    transforms = {
+        g: optax.adamw(schedule(lrs[g], total_steps, warmup_ratio, schedule_kind), b1=b1, b2=b2, eps=eps,
+                       weight_decay=weight_decay, mask=_decay_mask)
+        for g in groups}
+    tx = optax.multi_transform(transforms, trainable_labels)
+    if grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    return tx, {g: schedule(lrs[g], total_steps, warmup_ratio, schedule_kind) for g in groups}

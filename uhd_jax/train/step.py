@@ -1,0 +1,68 @@
+"""The train step: one jit, gradient accumulation by `lax.scan`, frozen parameters outside differentiation, a
+non-finite update never applied.
+
+Loss = sum of token cross-entropies over every supervised token of the global batch (all micro-batches and devices)
+divided by their count: each supervised token weighs the same, whatever its sample's length. (HF/LLaVA average per
+device micro-batch first, which weighs tokens of short micro-batches more.)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from uhd_jax.train.optimizer import merge
+from uhd_jax.train.state import TrainState
+
+MODEL_INPUTS = ("input_ids", "token_valid", "positions", "pixel_values", "image_token_map")
+
+
+def token_losses(model, params, micro):
+    """Per-token cross-entropy (B, L) float32 and correctness of the argmax prediction."""
+    logits, _ = model.apply({"params": params}, *(micro[k] for k in MODEL_INPUTS))
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, micro["targets"][..., None], axis=-1)[..., 0]
+    correct = jnp.argmax(logits, axis=-1) == micro["targets"]
+    return logz - target_logit, correct
+
+
+def make_train_step(model, tx, labels_frozen_split):
+    """labels_frozen_split(params) -> (trainable, frozen) trees (None where the other holds the leaf)."""
+
+    def micro_sums(trainable, frozen, micro):
+        params = merge(trainable, frozen)
+        losses, correct = token_losses(model, params, micro)
+        mask = micro["loss_mask"].astype(jnp.float32)
+        return jnp.sum(losses * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+
+    grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        """batch: arrays with a leading accumulation axis (A, B_micro, ...)."""
+        trainable, frozen = labels_frozen_split(state.params)
+
+        def accumulate(carry, micro):
+            grads, loss_sum, count, correct = carry
+            (ls, (n, c)), g = grad_fn(trainable, frozen, micro)
+            grads = jax.tree_util.tree_map(jnp.add, grads, g)
+            return (grads, loss_sum + ls, count + n, correct + c), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (grads, loss_sum, count, correct), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)), batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                               params=merge(keep(new_trainable, trainable), frozen),
+                               opt_state=keep(new_opt, state.opt_state))
+        metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm, "tokens": count,
+                   "finite": finite}
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,308 @@
+"""Staged training: each stage of `config.stage_order` trains what `config.stages.<name>.trainable` says, on its
+data, from random init overlaid with checkpoints (converter outputs and/or the previous stage), and writes
+`<workdir>/<stage>/final` (a converter-compatible checkpoint) when done. A killed run resumes exactly: the train
+state and the data iterator state are saved together every `save_every` steps.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from uhd_jax.data.batch import ARRAY_KEYS, BatchShape
+from uhd_jax.data.dataset import read_samples
+from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator
+from uhd_jax.models.config import vlm_config
+from uhd_jax.models.vlm import VLM, init_fn
+from uhd_jax.parallel.mesh import make_mesh
+from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
+from uhd_jax.train import optimizer as opt
+from uhd_jax.train.checkpoints import TrainCheckpointer, load_meta, load_params, save_params
+from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics
+from uhd_jax.train.param_tree import flatten, stack_layers, unflatten, unstack_layers
+from uhd_jax.train.state import TrainState, opt_state_shardings
+from uhd_jax.train.step import make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    final_dir: str
+    steps: int
+    history: list
+    skipped: dict
+
+
+def _log0(msg: str):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def model_for_stage(config, stage):
+    model = config.model.to_dict()
+    if "vision_trainable" in stage:
+        model["vision_trainable"] = bool(stage.vision_trainable)
+    return vlm_config(model)
+
+
+def _resolve(path: str, config) -> str:
+    root = config.get("data_root") or ""
+    return path if os.path.isabs(path) or not root else os.path.join(root, path)
+
+
+def stage_sources(config, stage) -> list[Source]:
+    return [Source(_resolve(s["json"], config), _resolve(s["image_folder"], config), float(s.get("weight", 1.0)))
+            for s in stage.sources]
+
+
+def preparer_factory(config, stage, cfg) -> PreparerFactory:
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_resolve(config.tokenizer, config))
+    if len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"tokenizer {config.tokenizer} has {len(tok)} tokens but model.llm.vocab_size is "
+                         f"{cfg.llm.vocab_size}")
+    data = config.data
+    ids = lambda names: tuple(tok.convert_tokens_to_ids(list(names)))  # noqa: E731
+    kwargs = dict(tokenizer_path=_resolve(config.tokenizer, config), template=stage.template,
+                  max_length=stage.max_length, tokens_per_image=cfg.tokens_per_image,
+                  image_size=cfg.vision.image_size, max_images=data.max_images,
+                  image_aspect_ratio=stage.get("image_aspect_ratio", data.image_aspect_ratio),
+                  slot_id=tok.convert_tokens_to_ids(data.slot_token) if data.get("slot_token") else 0,
+                  image_prefix_ids=ids(data.get("image_prefix_tokens", ())),
+                  image_suffix_ids=ids(data.get("image_suffix_tokens", ())),
+                  max_image_pixels=data.max_image_pixels, min_image_area=data.min_image_area, alpha=data.alpha)
+    return PreparerFactory(tuple(sorted(kwargs.items())))
+
+
+def _adapt_layout(flat: dict, want_scan: bool, has_scan: bool) -> dict:
+    if want_scan and not has_scan:
+        return stack_layers(flat, "llm")
+    if has_scan and not want_scan:
+        return unstack_layers(flat, "llm")
+    return flat
+
+
+def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool):
+    """Replace parameters with those stored in each checkpoint of `sources` (partial trees allowed)."""
+    flat = flatten(params)
+    flat_sh = flatten(shardings)
+    for src in sources:
+        meta = load_meta(src)
+        loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(src))).items()}
+        loaded = _adapt_layout(loaded, scan_layers, bool(meta["model"].get("scan_layers")))
+        unknown = [k for k in loaded if k not in flat]
+        misshaped = [f"{k}: {loaded[k].shape} vs model {flat[k].shape}" for k in loaded
+                     if k in flat and loaded[k].shape != flat[k].shape]
+        if unknown or misshaped:
+            raise ValueError(f"init checkpoint {src} does not fit the model: unknown {unknown[:10]}, "
+                             f"mis-shaped {misshaped[:10]}")
+        for k, v in loaded.items():
+            flat[k] = jax.device_put(v.astype(flat[k].dtype), flat_sh[k])
+        _log0(f"  init: {len(loaded)} tensors from {src}")
+    return unflatten(flat)
+
+
+def _batch_to_device(arrays: dict, accum: int, mesh):
+    out = {}
+    for k in ARRAY_KEYS:
+        x = arrays[k]
+        x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+        spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+    return out
+
+
+def _summarize_skips(skipped: list) -> dict:
+    kinds = collections.Counter(reason.split(":")[0] for _, reason in skipped)
+    return dict(kinds)
+
+
+def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None) -> StageResult:
+    stage = config.stages[name]
+    stage_dir = os.path.join(workdir, name)
+    final_dir = os.path.join(stage_dir, "final")
+    if os.path.exists(os.path.join(final_dir, "config.json")):
+        _log0(f"stage {name}: already finished ({final_dir})")
+        return StageResult(name, final_dir, -1, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
+    pi, pc = jax.process_index(), jax.process_count()
+    cfg = model_for_stage(config, stage)
+    model = VLM(cfg)
+    mesh = make_mesh(dict(config.mesh))
+    rules = rules_from_config(config.get("axis_rules"))
+    sources = stage_sources(config, stage)
+    n_samples = sum(len(read_samples(s.json)) for s in sources)
+    accum = int(stage.get("grad_accum", 1))
+    if stage.batch_size % (accum * pc):
+        raise ValueError(f"stage {name}: batch_size {stage.batch_size} must divide by grad_accum x processes "
+                         f"({accum} x {pc})")
+    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
+    local_batch = stage.batch_size // pc
+    shape = BatchShape(local_batch, stage.max_length, config.data.max_images, cfg.vision.image_size)
+    seed = int(config.seed) + list(config.stage_order).index(name)
+    _log0(f"stage {name}: {n_samples} samples, {total} steps of {stage.batch_size} ({accum} x "
+          f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        rng = jax.random.PRNGKey(seed)
+        boxed = jax.eval_shape(init_fn(cfg), rng)["params"]
+        p_sh = logical_shardings(boxed, mesh, rules)
+        params = jax.jit(lambda r: nn.meta.unbox(init_fn(cfg)(r)["params"]), out_shardings=p_sh)(rng)
+        inits = [_resolve(p, config) for p in stage.get("init_checkpoints", ())]
+        if stage.get("init_from_stage"):
+            prev = os.path.join(workdir, stage.init_from_stage, "final")
+            if not os.path.exists(os.path.join(prev, "config.json")):
+                raise FileNotFoundError(f"stage {name} starts from stage {stage.init_from_stage}, which has not "
+                                        f"finished in {workdir}: run it first (--stages={stage.init_from_stage}) or "
+                                        f"set --config.stages.{name}.init_from_stage=''")
+            inits.append(prev)
+        params = overlay_checkpoints(params, p_sh, inits, cfg.llm.scan_layers)
+
+        labels = opt.group_labels(params, [tuple(r) for r in stage.trainable])
+        t_labels = opt.trainable_labels(labels)
+        counts = collections.Counter()
+        jax.tree_util.tree_map(lambda p, g: counts.update({g: p.size}), params, labels)
+        _log0("  parameters: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())))
+        tx, schedules = opt.make_optimizer(t_labels, dict(stage.lrs), total, warmup_ratio=stage.warmup_ratio,
+                                           weight_decay=stage.weight_decay,
+                                           grad_clip_norm=stage.get("grad_clip_norm"))
+        split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
+        trainable_abs = split(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))[0]
+        o_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable_abs), split(p_sh)[0], mesh)
+        opt_state = jax.jit(tx.init, out_shardings=o_sh)(split(params)[0])
+        replicated = NamedSharding(mesh, P())
+        state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
+        state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params, opt_state=opt_state)
+
+        ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), save_every=int(stage.save_every),
+                                 keep=int(stage.get("keep", 2)))
+        iterator = make_iterator(sources, preparer_factory(config, stage, cfg), shape, seed=seed,
+                                 num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
+        start = 0
+        latest = ckpt.latest_step()
+        if latest is not None:
+            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                              state, state_sh)
+            state, data_state, _ = ckpt.restore(latest, abstract)
+            iterator.set_state(data_state)
+            start = latest
+            _log0(f"  resumed from step {latest} ({ckpt.manager.directory})")
+
+        batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in ARRAY_KEYS}
+        step_fn = jax.jit(make_train_step(model, tx, split), in_shardings=(state_sh, batch_sh),
+                          out_shardings=(state_sh, replicated), donate_argnums=0)
+        result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
+                       stop_after, schedules)
+        if result is None:  # stopped early on request (tests, preemption drills)
+            ckpt.wait()
+            ckpt.close()
+            return StageResult(name, "", stop_after, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
+        state, skipped = result
+        ckpt.wait()
+        ckpt.close()
+        meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
+                "tokenizer": _resolve(config.tokenizer, config)}
+        save_params(final_dir, jax.device_get(state.params) if pc == 1 else state.params, meta)
+    history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
+    if pi == 0 and history:
+        plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
+    return StageResult(name, final_dir, total, history, _summarize_skips(skipped))
+
+
+def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,
+          schedules):
+    from tqdm import tqdm
+
+    log = MetricsLog(stage_dir, enabled=jax.process_index() == 0)
+    skipped_path = os.path.join(stage_dir, f"skipped.process{jax.process_index()}.jsonl")
+    skipped, truncated, epoch, bad_streak = [], 0, None, 0
+    max_bad = int(stage.get("max_bad_steps", 5))
+    log_every = int(stage.get("log_every", 1))
+    bar = tqdm(total=total, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
+    pending = None
+    last_loss = [float("nan")]
+    last_time = time.perf_counter()
+    window = {"tokens": 0, "images": 0}
+
+    def finish(pending_item):
+        nonlocal bad_streak, last_time
+        step, metrics, ids = pending_item
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not m.pop("finite"):
+            bad_streak += 1
+            log.write(step, {"event": "non-finite loss, update skipped", "batch_ids": ids, "loss": m["loss"]})
+            _log0(f"  step {step}: non-finite loss ({m['loss']}), update skipped; batch {ids[:8]}")
+            if bad_streak >= max_bad:
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"stage {name}: {bad_streak} consecutive non-finite steps (last at step {step}); the last good "
+                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.manager.directory}")
+            return
+        bad_streak = 0
+        last_loss[0] = m["loss"]
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        lr = {f"lr_{g}": float(s(int(step) - 1)) for g, s in schedules.items()}  # the rate this update used
+        row = {**m, **lr, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
+               "images_per_s": window["images"] / max(dt, 1e-9), "skipped_total": len(skipped)}
+        window.update(tokens=0, images=0)
+        if step % log_every == 0 or step == total:
+            log.write(step, row)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(iterator)
+            meta = batch["meta"]
+            if meta["skipped"]:
+                skipped += meta["skipped"]
+                with open(skipped_path, "a") as f:
+                    for sid, reason in meta["skipped"]:
+                        f.write(json.dumps({"id": sid, "reason": reason}) + "\n")
+            truncated += meta["truncated"]
+            if epoch is not None and meta["epoch"] > epoch:
+                _log0(f"  epoch {epoch} done: {len(skipped)} samples skipped so far "
+                      f"{_summarize_skips(skipped)}, {truncated} truncated")
+            epoch = meta["epoch"]
+            arrays = batch["arrays"]
+            window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
+            window["images"] += int(arrays["image_valid"].sum()) * jax.process_count()
+            state, metrics = step_fn(state, _batch_to_device(arrays, accum, mesh))
+            if pending is not None:
+                finish(pending)
+            pending = (step, metrics, meta["ids"])
+            bar.update(1)
+            ckpt.save(step, state, iterator.get_state(), {"step": step, "skipped": len(skipped)},
+                      force=(step == total))
+            if stop_after is not None and step >= stop_after:
+                finish(pending)
+                return None
+        if pending is not None:
+            finish(pending)
+    finally:
+        bar.close()
+        log.close()
+    _log0(f"stage {name} done: {total} steps; skipped {len(skipped)} samples {_summarize_skips(skipped)}, "
+          f"{truncated} truncated")
+    print(f"[process {jax.process_index()}] stage {name} step {total} loss {last_loss[0]:.6f}", flush=True)
+    return state, skipped
+
+
+def run(config, workdir: str, stages=None) -> list[StageResult]:
+    results = []
+    for name in stages or config.stage_order:
+        results.append(run_stage(config, name, workdir))
+    return results
