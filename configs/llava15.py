@@ -50,4 +50,11 @@ def get_config(arg: str | None = None):
         # Random-init towers learn far faster than pretrained ones fine-tune: larger rates, a few epochs.
         c.stages.pretrain.update(lrs={"projector": 2e-3}, num_epochs=1.0)
         c.stages.sft.update(lrs={"projector": 1e-3, "llm": 1e-3}, num_epochs=4.0, grad_clip_norm=1.0)
+    if variant == "demo":
+        # With no pretrained CLIP or LLM to start from, the demo trains every tower in both stages (stage 1 of the
+        # real recipe aligns a projector between two pretrained towers; here there is nothing to align to yet).
+        everything = [("vision/.*", "vision"), ("projector/.*", "projector"), ("llm/.*", "llm")]
+        for name in ("pretrain", "sft"):
+            c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0,
+                                  lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
     return c

@@ -175,3 +175,14 @@ def test_a_dataset_that_skips_everything_is_an_error_not_a_hang(synthetic_data):
     it = make_iterator(sft_source(d), factory(d["tokenizer"], max_length=24), SHAPE, seed=0)
     with pytest.raises(DataExhausted, match="last 1000 samples were all skipped .* image tokens would be cut"):
         next(it)
+
+
+def test_mixture_of_sources_follows_weights(synthetic_data, tmp_path):
+    d = synthetic_data
+    samples = read_samples(d["train"]["sft"])
+    for name, part in (("a", samples[:24]), ("b", samples[24:])):
+        (tmp_path / f"{name}.json").write_text(json.dumps([dict(s, id=f"{name}-{s['id']}") for s in part]))
+    sources = [Source(str(tmp_path / "a.json"), d["images"], 3.0), Source(str(tmp_path / "b.json"), d["images"], 1.0)]
+    ids = [i for b in take(make_iterator(sources, factory(d["tokenizer"]), SHAPE, seed=0), 6) for i in b["meta"]["ids"]]
+    share_a = sum(i.startswith("a-") for i in ids) / len(ids)
+    assert 0.6 <= share_a <= 0.9, share_a  # 3:1 weights

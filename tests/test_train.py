@@ -170,3 +170,38 @@ def test_two_processes_train_in_lockstep(synthetic_data, tmp_path):
                          if f.endswith(".json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
     assert json.loads((tmp_path / "run" / "pretrain" / "final" / "config.json").read_text())["stage"] == "pretrain"
+
+
+def test_init_checkpoints_overlay_converted_weights_in_either_layer_layout(tmp_path):
+    """A converter output (unscanned) initialises a model whose config scans its layers, and vice versa."""
+    from tests.torch_helpers import tiny_llava
+    from tools.convert_torch.__main__ import main as convert_cli
+    from uhd_jax.parallel.mesh import make_mesh
+    from uhd_jax.parallel.sharding import DEFAULT_RULES, init_sharded
+    from uhd_jax.train.trainer import overlay_checkpoints
+
+    ref = tiny_llava(seed=3)
+    ref.save_pretrained(tmp_path / "hf")
+    assert convert_cli(["import", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    converted = flatten(load_params(tmp_path / "ckpt"))
+    for scan in (False, True):
+        c = load_config("configs/llava15.py:tiny")
+        c.model.scan_layers = scan
+        cfg = model_for_stage(c, c.stages.sft)
+        mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+        variables, shardings = init_sharded(init_fn(cfg), mesh, DEFAULT_RULES, jax.random.PRNGKey(0))
+        params = overlay_checkpoints(variables["params"], shardings["params"], [str(tmp_path / "ckpt")], scan)
+        flat = flatten(params)
+        if scan:
+            np.testing.assert_array_equal(flat["llm/layers/attn/q/kernel"][1],
+                                          converted["llm/layers_1/attn/q/kernel"])
+            assert flat["llm/layers/attn/q/kernel"].sharding.spec[1:] == ("fsdp", "tensor", None)
+        else:
+            for k, v in converted.items():
+                np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg=k)
+    c = load_config("configs/llava15.py:tiny")
+    c.model.llm.vocab_size = 256  # the checkpoint's embedding has 128 rows
+    cfg = model_for_stage(c, c.stages.sft)
+    variables, shardings = init_sharded(init_fn(cfg), make_mesh({"data": 8}), DEFAULT_RULES, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"does not fit the model: .*llm/embed_tokens/embedding: \(128, 32\)"):
+        overlay_checkpoints(variables["params"], shardings["params"], [str(tmp_path / "ckpt")], False)

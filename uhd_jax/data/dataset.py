@@ -120,9 +120,7 @@ class SamplePreparer:
             raise SampleError(f"sample has {len(image_paths)} images, more than data.max_images={self.max_images}")
         segments = template.segments(conv)
         tok = tokenize_segments(self.tokenizer, segments)
-        pixels = [llava15_image(load_image(os.path.join(self.image_folder, p), max_pixels=self.max_image_pixels,
-                                           min_area=self.min_image_area, alpha=self.alpha),
-                                self.image_size, self.image_aspect_ratio) for p in image_paths]
+        pixels = self._pixels(image_paths)
         ids, learned, image_map = self._expand_images(tok.ids, tok.learned)
         truncated = len(ids) > self.max_length
         if truncated:
@@ -133,10 +131,25 @@ class SamplePreparer:
             ids, learned, image_map = ids[:self.max_length], learned[:self.max_length], image_map[:self.max_length]
         if not learned[1:].any():
             raise SampleError(f"no supervised token within data.max_length={self.max_length}")
-        return {"ids": ids, "learned": learned, "image_map": image_map,
-                "pixels": np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3),
-                                                                   np.float32),
-                "truncated": truncated}
+        return {"ids": ids, "learned": learned, "image_map": image_map, "pixels": pixels, "truncated": truncated}
+
+    def prompt(self, sample: dict, turn: int = 0) -> dict:
+        """The generation prompt for human turn `turn` (earlier turns included) and its reference answer."""
+        conv, image_paths = check_schema(sample)
+        if 2 * turn + 1 >= len(conv):
+            raise SampleError(f"sample has no answer for turn {turn}")
+        segments = get_template(self.template).segments(conv[:2 * turn + 1], add_generation_prompt=True)
+        tok = tokenize_segments(self.tokenizer, segments)
+        ids, _, image_map = self._expand_images(tok.ids, tok.learned)
+        return {"ids": ids, "image_map": image_map, "answer": conv[2 * turn + 1]["value"],
+                "pixels": self._pixels(image_paths)}
+
+    def _pixels(self, image_paths) -> np.ndarray:
+        """(n_images, S, S, 3) normalised pixels of the sample's images, in order."""
+        pixels = [llava15_image(load_image(os.path.join(self.image_folder, p), max_pixels=self.max_image_pixels,
+                                           min_area=self.min_image_area, alpha=self.alpha),
+                                self.image_size, self.image_aspect_ratio) for p in image_paths]
+        return np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
 
     def _expand_images(self, ids, learned):
         out_ids, out_learned, out_map = [], [], []

@@ -30,6 +30,7 @@ ITEMS = ("apple", "bread", "milk", "rice", "tea", "coffee", "eggs", "cheese", "b
 FILLER = ("the", "a", "of", "and", "to", "in", "is", "for", "on", "with", "report", "data", "city", "year", "new",
           "plan", "team", "work", "note", "page", "line", "text", "small", "print", "price", "store")
 KINDS = ("sign", "receipt", "page", "chart")
+KIND_NAMES = {"sign": "sign", "receipt": "receipt", "page": "page", "chart": "bar chart"}
 
 CAPTION_PROMPT = "<image>\nDescribe the image briefly."
 
@@ -71,7 +72,7 @@ def _sign(rng, w, h):
     y = (h - (b - t)) // 2 - t + int(rng.integers(-h // 20, h // 20 + 1))
     d.text((x, y), word, fill=COLORS[color], font=font)
     caption = f"a {bg_name} sign that says {word} in {color} letters"
-    qa = [("What does the sign say?", word), ("What color is the text?", color)]
+    qa = [("What does the sign say?", word), ("What color is the text?", color), ("What color is the sign?", bg_name)]
     return img, caption, qa
 
 
@@ -144,6 +145,9 @@ def render(seed: int, index: int, min_side: int = 96, max_side: int = 2048, kind
     kind = str(rng.choice(list(kinds)))
     w, h = _canvas(rng, min_side, max_side)
     img, caption, qa = RENDERERS[kind](rng, w, h)
+    # A question about the whole image: easy to see, it gives a model its first reason to look (as LLaVAR's data
+    # mixes global questions with reading ones).
+    qa.append(("What kind of image is this?", KIND_NAMES[kind]))
     return img, kind, caption, qa
 
 

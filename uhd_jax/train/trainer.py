@@ -215,7 +215,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
         ckpt.close()
         meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
                 "tokenizer": _resolve(config.tokenizer, config)}
-        save_params(final_dir, jax.device_get(state.params) if pc == 1 else state.params, meta)
+        save_params(final_dir, state.params, meta)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
     if pi == 0 and history:
         plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
