@@ -3,7 +3,8 @@
 Four kinds of image - signs, receipts, pages and bar charts - with words and numbers at many sizes and positions,
 aspect ratios from 1:4 to 4:1 and long sides up to `max_side` (2048 by default). Each image comes with a caption
 (pretraining, `plain` template) and question/answer turns whose answers need reading the text ("What is the
-total?", "What is written in the top-right corner?"). Sample i is drawn from `Generator(seed, i)`, so a split is
+total?", "What is written in the top-right corner?"), plus questions about the whole image (its kind, a sign's
+colour) that give a model its first reason to look. Sample i is drawn from `Generator(seed, i)`, so a split is
 deterministic and independent of how it is generated. `write_dataset` writes LLaVA-format JSON plus an image folder;
 `build_tokenizer` trains a small BPE tokenizer on the generated text and saves a `transformers` tokenizer directory.
 
