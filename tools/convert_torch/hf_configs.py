@@ -5,7 +5,6 @@ through transformers' own config classes so that what we export is what the inst
 """
 from __future__ import annotations
 
-import sys
 
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
                    image_size=336, layer_norm_eps=1e-5, hidden_act="quick_gelu")
@@ -150,7 +149,3 @@ def llava_original_config(model: dict, meta: dict) -> dict:
                mm_vision_tower="openai/clip-vit-large-patch14-336", use_mm_proj=True, mm_patch_merge_type="flat",
                mm_use_im_start_end=False, mm_use_im_patch_token=False)
     return cfg
-
-
-def warn(msg: str):
-    print(f"convert_torch: {msg}", file=sys.stderr)

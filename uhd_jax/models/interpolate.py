@@ -44,13 +44,6 @@ def torch_bicubic_matrix(in_size: int, out_size: int, a: float = TORCH_CUBIC_A) 
     return matrix
 
 
-def resize_grid(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bicubic-resize a (h, w, ...) grid to (out_h, out_w, ...) with torch semantics (numpy, float64 math)."""
-    rows = torch_bicubic_matrix(grid.shape[0], out_hw[0])
-    cols = torch_bicubic_matrix(grid.shape[1], out_hw[1])
-    return np.einsum("yi,xj,ij...->yx...", rows, cols, grid.astype(np.float64))
-
-
 def position_taps(grid: int, out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Per output cell of an (out_h, out_w) resize of a (grid, grid) table: flat source indices and weights.
 

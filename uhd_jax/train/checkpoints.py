@@ -48,10 +48,6 @@ def load_params(directory: str, target: Any | None = None) -> Any:
     return ocp.StandardCheckpointer().restore(path, target)
 
 
-def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 class IteratorSnapshot:
     """The data iterator's state as it was when a save was requested, in the shape Grain's Orbax handler expects.
 

@@ -7,7 +7,6 @@ import flax.struct
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uhd_jax.train.optimizer import path_str
 
 
 @flax.struct.dataclass
@@ -36,7 +35,3 @@ def opt_state_shardings(abstract_opt_state, param_shardings, mesh) -> Any:
                 return hit
         return replicated
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
-def describe(tree) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
