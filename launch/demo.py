@@ -50,8 +50,13 @@ def make_data(root: str, n_train: int, n_eval: int):
     return out
 
 
+def question_text(value: str) -> str:
+    """The question of a human turn, without the image placeholder and the answer-format suffix."""
+    return value.replace("<image>\n", "").split("\n")[0]
+
+
 def question_of(sample) -> str:
-    return sample["conversations"][0]["value"].replace("<image>\n", "").split("\n")[0]
+    return question_text(sample["conversations"][0]["value"])
 
 
 def score(cfg, params, prep, samples, tokenizer):
@@ -70,8 +75,7 @@ def prior_baseline(train_samples, eval_samples):
     for s in train_samples:
         conv = s["conversations"]
         for i in range(0, len(conv) - 1, 2):
-            q = conv[i]["value"].replace("<image>\n", "").split("\n")[0]
-            answers[q][normalize_answer(conv[i + 1]["value"])] += 1
+            answers[question_text(conv[i]["value"])][normalize_answer(conv[i + 1]["value"])] += 1
     hits = [normalize_answer(s["conversations"][1]["value"]) == answers[question_of(s)].most_common(1)[0][0]
             for s in eval_samples]
     return sum(hits) / len(hits)

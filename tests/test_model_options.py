@@ -1,4 +1,5 @@
 """Config-selected model options: remat policies, bf16 compute, experiment configs and their sizes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +43,7 @@ def loss_and_grads(cfg, params):
 def test_remat_policies_give_identical_gradients(policy):
     base = tiny()
     params = init_fn(base)(jax.random.PRNGKey(0))["params"]
-    params = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, "value") else x, params,
-                                    is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(params)
     ref_loss, ref_grads = loss_and_grads(base, params)
     loss, grads = loss_and_grads(tiny(remat_policy=policy), params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -61,8 +61,7 @@ def test_unknown_remat_policy_is_named():
 def test_bf16_compute_keeps_fp32_params_and_logits():
     cfg32, cfg16 = tiny(), tiny(dtype="bfloat16")
     variables = jax.jit(init_fn(cfg16))(jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, "value") else x, variables["params"],
-                                    is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(variables["params"])
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
     logits16, _ = VLM(cfg16).apply({"params": params}, *batch(cfg16))
     logits32, _ = VLM(cfg32).apply({"params": params}, *batch(cfg32))

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,9 +54,7 @@ def test_loss_decreases_and_frozen_parameters_stay_bit_identical(synthetic_data,
     # alone.)
     cfg = model_for_stage(c, c.stages.sft)
     seed = c.seed + list(c.stage_order).index("sft")
-    init = flatten(jax.tree_util.tree_map(
-        lambda x: x.value if hasattr(x, "value") else x, jax.jit(init_fn(cfg))(jax.random.PRNGKey(seed))["params"],
-        is_leaf=lambda x: hasattr(x, "value")))
+    init = flatten(nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(seed))["params"]))
     final = flatten(load_params(res.final_dir))
     for k, v in final.items():
         same = np.array_equal(np.asarray(v), np.asarray(init[k]))
@@ -72,8 +71,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     c = load_config("configs/llava15.py:tiny")
     cfg = model_for_stage(c, c.stages.sft)
     model = VLM(cfg)
-    params = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, "value") else x,
-                                    init_fn(cfg)(jax.random.PRNGKey(0))["params"], is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(init_fn(cfg)(jax.random.PRNGKey(0))["params"])
     labels = opt.group_labels(params, [("vision/.*", "frozen"), (".*", "rest")])
     # SGD with rate 1: the parameter change is exactly the gradient (Adam would normalise away its scale).
     tx = optax.multi_transform({"rest": optax.sgd(1.0)}, opt.trainable_labels(labels))

@@ -10,7 +10,7 @@ import numpy as np
 
 from tools.convert_torch import hf_configs, tables
 from tools.convert_torch.torch_io import SafetensorsWriter, save_torch_bin
-from uhd_jax.train.param_tree import flatten, unstack_layers
+from uhd_jax.train.param_tree import flatten, match_layer_layout
 from uhd_jax.train.checkpoints import load_meta, load_params
 
 
@@ -69,9 +69,7 @@ def load_flat(checkpoint: str):
     meta = load_meta(checkpoint)
     params = jax.device_get(load_params(checkpoint))
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
-    if meta["model"].get("scan_layers"):
-        flat = unstack_layers(flat, "llm")
-    return meta, flat
+    return meta, match_layer_layout(flat, scanned=bool(meta["model"].get("scan_layers")), want_scanned=False)
 
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32",

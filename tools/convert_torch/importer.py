@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from tools.convert_torch import tables
 from tools.convert_torch.torch_io import iter_tensors, list_keys
-from uhd_jax.train.param_tree import flatten, stack_layers, unflatten
+from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.models import config as model_config
 from uhd_jax.models.llama import Llama
 from uhd_jax.models.vit import VisionTransformer
@@ -134,8 +134,7 @@ def import_checkpoint(sources: list[Source], model: dict, param_dtype=np.float32
         missing.append((path, rule_shape))
     if missing or unexpected or misshaped or empty:
         raise CheckpointMismatchError(missing, unexpected, misshaped, empty)
-    if model.get("scan_layers") and "llm" in components:
-        params = stack_layers(params, "llm")
+    params = match_layer_layout(params, scanned=False, want_scanned=bool(model.get("scan_layers")))
     report = dict(sources=[s.path for s in sources], layouts=[lay.name for lay in layouts], components=components,
                   tensors=len(provided_by), skipped=skipped, overridden=overridden)
     return unflatten(params), report

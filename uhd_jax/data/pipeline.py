@@ -37,6 +37,11 @@ class _TagEpoch:
         return dict(example, epoch=index // self.epoch_length)
 
 
+def skip_kinds(skipped) -> dict:
+    """{'bad sample': n, 'tokenization mismatch': m, ...} from (id, reason) pairs."""
+    return dict(collections.Counter(reason.split(":")[0] for _, reason in skipped))
+
+
 class DataExhausted(RuntimeError):
     """Every sample in a long run was skipped: the data or its config is wrong, not a few samples."""
 
@@ -56,8 +61,8 @@ class _BatchIterator(grain.DatasetIterator):
                 skipped.append((ex["id"], ex["skip"]))
                 streak += 1
                 if streak >= self._max_skips:
-                    reasons = collections.Counter(r.split(":")[0] for _, r in skipped[-streak:])
-                    raise DataExhausted(f"the last {streak} samples were all skipped ({dict(reasons)}); e.g. "
+                    raise DataExhausted(f"the last {streak} samples were all skipped "
+                                        f"({skip_kinds(skipped[-streak:])}); e.g. "
                                         f"{skipped[-1][0]}: {skipped[-1][1]}. Check the data config "
                                         f"(paths, template, max_length).")
                 continue

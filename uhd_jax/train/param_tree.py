@@ -34,6 +34,15 @@ def stack_layers(flat: dict, prefix: str) -> dict:
     return out
 
 
+def match_layer_layout(flat: dict, *, scanned: bool, want_scanned: bool, prefix: str = "llm") -> dict:
+    """Convert between per-layer (`layers_{i}`) and scanned (`layers`) parameter names as a model needs."""
+    if want_scanned and not scanned:
+        return stack_layers(flat, prefix)
+    if scanned and not want_scanned:
+        return unstack_layers(flat, prefix)
+    return flat
+
+
 def unstack_layers(flat: dict, prefix: str) -> dict:
     out = {}
     head = f"{prefix}/layers/"

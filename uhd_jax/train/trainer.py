@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uhd_jax.data.batch import ARRAY_KEYS, BatchShape
 from uhd_jax.data.dataset import read_samples
-from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator
+from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator, skip_kinds
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.parallel.mesh import make_mesh
@@ -28,7 +28,7 @@ from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_
 from uhd_jax.train import optimizer as opt
 from uhd_jax.train.checkpoints import TrainCheckpointer, load_meta, load_params, save_params
 from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics
-from uhd_jax.train.param_tree import flatten, stack_layers, unflatten, unstack_layers
+from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.train.state import TrainState, opt_state_shardings
 from uhd_jax.train.step import make_train_step
 
@@ -88,14 +88,6 @@ def preparer_factory(config, stage, cfg) -> PreparerFactory:
     return PreparerFactory(tuple(sorted(kwargs.items())))
 
 
-def _adapt_layout(flat: dict, want_scan: bool, has_scan: bool) -> dict:
-    if want_scan and not has_scan:
-        return stack_layers(flat, "llm")
-    if has_scan and not want_scan:
-        return unstack_layers(flat, "llm")
-    return flat
-
-
 def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool):
     """Replace parameters with those stored in each checkpoint of `sources` (partial trees allowed)."""
     flat = flatten(params)
@@ -103,7 +95,7 @@ def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool
     for src in sources:
         meta = load_meta(src)
         loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(src))).items()}
-        loaded = _adapt_layout(loaded, scan_layers, bool(meta["model"].get("scan_layers")))
+        loaded = match_layer_layout(loaded, scanned=bool(meta["model"].get("scan_layers")), want_scanned=scan_layers)
         unknown = [k for k in loaded if k not in flat]
         misshaped = [f"{k}: {loaded[k].shape} vs model {flat[k].shape}" for k in loaded
                      if k in flat and loaded[k].shape != flat[k].shape]
@@ -124,11 +116,6 @@ def _batch_to_device(arrays: dict, accum: int, mesh):
         spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
     return out
-
-
-def _summarize_skips(skipped: list) -> dict:
-    kinds = collections.Counter(reason.split(":")[0] for _, reason in skipped)
-    return dict(kinds)
 
 
 def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None) -> StageResult:
@@ -219,7 +206,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
     if pi == 0 and history:
         plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
-    return StageResult(name, final_dir, total, history, _summarize_skips(skipped))
+    return StageResult(name, final_dir, total, history, skip_kinds(skipped))
 
 
 def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,
@@ -275,7 +262,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
             truncated += meta["truncated"]
             if epoch is not None and meta["epoch"] > epoch:
                 _log0(f"  epoch {epoch} done: {len(skipped)} samples skipped so far "
-                      f"{_summarize_skips(skipped)}, {truncated} truncated")
+                      f"{skip_kinds(skipped)}, {truncated} truncated")
             epoch = meta["epoch"]
             arrays = batch["arrays"]
             window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
@@ -295,7 +282,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
     finally:
         bar.close()
         log.close()
-    _log0(f"stage {name} done: {total} steps; skipped {len(skipped)} samples {_summarize_skips(skipped)}, "
+    _log0(f"stage {name} done: {total} steps; skipped {len(skipped)} samples {skip_kinds(skipped)}, "
           f"{truncated} truncated")
     print(f"[process {jax.process_index()}] stage {name} step {total} loss {last_loss[0]:.6f}", flush=True)
     return state, skipped
