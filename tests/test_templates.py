@@ -53,6 +53,10 @@ def test_plain_is_image_then_caption_and_newline():
     for bad in (conv("no image", "x"), conv("<image>", "x", "y", "z"), conv("<image>")):
         with pytest.raises(TemplateError, match="plain"):
             t.segments(bad)
+    # A stage-1 model is prompted with the image alone; its caption is the continuation.
+    assert t.segments(conv("<image>\nDescribe."), add_generation_prompt=True) == [("<image>", False)]
+    with pytest.raises(TemplateError, match="plain"):
+        t.segments(conv("Describe."), add_generation_prompt=True)
 
 
 def test_llama3_strings_and_spans():

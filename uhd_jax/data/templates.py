@@ -47,7 +47,7 @@ class Template:
         """`messages`: [{'from': 'human'|'gpt', 'value': str}, ...] in LLaVA JSON form."""
         turns = [(m["from"], m["value"]) for m in messages]
         if self.style == "plain":
-            return self._plain(turns)
+            return self._plain(turns, add_generation_prompt)
         _check_alternation(turns)
         if self.image_first:
             turns = [(who, move_image_first(text)) for who, text in turns]
@@ -94,7 +94,9 @@ class Template:
             segs += [(f"{text}<|im_end|>", who == ASSISTANT), ("\n", False)]
         return segs
 
-    def _plain(self, turns):
+    def _plain(self, turns, add_generation_prompt=False):
+        if add_generation_prompt and len(turns) == 1 and turns[0][0] == USER and IMAGE_TOKEN in turns[0][1]:
+            return [(IMAGE_TOKEN, False)]  # captioning prompt of a stage-1 model: the image alone
         if len(turns) != 2 or IMAGE_TOKEN not in turns[0][1] or turns[0][0] != USER or turns[1][0] != ASSISTANT:
             raise TemplateError("plain (pretraining) samples need exactly [human with <image>, gpt caption]")
         # The human text is discarded: the sample is <image> + caption + '\n'.
