@@ -92,5 +92,5 @@ def test_packed_slices_equal_each_slice_alone(clip_pair):
 
 def test_packing_refuses_to_truncate():
     img = np.zeros((56, 56, 3), np.float32)
-    with pytest.raises(ValueError, match="row 0: images need more than the packed budget of 20"):
+    with pytest.raises(ValueError, match="row 0: images need 34 vision-token slots, more than data.patch_budget=20"):
         pack_images_for_vit([[img, img]], budget=20, patch=14, grid=4)

@@ -96,11 +96,28 @@ MLP_HF = tuple(r for i in range(_MAX_MLP_DEPTH) for r in (
     Rule(f"linear_{i + 1}.weight", f"dense_{i}/kernel", T.LINEAR), Rule(f"linear_{i + 1}.bias", f"dense_{i}/bias")))
 LINEAR_ORIGINAL = (Rule("weight", "dense_0/kernel", T.LINEAR), Rule("bias", "dense_0/bias"))
 
+# UHD v1 resamplers (spec uhd.md §7): torch MultiheadAttention's packed in_proj rows [q; k; v] are our
+# (D, 3, heads, head_dim) kernel; `proj` is applied as x @ proj, so it is stored (in, out) already.
+RESAMPLER_ORIGINAL = (
+    Rule("{p:query|pos_embed|proj}", "{p}"),
+    Rule("kv_proj.weight", "kv_proj/kernel", T.LINEAR),
+    Rule("attn.in_proj_weight", "in_proj/kernel", T.LINEAR),
+    Rule("attn.in_proj_bias", "in_proj/bias", T.FLATTEN),
+    Rule("attn.out_proj.weight", "out_proj/kernel", T.LINEAR_FROM_HEADS),
+    Rule("attn.out_proj.bias", "out_proj/bias"),
+    Rule("ln_{n:q|kv|post}.weight", "ln_{n}/scale"),
+    Rule("ln_{n:q|kv|post}.bias", "ln_{n}/bias"),
+)
+
 # Projector tables of the original repos' `model.mm_projector.*` naming, by projector kind.
-PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL}
+PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL,
+                                                 "resampler": RESAMPLER_ORIGINAL}
+_RESAMPLERS = ("adapt_spatial_resampler", "uhd_v1_query64", "arxiv_resampler")
 
 
 def projector_kind(projector_type: str) -> str:
+    if projector_type in _RESAMPLERS:
+        return "resampler"
     return "linear" if projector_type == "linear" else "mlp" if projector_type.startswith("mlp") else projector_type
 
 

@@ -101,7 +101,8 @@ def read_config(path: str) -> dict | None:
 def _torch_tensor(a: np.ndarray, dtype: str):
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only views (jax arrays) cannot be shared
     return t.to(torch.bfloat16) if dtype == "bfloat16" else t
 
 

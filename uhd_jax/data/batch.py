@@ -11,6 +11,8 @@ Arrays (B = per-process batch, L = max_length, I = image slots per sample):
   image_valid     (B, I) bool
   image_token_map (B, L) int32   row of this sample's flattened image features (image-major, tokens_per_image
                                  rows per image) written at each position, -1 for text
+UHD models (`BatchShape.packed` set) carry, instead of `pixel_values`/`image_valid`, the slices and overviews packed
+into a patch budget per sample and the resampler geometry: see `uhd_jax.data.uhd_images.PackedLayout.zeros`.
 Host-only metadata travels beside the arrays: sample ids, skipped samples with reasons, truncation count, epoch.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from uhd_jax.data.uhd_images import GEOMETRY_KEYS, PackedLayout, fill_row
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "token_valid", "positions", "segment_ids", "pixel_values",
               "image_valid", "image_token_map")
@@ -29,9 +33,20 @@ class BatchShape:
     max_length: int
     max_images: int
     image_size: int
+    packed: PackedLayout | None = None
+
+    @property
+    def array_keys(self) -> tuple[str, ...]:
+        if self.packed is None:
+            return ARRAY_KEYS
+        return tuple(k for k in ARRAY_KEYS if k not in ("pixel_values", "image_valid")) + GEOMETRY_KEYS
 
     def zeros(self) -> dict:
         b, l, i, s = self.batch_size, self.max_length, self.max_images, self.image_size
+        if self.packed is not None:
+            text = {k: v for k, v in dataclasses.replace(self, packed=None, max_images=0).zeros().items()
+                    if k not in ("pixel_values", "image_valid")}
+            return {**text, **self.packed.zeros(b)}
         return {
             "input_ids": np.zeros((b, l), np.int32), "targets": np.zeros((b, l), np.int32),
             "loss_mask": np.zeros((b, l), bool), "token_valid": np.zeros((b, l), bool),
@@ -54,7 +69,9 @@ def collate(examples: list[dict], shape: BatchShape) -> dict:
         out["segment_ids"][row, :n] = 1
         out["image_token_map"][row, :n] = ex["image_map"]
         k = len(ex["pixels"])
-        if k:
+        if shape.packed is not None:
+            fill_row(out, row, list(ex["pixels"]), shape.packed)
+        elif k:
             out["pixel_values"][row, :k] = ex["pixels"]
             out["image_valid"][row, :k] = True
     return out

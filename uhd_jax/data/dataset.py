@@ -14,8 +14,11 @@ import numpy as np
 
 from uhd_jax.data.image_processing import llava15_image
 from uhd_jax.data.images import SampleError, load_image
+from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.templates import TemplateError, count_images, get_template
 from uhd_jax.data.tokenize import IMAGE_PLACEHOLDER, TokenizationMismatch, tokenize_segments
+from uhd_jax.data.uhd_images import patches_needed, sliced_images
+from uhd_jax.models.spatial_schema import image_layout
 
 
 def read_samples(path: str) -> list[dict]:
@@ -79,6 +82,15 @@ class SamplePreparer:
     max_image_pixels: int = 89_478_485
     min_image_area: int = 16
     alpha: str = "drop"
+    # UHD image path (image_mode 'uhd'): slicing, spatial schema, and the packed budget checked per sample.
+    image_mode: str = "fixed"
+    slicing: SlicingOptions = SlicingOptions()
+    schema: str = "v1"
+    separator_ids: tuple = ((",", 29892), ("\n", 13))
+    query_grid: int = 12
+    patch_budget: int = 0
+    max_slice_images: int = 0
+    seed: int = 0                         # the slicing augmentation's stream, per sample index
 
     def __post_init__(self):
         self._tokenizer = None
@@ -101,13 +113,13 @@ class SamplePreparer:
         index, sample = index_and_sample
         sid = sample_id(sample, index)
         try:
-            return {"id": sid, "index": index, **self.prepare(sample)}
+            return {"id": sid, "index": index, **self.prepare(sample, index)}
         except (SampleError, TemplateError, TokenizationMismatch) as e:
             kind = {SampleError: "bad sample", TemplateError: "template", TokenizationMismatch: "tokenization "
                     "mismatch"}[type(e)]
             return {"id": sid, "index": index, "skip": f"{kind}: {e}"}
 
-    def prepare(self, sample: dict) -> dict:
+    def prepare(self, sample: dict, index: int | None = None) -> dict:
         conv, image_paths = check_schema(sample)
         template = get_template(self.template)
         n_placeholders = count_images(conv)
@@ -120,8 +132,8 @@ class SamplePreparer:
             raise SampleError(f"sample has {len(image_paths)} images, more than data.max_images={self.max_images}")
         segments = template.segments(conv)
         tok = tokenize_segments(self.tokenizer, segments)
-        pixels = self._pixels(image_paths)
-        ids, learned, image_map = self._expand_images(tok.ids, tok.learned)
+        pixels, layouts = self._images(image_paths, index)
+        ids, learned, image_map = self._expand_images(tok.ids, tok.learned, layouts)
         truncated = len(ids) > self.max_length
         if truncated:
             slots = np.flatnonzero(image_map >= 0)
@@ -140,18 +152,51 @@ class SamplePreparer:
             raise SampleError(f"sample has no answer for turn {turn}")
         segments = get_template(self.template).segments(conv[:2 * turn + 1], add_generation_prompt=True)
         tok = tokenize_segments(self.tokenizer, segments)
-        ids, _, image_map = self._expand_images(tok.ids, tok.learned)
-        return {"ids": ids, "image_map": image_map, "answer": conv[2 * turn + 1]["value"],
-                "pixels": self._pixels(image_paths)}
+        pixels, layouts = self._images(image_paths, None)
+        ids, _, image_map = self._expand_images(tok.ids, tok.learned, layouts)
+        return {"ids": ids, "image_map": image_map, "answer": conv[2 * turn + 1]["value"], "pixels": pixels}
 
-    def _pixels(self, image_paths) -> np.ndarray:
-        """(n_images, S, S, 3) normalised pixels of the sample's images, in order."""
-        pixels = [llava15_image(load_image(os.path.join(self.image_folder, p), max_pixels=self.max_image_pixels,
-                                           min_area=self.min_image_area, alpha=self.alpha),
-                                self.image_size, self.image_aspect_ratio) for p in image_paths]
-        return np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+    def _load(self, path):
+        return load_image(os.path.join(self.image_folder, path), max_pixels=self.max_image_pixels,
+                          min_area=self.min_image_area, alpha=self.alpha)
 
-    def _expand_images(self, ids, learned):
+    def _images(self, image_paths, index):
+        """Pixels of the sample's images and, per image, its (token ids, feature rows) in the sequence.
+
+        fixed: (n_images, S, S, 3) and `tokens_per_image` rows each between the optional prefix/suffix tokens.
+        uhd:   a list of (H, W, 3) slices and overviews of varying sizes, laid out by the spatial schema."""
+        if self.image_mode == "fixed":
+            pixels = [llava15_image(self._load(p), self.image_size, self.image_aspect_ratio) for p in image_paths]
+            n = self.tokens_per_image
+            pre, post = list(self.image_prefix_ids), list(self.image_suffix_ids)
+            layouts = [(np.asarray(pre + [self.slot_id] * n + post, np.int32),
+                        np.asarray([-1] * len(pre) + list(range(i * n, (i + 1) * n)) + [-1] * len(post), np.int32))
+                       for i in range(len(image_paths))]
+            stacked = np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+            return stacked, layouts
+        if self.image_mode != "uhd":
+            raise ValueError(f"unknown image_mode {self.image_mode!r}; choose 'fixed' or 'uhd'")
+        rng = None
+        if self.slicing.augment_prob > 0 and index is not None:
+            rng = np.random.default_rng([self.seed, index])
+        pixels, layouts = [], []
+        for p in image_paths:
+            sliced, arrays = sliced_images(self._load(p), self.slicing, p, rng)
+            ids, rows = image_layout(sliced.grid, sliced.separators, query_grid=self.query_grid, schema=self.schema,
+                                     separator_ids=dict(self.separator_ids),
+                                     first_row=len(pixels) * self.query_grid ** 2)
+            pixels += arrays
+            layouts.append((ids, rows))
+        if self.max_slice_images and len(pixels) > self.max_slice_images:
+            raise SampleError(f"{len(pixels)} slices + overviews exceed data.max_slice_images={self.max_slice_images}")
+        need = patches_needed(pixels, self.slicing.patch_size)
+        if self.patch_budget and need > self.patch_budget:
+            sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in pixels)
+            raise SampleError(f"slices need {need} vision-token slots, more than data.patch_budget="
+                              f"{self.patch_budget} (sizes {sizes}); raise the budget or pre-resize such images")
+        return pixels, layouts
+
+    def _expand_images(self, ids, learned, layouts):
         out_ids, out_learned, out_map = [], [], []
         image = 0
         for tok, lrn in zip(ids.tolist(), learned.tolist()):
@@ -160,11 +205,9 @@ class SamplePreparer:
                 out_learned.append(lrn)
                 out_map.append(-1)
                 continue
-            out_ids += list(self.image_prefix_ids) + [self.slot_id] * self.tokens_per_image + list(
-                self.image_suffix_ids)
-            out_learned += [False] * (len(self.image_prefix_ids) + self.tokens_per_image + len(self.image_suffix_ids))
-            out_map += [-1] * len(self.image_prefix_ids)
-            out_map += list(range(image * self.tokens_per_image, (image + 1) * self.tokens_per_image))
-            out_map += [-1] * len(self.image_suffix_ids)
+            img_ids, img_rows = layouts[image]
+            out_ids += img_ids.tolist()
+            out_learned += [False] * len(img_ids)
+            out_map += img_rows.tolist()
             image += 1
         return np.asarray(out_ids, np.int32), np.asarray(out_learned, bool), np.asarray(out_map, np.int32)

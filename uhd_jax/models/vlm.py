@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from uhd_jax.models.llama import KVCache, Llama, LlamaConfig
-from uhd_jax.models.projectors import build_projector
-from uhd_jax.models.vit import ViTConfig, VisionTransformer
+from uhd_jax.models.projectors import RESAMPLER_TYPES, build_projector
+from uhd_jax.models.projectors.resampler import ResamplerGeometry
+from uhd_jax.models.vit import PackedPatches, ViTConfig, VisionTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +33,19 @@ class VLMConfig:
     llm: LlamaConfig
     projector_type: str = "mlp2x_gelu"
     vision_trainable: bool = False  # frozen tower: no gradient flows into (or through) it
+    resampler_heads: int = 0        # resamplers: attention heads (0 = LLM hidden // 128, at least 1)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @property
+    def packed_images(self) -> bool:
+        """UHD projectors read variable-size slices packed into rows; the others take fixed square images."""
+        return self.projector_type in RESAMPLER_TYPES
+
+    @property
     def tokens_per_image(self) -> int:
+        if self.packed_images:
+            return RESAMPLER_TYPES[self.projector_type]["grid"] ** 2
         n = self.vision.grid ** 2
         return n + 1 if self.vision.select_feature == "cls_patch" else n
 
@@ -53,17 +62,33 @@ class VLM(nn.Module):
     def setup(self):
         c = self.cfg
         self.vision = VisionTransformer(c.vision, name="vision")
-        self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype)
+        self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype,
+                                         heads=c.resampler_heads)
         self.llm = Llama(c.llm, name="llm")
 
     def encode_images(self, pixel_values):
-        """(B, I, H, W, 3) -> projected features (B, I * tokens_per_image, H_llm)."""
+        """(B, I, H, W, 3), or the packed dict of `uhd_jax.data.uhd_images` -> features (B, I * tokens, H_llm)."""
+        if self.cfg.packed_images:
+            return self.encode_packed_images(pixel_values)
         b, i = pixel_values.shape[:2]
         feats = self.vision(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
         feats = self.projector(feats.astype(self.cfg.dtype))
         return feats.reshape(b, i * feats.shape[1], feats.shape[-1])
+
+    def encode_packed_images(self, images: dict):
+        """Slices and overviews of any sizes, packed into rows of the patch budget -> (B, I * grid^2, H_llm)."""
+        packed = PackedPatches(images["patches"], images["patch_segment_ids"], images["patch_is_cls"],
+                               images["patch_pos_index"], images["patch_pos_weight"])
+        feats = self.vision.encode_packed(packed)
+        if not self.cfg.vision_trainable:
+            feats = jax.lax.stop_gradient(feats)
+        geom = ResamplerGeometry(images["key_pos_index"], images["key_pos_weight"], images["roi_index"],
+                                 images["roi_weight"], images["key_valid"], images["image_valid"],
+                                 images["patch_segment_ids"], images["patch_is_cls"])
+        out = self.projector(feats.astype(self.cfg.dtype), geom)  # (B, I, grid^2, H)
+        return out.reshape(out.shape[0], -1, out.shape[-1])
 
     def embed_image_and_text(self, input_ids, pixel_values, image_token_map):
         text = self.llm.embed(input_ids)
@@ -82,9 +107,18 @@ class VLM(nn.Module):
 def example_inputs(cfg: VLMConfig, batch: int = 1, seq_len: int = 8, images: int = 1):
     """Smallest well-formed inputs for `init` / `eval_shape` (shapes only matter)."""
     size = cfg.vision.image_size
+    if cfg.packed_images:
+        from uhd_jax.data.uhd_images import PackedLayout  # host-side layout of the packed inputs
+
+        grid = RESAMPLER_TYPES[cfg.projector_type]["grid"]
+        layout = PackedLayout(patch_budget=1 + cfg.vision.grid ** 2, max_images=images,
+                              patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=grid,
+                              windowed=RESAMPLER_TYPES[cfg.projector_type]["windowed"], roi_taps=1)
+        pixels = {k: jnp.asarray(v) for k, v in layout.zeros(batch).items()}
+    else:
+        pixels = jnp.zeros((batch, images, size, size, 3), jnp.float32)
     return (jnp.zeros((batch, seq_len), jnp.int32), jnp.ones((batch, seq_len), bool),
-            jnp.zeros((batch, seq_len), jnp.int32), jnp.zeros((batch, images, size, size, 3), jnp.float32),
-            jnp.full((batch, seq_len), -1, jnp.int32))
+            jnp.zeros((batch, seq_len), jnp.int32), pixels, jnp.full((batch, seq_len), -1, jnp.int32))
 
 
 def init_fn(cfg: VLMConfig):

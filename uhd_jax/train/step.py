@@ -14,12 +14,18 @@ import optax
 from uhd_jax.train.optimizer import merge
 from uhd_jax.train.state import TrainState
 
-MODEL_INPUTS = ("input_ids", "token_valid", "positions", "pixel_values", "image_token_map")
+from uhd_jax.data.uhd_images import GEOMETRY_KEYS
+
+
+def model_inputs(batch: dict) -> tuple:
+    """The VLM's positional inputs from a batch: fixed square images, or the packed UHD slices and geometry."""
+    images = batch["pixel_values"] if "pixel_values" in batch else {k: batch[k] for k in GEOMETRY_KEYS}
+    return batch["input_ids"], batch["token_valid"], batch["positions"], images, batch["image_token_map"]
 
 
 def token_losses(model, params, micro):
     """Per-token cross-entropy (B, L) float32 and correctness of the argmax prediction."""
-    logits, _ = model.apply({"params": params}, *(micro[k] for k in MODEL_INPUTS))
+    logits, _ = model.apply({"params": params}, *model_inputs(micro))
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, micro["targets"][..., None], axis=-1)[..., 0]
     correct = jnp.argmax(logits, axis=-1) == micro["targets"]

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uhd_jax.data.batch import ARRAY_KEYS, BatchShape
+from uhd_jax.data.batch import BatchShape
+from uhd_jax.data.slicing import SlicingOptions
+from uhd_jax.data.uhd_images import PackedLayout
+from uhd_jax.models.projectors import RESAMPLER_TYPES
 from uhd_jax.data.dataset import read_samples
 from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator, skip_kinds
 from uhd_jax.models.config import vlm_config
@@ -44,6 +47,7 @@ class StageResult:
     steps: int
     history: list
     skipped: dict
+    step_compilations: int = 0   # programs the train step compiled to (static shapes: 1)
 
 
 def _log0(msg: str):
@@ -85,7 +89,41 @@ def preparer_factory(config, stage, cfg) -> PreparerFactory:
                   image_prefix_ids=ids(data.get("image_prefix_tokens", ())),
                   image_suffix_ids=ids(data.get("image_suffix_tokens", ())),
                   max_image_pixels=data.max_image_pixels, min_image_area=data.min_image_area, alpha=data.alpha)
+    if cfg.packed_images:
+        layout = packed_layout(config, cfg)
+        seps = dict(data.get("separator_ids", {",": 29892, "\n": 13}))
+        if data.get("separator_tokens"):  # ids of the given tokens in this tokenizer (small synthetic vocabularies)
+            seps = dict(zip((",", "\n"), (tok.convert_tokens_to_ids(t) for t in data.separator_tokens)))
+        if any(not 0 <= i < cfg.llm.vocab_size for i in seps.values()):
+            raise ValueError(f"separator ids {seps} do not fit model.llm.vocab_size={cfg.llm.vocab_size}: set "
+                             f"data.separator_ids or data.separator_tokens")
+        kwargs.update(image_mode="uhd", slicing=slicing_options(config, stage), schema=data.get("schema", "v1"),
+                      separator_ids=tuple(sorted(seps.items())),
+                      query_grid=layout.query_grid, patch_budget=layout.patch_budget,
+                      max_slice_images=layout.max_images, seed=int(config.seed))
     return PreparerFactory(tuple(sorted(kwargs.items())))
+
+
+def slicing_options(config, stage) -> SlicingOptions:
+    """`config.data.slicing` with the stage's overrides (`stage.slicing`, e.g. pretraining on overviews only)."""
+    merged = dict(config.data.get("slicing", {}))
+    merged.update(dict(stage.get("slicing", {})))
+    return SlicingOptions(**merged)
+
+
+def packed_layout(config, cfg) -> PackedLayout | None:
+    """Static shapes of the packed UHD image inputs; None for fixed-size image models."""
+    if not cfg.packed_images:
+        return None
+    data = config.data
+    spec = RESAMPLER_TYPES[cfg.projector_type]
+    max_slices = int(dict(data.get("slicing", {})).get("max_slices", 7))
+    images = int(data.max_images) * (max_slices + 1)
+    per_image = 1 + cfg.vision.grid ** 2
+    return PackedLayout(patch_budget=int(data.get("patch_budget") or images * per_image), max_images=images,
+                        patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=spec["grid"],
+                        windowed=spec["windowed"], roi_taps=int(data.get("roi_taps", 16)),
+                        box_dtype=data.get("box_dtype") or None)
 
 
 def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool):
@@ -110,8 +148,7 @@ def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool
 
 def _batch_to_device(arrays: dict, accum: int, mesh):
     out = {}
-    for k in ARRAY_KEYS:
-        x = arrays[k]
+    for k, x in arrays.items():
         x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
         spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
@@ -138,7 +175,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
                          f"({accum} x {pc})")
     total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
     local_batch = stage.batch_size // pc
-    shape = BatchShape(local_batch, stage.max_length, config.data.max_images, cfg.vision.image_size)
+    shape = BatchShape(local_batch, stage.max_length, config.data.max_images, cfg.vision.image_size,
+                       packed_layout(config, cfg))
     seed = int(config.seed) + list(config.stage_order).index(name)
     _log0(f"stage {name}: {n_samples} samples, {total} steps of {stage.batch_size} ({accum} x "
           f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
@@ -188,7 +226,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
             start = latest
             _log0(f"  resumed from step {latest} ({ckpt.manager.directory})")
 
-        batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in ARRAY_KEYS}
+        batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in shape.array_keys}
         step_fn = jax.jit(make_train_step(model, tx, split), in_shardings=(state_sh, batch_sh),
                           out_shardings=(state_sh, replicated), donate_argnums=0)
         result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
@@ -198,6 +236,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
             ckpt.close()
             return StageResult(name, "", stop_after, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
         state, skipped = result
+        compilations = step_fn._cache_size()
+        _log0(f"  the train step compiled {compilations} time(s)")
         ckpt.wait()
         ckpt.close()
         meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
@@ -206,7 +246,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
     if pi == 0 and history:
         plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
-    return StageResult(name, final_dir, total, history, skip_kinds(skipped))
+    return StageResult(name, final_dir, total, history, skip_kinds(skipped), compilations)
 
 
 def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,

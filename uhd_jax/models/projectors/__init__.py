@@ -2,8 +2,21 @@
 from __future__ import annotations
 
 from uhd_jax.models.projectors.mlp import MLPProjector, mlp_depth
+from uhd_jax.models.projectors.resampler import SpatialResampler
+
+# UHD resamplers (spec uhd.md §2.2-2.3): the names the original repos use for --mm_projector_type where one exists.
+RESAMPLER_TYPES = {
+    "adapt_spatial_resampler": dict(grid=12, windowed=True),   # v1-ECCV, 144 queries in 12x12 windows
+    "uhd_v1_query64": dict(grid=8, windowed=True),             # v2 repos' 64-query variant of the same
+    "arxiv_resampler": dict(grid=8, windowed=False, heads=8),  # v1-arXiv: 64 queries, full cross-attention
+}
 
 
-def build_projector(projector_type: str, out_features: int, dtype, param_dtype):
+def build_projector(projector_type: str, out_features: int, dtype, param_dtype, heads: int = 0):
+    if projector_type in RESAMPLER_TYPES:
+        spec = RESAMPLER_TYPES[projector_type]
+        heads = heads or spec.get("heads") or max(out_features // 128, 1)
+        return SpatialResampler(embed_dim=out_features, num_heads=heads, grid=spec["grid"], windowed=spec["windowed"],
+                                dtype=dtype, param_dtype=param_dtype, name="projector")
     return MLPProjector(out_features=out_features, depth=mlp_depth(projector_type), dtype=dtype,
                         param_dtype=param_dtype, name="projector")
