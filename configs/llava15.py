@@ -8,7 +8,8 @@ Variants: `7b` (default), `13b`, `tiny` (tests), `demo` (the CPU demo on the syn
       --config configs/llava15.py:7b --out checkpoints/llava15-7b-init
   python launch/train.py --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
-The demo (`make demo`, ~5 min on 2 CPU cores) prints held-out exact-match accuracy before and after training.
+The demo (`make demo`, ~8 min on 2 CPU cores): held-out exact match 0.0% untrained -> 23.5% trained, vs 16.5% for the
+best image-blind answers (README).
 """
 from __future__ import annotations
 
