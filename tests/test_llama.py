@@ -1,5 +1,4 @@
 """Llama: logits against transformers (MHA, GQA, Llama-3 RoPE scaling, scanned layers), KV-cache greedy decoding."""
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +45,26 @@ def test_logits_match_transformers(variant, scan, tmp_path):
     logits, _ = model.apply(params, model.apply(params, jnp.asarray(ids), method=Llama.embed),
                             positions_from_mask(valid), valid)
     assert logits.dtype == jnp.float32
+    assert rel_err(logits, torch_logits(ref, ids)) <= 1e-5
+
+
+def test_qwen2_logits_match_transformers(tmp_path):
+    """Qwen2 (LLaVA-UHD v2-head's LLM): GQA with q/k/v biases, RoPE theta 1e6, untied head."""
+    import transformers
+
+    from tests.torch_helpers import TINY_LLAMA, randomize
+
+    torch.manual_seed(4)
+    cfg = transformers.Qwen2Config(**{**TINY_LLAMA, "num_key_value_heads": 2, "rope_theta": 1e6,
+                                      "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
+    ref = randomize(transformers.Qwen2ForCausalLM(cfg), 4)
+    assert ref.model.layers[0].self_attn.q_proj.bias is not None
+    model, params, _ = convert(ref, tmp_path)
+    assert model.cfg.attention_bias and model.cfg.rope_theta == 1e6
+    ids = np.random.default_rng(1).integers(3, 128, size=(2, 40)).astype(np.int64)
+    valid = jnp.ones(ids.shape, bool)
+    logits, _ = model.apply(params, model.apply(params, jnp.asarray(ids), method=Llama.embed),
+                            positions_from_mask(valid), valid)
     assert rel_err(logits, torch_logits(ref, ids)) <= 1e-5
 
 

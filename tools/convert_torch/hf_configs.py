@@ -42,12 +42,16 @@ def llm_from_hf(cfg: dict) -> dict:
                                        "original_max_position_embeddings")}
     elif kind != "default":
         raise ValueError(f"rope type {kind!r} is not supported (supported: default, llama3)")
+    if cfg.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported; the released Qwen2 "
+                         "LLaVA-UHD v2 checkpoints do not use it")
     heads = cfg["num_attention_heads"]
     out = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
                num_kv_heads=cfg.get("num_key_value_heads") or heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                rope_theta=float(theta), rope_scaling=scaling,
-               attention_bias=bool(cfg.get("attention_bias", False)),
+               # Qwen2 configs carry no attention_bias key: its q/k/v projections always have biases
+               attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
                max_position_embeddings=cfg.get("max_position_embeddings", 4096))
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim != cfg["hidden_size"] // heads:
