@@ -101,8 +101,10 @@ def read_config(path: str) -> dict | None:
 def _torch_tensor(a: np.ndarray, dtype: str):
     import torch
 
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only views (jax arrays) cannot be shared
+    a = np.asarray(a, dtype=np.float32)  # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
+    if not (a.flags.c_contiguous and a.flags.writeable):  # read-only views (jax arrays) cannot be shared
+        a = np.array(a, order="C")
+    t = torch.from_numpy(a)
     return t.to(torch.bfloat16) if dtype == "bfloat16" else t
 
 
