@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.torch_helpers import rel_err
+from tests.uhd_helpers import convert_state, tiny_uhd, windows_reference
 from tools.convert_torch import tables
 from uhd_jax.data.slicing import best_grid, resize_keep_ratio, slice_image
 from uhd_jax.data.uhd_images import PackedLayout, fill_row
 from uhd_jax.models.projectors.resampler import ResamplerGeometry, SpatialResampler, sincos_2d
 from uhd_jax.models.projectors.windows import pooled_size, roi_taps
 from uhd_jax.train.checkpoints import load_params
-from uhd_jax.train.param_tree import flatten, unflatten
+from uhd_jax.train.param_tree import flatten
 
 # ------------------------------------------------------------------------------------------------ slicing
 
@@ -74,59 +75,6 @@ def test_never_more_slices_than_allowed_and_resize_keep_ratio():
 
 
 # ------------------------------------------------------------------------------------------------ RoIAlign
-
-
-def roi_align_reference(fmap, box, ph, pw):
-    """torchvision roi_align(aligned=False, sampling_ratio=-1, spatial_scale=1) for one box, written from its CPU
-    kernel's description: fmap (C, H, W) float32, box (x1, y1, x2, y2) float32 -> (C, ph, pw)."""
-    f32 = np.float32
-    c, height, width = fmap.shape
-    x1, y1, x2, y2 = (f32(v) for v in box)
-    roi_w, roi_h = max(f32(x2 - x1), f32(1)), max(f32(y2 - y1), f32(1))
-    bin_h, bin_w = f32(roi_h / f32(ph)), f32(roi_w / f32(pw))
-    gh, gw = math.ceil(roi_h / ph), math.ceil(roi_w / pw)
-    out = np.zeros((c, ph, pw), np.float64)
-    for r in range(ph):
-        for q in range(pw):
-            acc = np.zeros(c, np.float64)
-            for iy in range(gh):
-                y = f32(f32(y1 + f32(f32(r) * bin_h)) + f32(f32(f32(iy + 0.5) * bin_h) / f32(gh)))
-                for ix in range(gw):
-                    x = f32(f32(x1 + f32(f32(q) * bin_w)) + f32(f32(f32(ix + 0.5) * bin_w) / f32(gw)))
-                    if y < -1.0 or y > height or x < -1.0 or x > width:
-                        continue
-                    yy, xx = max(y, f32(0)), max(x, f32(0))
-                    y_lo, x_lo = int(yy), int(xx)
-                    if y_lo >= height - 1:
-                        y_lo = y_hi = height - 1
-                        yy = f32(y_lo)
-                    else:
-                        y_hi = y_lo + 1
-                    if x_lo >= width - 1:
-                        x_lo = x_hi = width - 1
-                        xx = f32(x_lo)
-                    else:
-                        x_hi = x_lo + 1
-                    ly, lx = yy - y_lo, xx - x_lo
-                    hy, hx = 1 - ly, 1 - lx
-                    acc += (hy * hx * fmap[:, y_lo, x_lo] + hy * lx * fmap[:, y_lo, x_hi]
-                            + ly * hx * fmap[:, y_hi, x_lo] + ly * lx * fmap[:, y_hi, x_hi])
-            out[:, r, q] = acc / max(gh * gw, 1)
-    return out
-
-
-def windows_reference(fmap, grid=12):
-    """All grid x grid windows of a map: (grid^2, ph*pw, C), boxes in float32 as the original builds them."""
-    c, h, w = fmap.shape
-    ph, pw = pooled_size(h, w)
-    wh, ww = np.float32(h / grid), np.float32(w / grid)
-    out = []
-    for i in range(grid):
-        for j in range(grid):
-            x1, y1 = np.float32(j * ww), np.float32(i * wh)
-            out.append(roi_align_reference(fmap, (x1, y1, np.float32(x1 + ww), np.float32(y1 + wh)), ph, pw)
-                       .reshape(c, -1).T)
-    return np.stack(out)
 
 
 def test_pooled_sizes_follow_the_aspect_ratio():
@@ -205,19 +153,6 @@ def packed_inputs(sizes, kv_dim, layout, seed=0):
     return maps, jnp.asarray(feats), geom
 
 
-def convert(state: dict, shapes) -> dict:
-    """Our parameters from a torch resampler state dict through the converter's rule table (every key must map
-    onto exactly the parameters our module declares)."""
-    targets = flatten(nn.meta.unbox(shapes))
-    params = {}
-    for key, value in state.items():
-        rule = next(r for r in tables.RESAMPLER_ORIGINAL if r.match_torch(key) is not None)
-        path = rule.match_torch(key)
-        params[path] = rule.transform.to_ours(value.detach().numpy(), targets[path].shape)
-    assert set(params) == set(targets)
-    return unflatten(params)
-
-
 @pytest.mark.parametrize("windowed, grid, heads", [(True, 12, 4), (False, 8, 2)])
 def test_resampler_matches_torch_reference(windowed, grid, heads):
     d, kv_dim = 64, 24
@@ -229,7 +164,7 @@ def test_resampler_matches_torch_reference(windowed, grid, heads):
     maps, feats, geom = packed_inputs(sizes, kv_dim, layout)
     model = SpatialResampler(embed_dim=d, num_heads=heads, grid=grid, windowed=windowed)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), feats, geom)["params"]
-    params = convert(ref.state_dict(), shapes)
+    params, _ = convert_state(ref.state_dict(), shapes, tables.RESAMPLER_ORIGINAL)
     out = np.asarray(model.apply({"params": params}, feats, geom))
     assert out.shape == (1, len(sizes) + 1, grid * grid, d)
     with torch.no_grad():
@@ -272,20 +207,6 @@ def test_grid_schema_stitches_slices_row_by_row():
 
 
 # ------------------------------------------------------------------------------------------------ model + training
-
-
-def tiny_uhd(data):
-    from uhd_jax.config_loading import load_config
-
-    c = load_config("configs/uhd_v1.py:tiny")
-    c.model.llm.vocab_size = 640
-    c.data_root = data["root"]
-    c.tokenizer = "tokenizer"
-    c.mesh.update(data=2, fsdp=2, tensor=2)
-    for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
-        c.stages[name].update(sources=[dict(json=js, image_folder="images")], batch_size=4, num_steps=6,
-                              save_every=100)
-    return c
 
 
 def test_packed_images_give_each_images_features_alone(synthetic_data):

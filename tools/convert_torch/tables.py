@@ -109,13 +109,42 @@ RESAMPLER_ORIGINAL = (
     Rule("ln_{n:q|kv|post}.bias", "ln_{n}/bias"),
 )
 
+# LLaVA-UHD v2's JBU stack (FeatUp `JBU4xStack`), relative to `upsampler.upsampler.` in a v2 projector or to the
+# root of a VDIM checkpoint's upsampler.
+JBU_STACK = (
+    Rule("up{n:1|2}.{p:range_temp|sigma_spatial}", "up{n}/{p}"),
+    Rule("up{n:1|2}.{m:range_proj|fixup_proj}.{k:0|3}.weight", "up{n}/{m}_{k}/kernel", T.CONV1X1),
+    Rule("up{n:1|2}.{m:range_proj|fixup_proj}.{k:0|3}.bias", "up{n}/{m}_{k}/bias"),
+    Rule("fixup_proj.1.weight", "fixup_proj_1/kernel", T.CONV1X1),
+    Rule("fixup_proj.1.bias", "fixup_proj_1/bias"),
+)
+
+# v2 HiWin projector (§7): the shared attention/LN/proj names of v1 (its `query` and `kv_proj` are unused in v2),
+# per-level projectors and embeddings, four query sets, `ln_proj`, `cat_proj`, and the JBU stack under
+# `upsampler.upsampler.` (its frozen CLIP copy and ChannelNorm under `upsampler.model.` are skipped on import).
+HIWIN_ORIGINAL = (Rule("{p:pos_embed|proj}", "{p}"),) + tuple(
+    r for r in RESAMPLER_ORIGINAL if r.torch.startswith(("attn.", "ln_"))) + (
+    Rule("query_{n:1|2|3|4}", "query_{n}"),
+    Rule("features_{lv:1|2|4}x_projector.weight", "features_{lv}x_projector/kernel", T.LINEAR),
+    Rule("features_{lv:1|2|4}x_projector.bias", "features_{lv}x_projector/bias"),
+    Rule("feature_{lv:1|2|4}x_embedding", "feature_{lv}x_embedding"),
+    Rule("ln_proj.weight", "ln_proj/scale"),
+    Rule("ln_proj.bias", "ln_proj/bias"),
+    Rule("cat_proj.weight", "cat_proj/kernel", T.LINEAR),
+    Rule("cat_proj.bias", "cat_proj/bias"),
+) + tuple(Rule("upsampler.upsampler." + r.torch, "upsampler/" + r.ours, r.transform) for r in JBU_STACK)
+# Keys of an original v2 projector that this model deliberately does not hold (reported as skipped).
+HIWIN_SKIPPED = r"mm_projector\.(upsampler\.model\.|query$|kv_proj\.weight$|features?_\dx_(projector\.|embedding$))"
+
 # Projector tables of the original repos' `model.mm_projector.*` naming, by projector kind.
 PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL,
-                                                 "resampler": RESAMPLER_ORIGINAL}
+                                                 "resampler": RESAMPLER_ORIGINAL, "hiwin": HIWIN_ORIGINAL}
 _RESAMPLERS = ("adapt_spatial_resampler", "uhd_v1_query64", "arxiv_resampler")
 
 
 def projector_kind(projector_type: str) -> str:
+    if projector_type == "adapt_spatial_resampler_v2":
+        return "hiwin"
     if projector_type in _RESAMPLERS:
         return "resampler"
     return "linear" if projector_type == "linear" else "mlp" if projector_type.startswith("mlp") else projector_type
@@ -171,11 +200,11 @@ LAYOUTS: dict[str, Layout] = {
         Component("projector", ("model.mm_projector.",), original_projector_table),
         Component("llm", ("model.",), LLAMA_DECODER),
         Component("llm", ("lm_head.",), LM_HEAD),
-    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$"),
+    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$", HIWIN_SKIPPED),
         description="original LLaVA / LLaVA-UHD / LLaVAR / SliME checkpoints (model.mm_projector.*, model.layers.*)"),
     "mm_projector": Layout("mm_projector", (
         Component("projector", ("model.mm_projector.", "mm_projector."), original_projector_table),
-    ), description="stage-1 mm_projector.bin alone"),
+    ), skip=(HIWIN_SKIPPED,), description="stage-1 mm_projector.bin alone"),
 }
 
 

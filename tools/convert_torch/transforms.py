@@ -79,8 +79,25 @@ class PatchConv:
         return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Conv1x1:
+    """torch Conv2d 1x1 weight (out, in, 1, 1) <-> our dense kernel (in, out) over channels-last maps."""
+
+    name: str = "conv1x1"
+
+    def torch_shape(self, ours):
+        return (ours[1], ours[0], 1, 1)
+
+    def to_ours(self, t, ours):
+        return np.ascontiguousarray(t[:, :, 0, 0].T)
+
+    def to_torch(self, a):
+        return np.ascontiguousarray(a.T[:, :, None, None])
+
+
 IDENTITY = Identity()
 FLATTEN = Flatten()
 LINEAR = Linear(1)
 LINEAR_FROM_HEADS = Linear(2)  # output projections whose input is (heads, head_dim)
 PATCH_CONV = PatchConv()
+CONV1X1 = Conv1x1()

@@ -21,8 +21,9 @@ import dataclasses
 
 import numpy as np
 
-from uhd_jax.data.uhd_images import GEOMETRY_KEYS, PackedLayout, fill_row
+from uhd_jax.data.uhd_images import PackedLayout, fill_row
 
+TEXT_KEYS = ("input_ids", "targets", "loss_mask", "token_valid", "positions", "segment_ids", "image_token_map")
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "token_valid", "positions", "segment_ids", "pixel_values",
               "image_valid", "image_token_map")
 
@@ -39,7 +40,7 @@ class BatchShape:
     def array_keys(self) -> tuple[str, ...]:
         if self.packed is None:
             return ARRAY_KEYS
-        return tuple(k for k in ARRAY_KEYS if k not in ("pixel_values", "image_valid")) + GEOMETRY_KEYS
+        return TEXT_KEYS + tuple(self.packed.zeros(1))
 
     def zeros(self) -> dict:
         b, l, i, s = self.batch_size, self.max_length, self.max_images, self.image_size

@@ -17,11 +17,11 @@ from PIL import Image
 
 from uhd_jax.data.image_processing import normalize  # CLIP processor with do_resize/do_center_crop off
 from uhd_jax.data.slicing import SlicedImage, SlicingOptions, modularize
-from uhd_jax.models.interpolate import position_taps
+from uhd_jax.models.interpolate import position_taps, resize_taps
+from uhd_jax.models.projectors.jbu import DIAMETER, RADIUS, adaptive_avg_pool_matrix
 from uhd_jax.models.projectors.windows import MAX_KEYS, roi_taps
 
-GEOMETRY_KEYS = ("patches", "patch_segment_ids", "patch_is_cls", "patch_pos_index", "patch_pos_weight",
-                 "key_pos_index", "key_pos_weight", "roi_index", "roi_weight", "key_valid", "image_valid")
+JBU_LEVELS = (2, 4)  # the inverse pyramid's upsampled levels, each from the previous (1x -> 2x -> 4x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +36,27 @@ class PackedLayout:
     windowed: bool = True
     roi_taps: int = 16
     box_dtype: str | None = None     # round window boxes to this dtype first ('bfloat16' like bf16 training)
+    jbu: bool = False                # v2: also the 2x and 4x levels (JBU gathers, pooled guidance, windows)
+    level_roi_taps: int = 36
+
+    def level_budget(self, level: int) -> int:
+        return level * level * self.patch_budget
 
     def zeros(self, batch: int) -> dict:
         b, n, i, p, q = batch, self.patch_budget, self.max_images, self.patch_size, self.query_grid ** 2
         t = self.roi_taps if self.windowed else 1
-        return {
+        levels = {}
+        for lv in JBU_LEVELS if self.jbu else ():
+            m = self.level_budget(lv)
+            levels.update({
+                f"l{lv}_src_index": np.zeros((b, m, 16), np.int32), f"l{lv}_src_weight": np.zeros((b, m, 16), np.float32),
+                f"l{lv}_nbr_index": np.zeros((b, m, DIAMETER ** 2), np.int32),
+                f"l{lv}_guidance": np.zeros((b, m, 3), np.float32),
+                f"l{lv}_key_pos_index": np.zeros((b, m, 16), np.int32),
+                f"l{lv}_key_pos_weight": np.zeros((b, m, 16), np.float32),
+                f"l{lv}_roi_index": np.zeros((b, i, q, MAX_KEYS, self.level_roi_taps), np.int32),
+                f"l{lv}_roi_weight": np.zeros((b, i, q, MAX_KEYS, self.level_roi_taps), np.float32)})
+        return levels | {
             "patches": np.zeros((b, n, p, p, 3), np.float32), "patch_segment_ids": np.zeros((b, n), np.int32),
             "patch_is_cls": np.zeros((b, n), bool), "patch_pos_index": np.zeros((b, n, 16), np.int32),
             "patch_pos_weight": np.zeros((b, n, 16), np.float32), "key_pos_index": np.zeros((b, n, 16), np.int32),
@@ -67,6 +83,7 @@ def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout
         raise ValueError(f"images need {need} vision-token slots, more than data.patch_budget={layout.patch_budget} "
                          f"(sizes {sizes}); raise the budget or pre-resize such images")
     offset = 0
+    level_offsets = {lv: 0 for lv in JBU_LEVELS}
     for k, img in enumerate(images):
         hh, ww = img.shape[:2]
         if hh % p or ww % p:
@@ -86,7 +103,49 @@ def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout
             out["roi_weight"][row, k] = weight
             out["key_valid"][row, k] = key_valid
         out["image_valid"][row, k] = True
+        if layout.jbu:
+            fill_levels(out, row, k, img, (h, w), cells.start, level_offsets, layout)
         offset = cells.stop
+
+
+def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
+    """torch 'reflect' padding (edge not repeated) as indices into [0, n)."""
+    i = np.abs(i)
+    return np.where(i >= n, 2 * (n - 1) - i, i)
+
+
+def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int], first_patch: int,
+                offsets: dict, layout: PackedLayout) -> None:
+    """The 2x and 4x maps of image k: bicubic taps into the previous level's row, the 7x7 reflect neighbourhood,
+    the guidance image pooled to the level (torch adaptive_avg_pool), key positions and RoIAlign windows."""
+    h, w = hw
+    src_offset, src_hw = first_patch, (h, w)
+    for lv in JBU_LEVELS:
+        lh, lw = lv * h, lv * w
+        if min(lh, lw) <= RADIUS:
+            raise ValueError(f"image {k} of {w}x{h} patches: its {lv}x map ({lw}x{lh}) is too small for the JBU's "
+                             f"reflect padding by {RADIUS} (needs more than {RADIUS} pixels per side)")
+        start = offsets[lv]
+        cells = slice(start, start + lh * lw)
+        if cells.stop > layout.level_budget(lv):
+            raise ValueError(f"the {lv}x maps need more than {layout.level_budget(lv)} slots")
+        idx, wt = resize_taps(src_hw, (lh, lw))
+        out[f"l{lv}_src_index"][row, cells], out[f"l{lv}_src_weight"][row, cells] = idx + src_offset, wt
+        yy, xx = np.meshgrid(np.arange(lh), np.arange(lw), indexing="ij")
+        d = np.arange(-RADIUS, RADIUS + 1)
+        ny = reflect_index(yy[..., None, None] + d[:, None], lh)
+        nx = reflect_index(xx[..., None, None] + d[None, :], lw)
+        out[f"l{lv}_nbr_index"][row, cells] = (ny * lw + nx).reshape(lh * lw, -1) + start
+        pooled = np.einsum("oh,hwc,pw->opc", adaptive_avg_pool_matrix(img.shape[0], lh), img.astype(np.float64),
+                           adaptive_avg_pool_matrix(img.shape[1], lw))
+        out[f"l{lv}_guidance"][row, cells] = pooled.reshape(-1, 3).astype(np.float32)
+        out[f"l{lv}_key_pos_index"][row, cells], out[f"l{lv}_key_pos_weight"][row, cells] = position_taps(
+            layout.query_grid, (lh, lw))
+        index, weight, _, _ = roi_taps(lh, lw, layout.query_grid, layout.level_roi_taps, layout.box_dtype)
+        out[f"l{lv}_roi_index"][row, k] = index + start
+        out[f"l{lv}_roi_weight"][row, k] = weight
+        offsets[lv] = cells.stop
+        src_offset, src_hw = start, (lh, lw)
 
 
 def sliced_images(image: Image.Image, options: SlicingOptions, path: str = "",

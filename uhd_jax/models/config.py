@@ -62,4 +62,5 @@ def vlm_config(model: Mapping[str, Any]) -> VLMConfig:
     return VLMConfig(
         vision=vit_config(model), llm=llm_config(model), projector_type=model.get("projector_type", "mlp2x_gelu"),
         vision_trainable=model.get("vision_trainable", False), resampler_heads=model.get("resampler_heads", 0),
+        feature_scale_mask=model.get("feature_scale_mask", 5),
         dtype=_dtype(model.get("dtype", "float32")), param_dtype=_dtype(model.get("param_dtype", "float32")))

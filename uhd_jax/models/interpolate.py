@@ -44,16 +44,13 @@ def torch_bicubic_matrix(in_size: int, out_size: int, a: float = TORCH_CUBIC_A) 
     return matrix
 
 
-def position_taps(grid: int, out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Per output cell of an (out_h, out_w) resize of a (grid, grid) table: flat source indices and weights.
-
-    Returns `(index, weight)` of shapes (out_h * out_w, taps * taps), row-major over output cells; the flat index
-    addresses the source table in row-major order. Unused taps (clamped duplicates merged) carry weight 0.
-    Used to interpolate position embeddings of many differently sized images packed into one sequence.
-    """
+def resize_taps(in_hw: tuple[int, int], out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per output cell of an (out_h, out_w) torch-bicubic resize of an (in_h, in_w) map: flat source indices and
+    weights, shapes (out_h * out_w, taps * taps), row-major over output cells; the flat index addresses the source
+    in row-major order. Unused taps (clamped duplicates merged) carry weight 0."""
     per_axis = []
-    for size in out_hw:
-        m = torch_bicubic_matrix(grid, size)
+    for n_in, size in zip(in_hw, out_hw):
+        m = torch_bicubic_matrix(n_in, size)
         idx = np.zeros((size, taps), np.int32)
         w = np.zeros((size, taps), np.float64)
         for o in range(size):
@@ -62,7 +59,13 @@ def position_taps(grid: int, out_hw: tuple[int, int], taps: int = 4) -> tuple[np
             w[o, : len(nz)] = m[o, nz]
         per_axis.append((idx, w))
     (ri, rw), (ci, cw) = per_axis
-    index = ri[:, None, :, None] * grid + ci[None, :, None, :]  # (h, w, taps, taps)
+    index = ri[:, None, :, None] * in_hw[1] + ci[None, :, None, :]  # (h, w, taps, taps)
     weight = rw[:, None, :, None] * cw[None, :, None, :]
     n = out_hw[0] * out_hw[1]
     return index.reshape(n, taps * taps).astype(np.int32), weight.reshape(n, taps * taps).astype(np.float32)
+
+
+def position_taps(grid: int, out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """`resize_taps` of a (grid, grid) position table: used to interpolate position embeddings of many differently
+    sized images packed into one sequence."""
+    return resize_taps((grid, grid), out_hw, taps)

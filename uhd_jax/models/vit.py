@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from uhd_jax.models import layers

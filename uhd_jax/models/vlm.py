@@ -34,6 +34,7 @@ class VLMConfig:
     projector_type: str = "mlp2x_gelu"
     vision_trainable: bool = False  # frozen tower: no gradient flows into (or through) it
     resampler_heads: int = 0        # resamplers: attention heads (0 = LLM hidden // 128, at least 1)
+    feature_scale_mask: int = 5     # v2 HiWin levels: bits 1 -> 1x, 2 -> 2x, 4 -> 4x (released: 5)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -63,7 +64,7 @@ class VLM(nn.Module):
         c = self.cfg
         self.vision = VisionTransformer(c.vision, name="vision")
         self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype,
-                                         heads=c.resampler_heads)
+                                         heads=c.resampler_heads, feature_scale_mask=c.feature_scale_mask)
         self.llm = Llama(c.llm, name="llm")
 
     def encode_images(self, pixel_values):
@@ -84,6 +85,9 @@ class VLM(nn.Module):
         feats = self.vision.encode_packed(packed)
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
+        if RESAMPLER_TYPES[self.cfg.projector_type].get("jbu"):
+            out = self.projector(feats.astype(self.cfg.dtype), images)
+            return out.reshape(out.shape[0], -1, out.shape[-1])
         geom = ResamplerGeometry(images["key_pos_index"], images["key_pos_weight"], images["roi_index"],
                                  images["roi_weight"], images["key_valid"], images["image_valid"],
                                  images["patch_segment_ids"], images["patch_is_cls"])
@@ -113,7 +117,8 @@ def example_inputs(cfg: VLMConfig, batch: int = 1, seq_len: int = 8, images: int
         grid = RESAMPLER_TYPES[cfg.projector_type]["grid"]
         layout = PackedLayout(patch_budget=1 + cfg.vision.grid ** 2, max_images=images,
                               patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=grid,
-                              windowed=RESAMPLER_TYPES[cfg.projector_type]["windowed"], roi_taps=1)
+                              windowed=RESAMPLER_TYPES[cfg.projector_type]["windowed"], roi_taps=1,
+                              jbu=RESAMPLER_TYPES[cfg.projector_type].get("jbu", False), level_roi_taps=1)
         pixels = {k: jnp.asarray(v) for k, v in layout.zeros(batch).items()}
     else:
         pixels = jnp.zeros((batch, images, size, size, 3), jnp.float32)

@@ -14,12 +14,15 @@ import optax
 from uhd_jax.train.optimizer import merge
 from uhd_jax.train.state import TrainState
 
-from uhd_jax.data.uhd_images import GEOMETRY_KEYS
+from uhd_jax.data.batch import TEXT_KEYS
 
 
 def model_inputs(batch: dict) -> tuple:
     """The VLM's positional inputs from a batch: fixed square images, or the packed UHD slices and geometry."""
-    images = batch["pixel_values"] if "pixel_values" in batch else {k: batch[k] for k in GEOMETRY_KEYS}
+    if "pixel_values" in batch:
+        images = batch["pixel_values"]
+    else:
+        images = {k: v for k, v in batch.items() if k not in TEXT_KEYS}
     return batch["input_ids"], batch["token_valid"], batch["positions"], images, batch["image_token_map"]
 
 

@@ -123,6 +123,7 @@ def packed_layout(config, cfg) -> PackedLayout | None:
     return PackedLayout(patch_budget=int(data.get("patch_budget") or images * per_image), max_images=images,
                         patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=spec["grid"],
                         windowed=spec["windowed"], roi_taps=int(data.get("roi_taps", 16)),
+                        jbu=spec.get("jbu", False), level_roi_taps=int(data.get("level_roi_taps", 36)),
                         box_dtype=data.get("box_dtype") or None)
 
 

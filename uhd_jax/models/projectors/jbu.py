@@ -1,0 +1,144 @@
+"""LLaVA-UHD v2's inverse feature pyramid (spec uhd.md §4.1-4.2): FeatUp joint bilateral upsampling (JBU) stages.
+
+One stage doubles a feature map's resolution guided by the image: a 7x7 kernel per output pixel = a learned range
+kernel (softmax over the neighbourhood of projected guidance pixels) times a spatial Gaussian, normalised, plus a
+learned correction (`fixup_proj`, 0.1x), applied to the torch-bicubic upsampled source ("adaptive convolution", in
+float32). `JBU4xStack` chains two stages and returns the 2x map (no fixup) and the 4x map (+0.1 x 1x1 conv).
+
+Layout is channels-last (B, H, W, C). Parameter names mirror the torch keys (`range_proj.0` -> `range_proj_0`, ...).
+Pooling and upsampling are separable matrices with torch's exact semantics, built at trace time from static shapes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uhd_jax.models import layers
+from uhd_jax.models.interpolate import torch_bicubic_matrix
+
+RADIUS = 3
+DIAMETER = 2 * RADIUS + 1
+
+
+@functools.lru_cache(maxsize=256)
+def adaptive_avg_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) averaging matrix of torch's adaptive_avg_pool along one axis: output i averages
+    [floor(i * in / out), ceil((i + 1) * in / out))."""
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    m.setflags(write=False)
+    return m
+
+
+def resize_separable(x, rows: np.ndarray, cols: np.ndarray):
+    """x (B, H, W, C) -> (B, H', W', C) with per-axis matrices (H', H) and (W', W), computed in float32."""
+    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(rows, jnp.float32), x.astype(jnp.float32))
+    return jnp.einsum("pw,bowc->bopc", jnp.asarray(cols, jnp.float32), x)
+
+
+def adaptive_avg_pool(x, size: tuple[int, int]):
+    return resize_separable(x, adaptive_avg_pool_matrix(x.shape[1], size[0]),
+                            adaptive_avg_pool_matrix(x.shape[2], size[1]))
+
+
+def bicubic_resize(x, size: tuple[int, int]):
+    return resize_separable(x, torch_bicubic_matrix(x.shape[1], size[0]), torch_bicubic_matrix(x.shape[2], size[1]))
+
+
+def reflect_pad(x, r: int = RADIUS):
+    return jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+
+
+def neighbourhood_taps(x_padded, h: int, w: int):
+    """The 49 shifted views of a reflect-padded map, tap p = a * 7 + b (a = row offset), as a generator."""
+    for a in range(DIAMETER):
+        for b in range(DIAMETER):
+            yield a * DIAMETER + b, x_padded[:, a:a + h, b:b + w, :]
+
+
+def conv1x1(features: int, name: str, **kw):
+    """A 1x1 convolution over channels-last maps is a dense layer (torch weight (out, in, 1, 1))."""
+    return layers.dense(features, axes=(None, None), name=name, **kw)
+
+
+class JBUStage(nn.Module):
+    """FeatUp's `JBULearnedRange(guidance_dim=3, feat_dim=C, key_dim=32, radius=3)`.
+
+    Works on any layout given `neighbours(x) -> 49 views of x's 7x7 reflect-padded neighbourhood` (tap p = a*7 + b)
+    and the source already upsampled to the guidance's size: 2-D maps (`map_neighbours`, `bicubic_resize`) or packed
+    rows of many maps (host-built gather indices, see `hiwin`)."""
+
+    key_dim: int = 32
+    dropout: float = 0.1
+    spatial_axes: tuple = (1, 2)   # Dropout2d drops whole channels: broadcast over these (packed rows: (1,))
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, upsampled, guidance, neighbours, deterministic: bool = True):
+        """upsampled (..., C) bicubic-upsampled source, guidance (..., 3) pooled image -> (..., C) float32."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        range_temp = self.param("range_temp", nn.initializers.zeros_init(), (), self.param_dtype)
+        sigma = self.param("sigma_spatial", nn.initializers.ones_init(), (), self.param_dtype)
+        drop = lambda rate, name: nn.Dropout(rate, broadcast_dims=self.spatial_axes, name=name)  # noqa: E731
+
+        proj = conv1x1(self.key_dim, "range_proj_0", **kw)(guidance)
+        proj = drop(self.dropout, "range_proj_2")(layers.gelu_exact(proj), deterministic=deterministic)
+        proj = conv1x1(self.key_dim, "range_proj_3", **kw)(proj).astype(jnp.float32)
+        temp = jnp.clip(jnp.exp(range_temp.astype(jnp.float32)), 1e-4, 1e4)
+        logits = jnp.stack([jnp.sum(nb * proj, axis=-1) for nb in neighbours(proj)], axis=-1) * temp   # (..., 49)
+        range_kernel = jax.nn.softmax(logits, axis=-1)
+        d = np.linspace(-1.0, 1.0, DIAMETER, dtype=np.float32)
+        dist2 = jnp.asarray((d[:, None] ** 2 + d[None, :] ** 2).reshape(-1))
+        spatial = jnp.exp(-dist2 / (2 * sigma.astype(jnp.float32) ** 2))
+        kernel = range_kernel * spatial
+        kernel = kernel / jnp.maximum(kernel.sum(-1, keepdims=True), 1e-7)
+        fix = conv1x1(DIAMETER ** 2, "fixup_proj_0", **kw)(
+            jnp.concatenate([kernel, guidance.astype(jnp.float32)], axis=-1))
+        fix = drop(self.dropout, "fixup_proj_2")(layers.gelu_exact(fix), deterministic=deterministic)
+        kernel = kernel + 0.1 * conv1x1(DIAMETER ** 2, "fixup_proj_3", **kw)(fix).astype(jnp.float32)
+
+        out = jnp.zeros(upsampled.shape, jnp.float32)
+        for p, nb in enumerate(neighbours(upsampled.astype(jnp.float32))):  # 49 fused multiply-adds
+            out = out + nb * kernel[..., p, None]
+        return out
+
+
+# Dropout2d zeroes whole channels of one image: broadcast over the spatial axes (2-D maps: (B, H, W, C)).
+CHANNEL_DROPOUT = (1, 2)
+
+
+def map_neighbours(x):
+    """The 49 shifted views of a (B, H, W, C) map reflect-padded by 3."""
+    h, w = x.shape[1], x.shape[2]
+    padded = reflect_pad(x)
+    return [v for _, v in neighbourhood_taps(padded, h, w)]
+
+
+class JBU4xStack(nn.Module):
+    """Two JBU stages; returns (2x map, 4x map + 0.1 x 1x1-conv fixup). `image` is the CLIP-normalised image of
+    size (14h, 14w); each stage pools it to its own output size."""
+
+    dropout: float = 0.2
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, source, image, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        _, h, w, _ = source.shape
+        s2 = JBUStage(name="up1", **kw)(bicubic_resize(source, (2 * h, 2 * w)),
+                                        adaptive_avg_pool(image, (2 * h, 2 * w)), map_neighbours, deterministic)
+        s4 = JBUStage(name="up2", **kw)(bicubic_resize(s2, (4 * h, 4 * w)),
+                                        adaptive_avg_pool(image, (4 * h, 4 * w)), map_neighbours, deterministic)
+        fix = nn.Dropout(self.dropout, broadcast_dims=CHANNEL_DROPOUT, name="fixup_proj_0")(
+            s4, deterministic=deterministic)
+        return s2, s4 + 0.1 * conv1x1(s4.shape[-1], "fixup_proj_1", **kw)(fix).astype(jnp.float32)
