@@ -1,5 +1,6 @@
 """LLaVA-UHD v2: the JBU inverse feature pyramid (§4.2) and the HiWin projector (§4.3) against torch references
 written from the spec; Qwen2 parity lives in test_llama.py."""
+import json
 import re
 
 import flax.linen as nn
@@ -307,3 +308,31 @@ def test_v2_projector_round_trip_and_skips(tmp_path):
     assert set(flat) == set(want)
     for k, v in flat.items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(want[k]), err_msg=k)
+
+
+def test_vdim_checkpoint_imports_into_the_v2_upsampler(tmp_path):
+    """A FeatUp/VDIM Lightning .ckpt: the JBU stack lands in projector/upsampler, the downsamplers, scale nets and the
+    featurizer are reported as skipped, and nothing else of the projector is expected from it."""
+    from tools.convert_torch.__main__ import main as convert_cli
+    from uhd_jax.config_loading import load_config
+    from uhd_jax.train.checkpoints import load_params
+
+    c = load_config("configs/uhd_v2.py:tiny")
+    ref = randomized(TorchJBU4x(c.model.vision.hidden_size), 9)
+    state = {f"upsampler.{k}": v for k, v in ref.state_dict().items()}
+    state.update({"downsampler.w": torch.ones(14, 14), "scale_net.0.weight": torch.ones(1, 4, 1, 1),
+                  "model.0.patch.weight": torch.ones(3)})
+    path = tmp_path / "clip-large-vdim.ckpt"
+    torch.save({"state_dict": state, "epoch": 5, "global_step": 2000}, path)
+    out = tmp_path / "vdim"
+    assert convert_cli(["import", "--src", str(path), "--config", "configs/uhd_v2.py:tiny", "--out", str(out)]) == 0
+    got = flatten(load_params(str(out)))
+    assert set(got) == {f"projector/upsampler/{k}" for k in (
+        *(f"up{n}/{m}_{i}/{p}" for n in (1, 2) for m in ("range_proj", "fixup_proj") for i in (0, 3)
+          for p in ("kernel", "bias")),
+        *(f"up{n}/{p}" for n in (1, 2) for p in ("range_temp", "sigma_spatial")),
+        "fixup_proj_1/kernel", "fixup_proj_1/bias")}
+    np.testing.assert_array_equal(got["projector/upsampler/up2/range_proj_3/kernel"],
+                                  ref.up2.range_proj[3].weight.detach().numpy()[:, :, 0, 0].T)
+    report = json.loads((out / "config.json").read_text())
+    assert set(report["conversion"]["skipped"]) >= {"downsampler.w", "scale_net.0.weight", "model.0.patch.weight"}

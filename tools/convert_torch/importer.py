@@ -96,6 +96,9 @@ def import_checkpoint(sources: list[Source], model: dict, param_dtype=np.float32
     components = [c for c in COMPONENTS if any(comp.ours == c for lay in layouts for comp in lay.components)]
     components = [c for c in components if c in model or c == "projector"]
     expected = expected_params(model, components)
+    scopes = [lay.scope for lay in layouts]
+    if all(scopes):  # every source holds part of a component (a VDIM upsampler): expect just that part
+        expected = {k: v for k, v in expected.items() if k.startswith(tuple(p for sc in scopes for p in sc))}
     projector_type = model.get("projector_type", "mlp2x_gelu")
 
     params, provided_by = {}, {}

@@ -173,6 +173,7 @@ class Layout:
     components: tuple[Component, ...]
     skip: tuple[str, ...] = ()     # regexes of keys that are known and deliberately not imported
     description: str = ""
+    scope: tuple[str, ...] = ()    # our path prefixes it provides when it holds only part of a component
 
 
 # transformers 5 saves CLIPVisionModel keys bare; hub CLIP checkpoints (CLIPModel) nest them under vision_model.
@@ -202,6 +203,12 @@ LAYOUTS: dict[str, Layout] = {
         Component("llm", ("lm_head.",), LM_HEAD),
     ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$", HIWIN_SKIPPED),
         description="original LLaVA / LLaVA-UHD / LLaVAR / SliME checkpoints (model.mm_projector.*, model.layers.*)"),
+    "vdim": Layout("vdim", (
+        Component("projector", ("upsampler.",), tuple(Rule(r.torch, "upsampler/" + r.ours, r.transform)
+                                                      for r in JBU_STACK)),
+    ), skip=(r"(^|\.)(downsampler|scale_net)\.", r"^model\."), scope=("projector/upsampler/",),
+        description="FeatUp/LLaVA-UHD v2 VDIM (JBU) checkpoint: the upsampler alone; downsamplers, scale nets and "
+                    "the featurizer are skipped"),
     "mm_projector": Layout("mm_projector", (
         Component("projector", ("model.mm_projector.", "mm_projector."), original_projector_table),
     ), skip=(HIWIN_SKIPPED,), description="stage-1 mm_projector.bin alone"),
@@ -219,6 +226,8 @@ def detect_layout(keys) -> str:
         return "hf_llama"
     if has("vision_model.") or (has("embeddings.patch_embedding") and has("encoder.layers.")):
         return "hf_clip"
+    if has("upsampler.up1."):
+        return "vdim"
     if keys and all(k.startswith(("model.mm_projector.", "mm_projector.")) for k in keys):
         return "mm_projector"
     sample = ", ".join(keys[:5])

@@ -66,8 +66,12 @@ def _iter_file(path: str) -> Iterator[tuple[str, "object"]]:
             raise ValueError(f"cannot read {path} as a PyTorch state dict: {e}") from e
         if not isinstance(state, dict):
             raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors")
+        if isinstance(state.get("state_dict"), dict):  # a PyTorch Lightning checkpoint (e.g. FeatUp's VDIM .ckpt)
+            state = state["state_dict"]
         for key in list(state):
-            yield key, state.pop(key)
+            value = state.pop(key)
+            if isinstance(value, torch.Tensor):
+                yield key, value
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
