@@ -336,3 +336,19 @@ def test_vdim_checkpoint_imports_into_the_v2_upsampler(tmp_path):
                                   ref.up2.range_proj[3].weight.detach().numpy()[:, :, 0, 0].T)
     report = json.loads((out / "config.json").read_text())
     assert set(report["conversion"]["skipped"]) >= {"downsampler.w", "scale_net.0.weight", "model.0.patch.weight"}
+
+
+def test_slices_too_small_for_the_jbu_are_counted_skips_not_crashes(synthetic_data, tmp_path):
+    from PIL import Image
+
+    from uhd_jax.data.pipeline import Source
+    from uhd_jax.train.trainer import model_for_stage, preparer_factory
+
+    c = tiny_uhd(synthetic_data, "configs/uhd_v2.py:tiny")
+    c.data.patch_budget = 1000  # room enough: the JBU's own limit is what this sample hits
+    Image.new("RGB", (2000, 14), (200, 30, 30)).save(tmp_path / "strip.png")   # slices and overview 1 patch high
+    prep = preparer_factory(c, c.stages.sft, model_for_stage(c, c.stages.sft))(Source("x.json", str(tmp_path)))
+    sample = {"id": "strip", "image": "strip.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "a strip"}]}
+    out = prep((0, sample))
+    assert "too small for the JBU" in out["skip"] and out["id"] == "strip"

@@ -17,7 +17,7 @@ from uhd_jax.data.images import SampleError, load_image
 from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.templates import TemplateError, count_images, get_template
 from uhd_jax.data.tokenize import IMAGE_PLACEHOLDER, TokenizationMismatch, tokenize_segments
-from uhd_jax.data.uhd_images import patches_needed, sliced_images
+from uhd_jax.data.uhd_images import check_images, sliced_images
 from uhd_jax.models.spatial_schema import image_layout
 
 
@@ -88,8 +88,7 @@ class SamplePreparer:
     schema: str = "v1"
     separator_ids: tuple = ((",", 29892), ("\n", 13))
     query_grid: int = 12
-    patch_budget: int = 0
-    max_slice_images: int = 0
+    packed: Any = None                    # uhd_images.PackedLayout: checked per sample, so collation never fails
     seed: int = 0                         # the slicing augmentation's stream, per sample index
 
     def __post_init__(self):
@@ -187,13 +186,11 @@ class SamplePreparer:
                                      first_row=len(pixels) * self.query_grid ** 2)
             pixels += arrays
             layouts.append((ids, rows))
-        if self.max_slice_images and len(pixels) > self.max_slice_images:
-            raise SampleError(f"{len(pixels)} slices + overviews exceed data.max_slice_images={self.max_slice_images}")
-        need = patches_needed(pixels, self.slicing.patch_size)
-        if self.patch_budget and need > self.patch_budget:
-            sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in pixels)
-            raise SampleError(f"slices need {need} vision-token slots, more than data.patch_budget="
-                              f"{self.patch_budget} (sizes {sizes}); raise the budget or pre-resize such images")
+        if self.packed is not None:
+            try:
+                check_images(pixels, self.packed)
+            except ValueError as e:
+                raise SampleError(str(e)) from None
         return pixels, layouts
 
     def _expand_images(self, ids, learned, layouts):

@@ -71,24 +71,41 @@ def patches_needed(images: list[np.ndarray], patch: int) -> int:
     return sum(1 + (a.shape[0] // patch) * (a.shape[1] // patch) for a in images)
 
 
-def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout) -> None:
-    """Write one sample's normalised images (H, W, 3), in order, into row `row` of the arrays of `layout.zeros`."""
+def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
+    """Raise ValueError (naming sizes and the setting to change) if a sample's images cannot be packed: count,
+    budget, patch multiples, RoIAlign tap caps, and the JBU's minimum level size. `fill_row` checks the same, so a
+    sample that passed here (in the data workers, as a counted skip) never fails at collation."""
     p = layout.patch_size
     if len(images) > layout.max_images:
         raise ValueError(f"{len(images)} images (slices + overviews) exceed data.max_slice_images="
                          f"{layout.max_images}")
+    for k, img in enumerate(images):
+        if img.shape[0] % p or img.shape[1] % p:
+            raise ValueError(f"image {k}: size {img.shape[1]}x{img.shape[0]} is not a multiple of the patch size {p}")
     need = patches_needed(images, p)
     if need > layout.patch_budget:
         sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in images)
         raise ValueError(f"images need {need} vision-token slots, more than data.patch_budget={layout.patch_budget} "
                          f"(sizes {sizes}); raise the budget or pre-resize such images")
+    for k, img in enumerate(images):
+        h, w = img.shape[0] // p, img.shape[1] // p
+        if layout.windowed:
+            roi_taps(h, w, layout.query_grid, layout.roi_taps, layout.box_dtype)
+        for lv in JBU_LEVELS if layout.jbu else ():
+            if min(lv * h, lv * w) <= RADIUS:
+                raise ValueError(f"image {k} of {w}x{h} patches: its {lv}x map is too small for the JBU's reflect "
+                                 f"padding by {RADIUS} (needs more than {RADIUS} pixels per side)")
+            roi_taps(lv * h, lv * w, layout.query_grid, layout.level_roi_taps, layout.box_dtype)
+
+
+def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout) -> None:
+    """Write one sample's normalised images (H, W, 3), in order, into row `row` of the arrays of `layout.zeros`."""
+    p = layout.patch_size
+    check_images(images, layout)
     offset = 0
     level_offsets = {lv: 0 for lv in JBU_LEVELS}
     for k, img in enumerate(images):
-        hh, ww = img.shape[:2]
-        if hh % p or ww % p:
-            raise ValueError(f"image {k}: size {ww}x{hh} is not a multiple of the patch size {p}")
-        h, w = hh // p, ww // p
+        h, w = img.shape[0] // p, img.shape[1] // p
         cells = slice(offset + 1, offset + 1 + h * w)
         out["patch_segment_ids"][row, offset:cells.stop] = k + 1
         out["patch_is_cls"][row, offset] = True
@@ -122,13 +139,8 @@ def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int
     src_offset, src_hw = first_patch, (h, w)
     for lv in JBU_LEVELS:
         lh, lw = lv * h, lv * w
-        if min(lh, lw) <= RADIUS:
-            raise ValueError(f"image {k} of {w}x{h} patches: its {lv}x map ({lw}x{lh}) is too small for the JBU's "
-                             f"reflect padding by {RADIUS} (needs more than {RADIUS} pixels per side)")
         start = offsets[lv]
-        cells = slice(start, start + lh * lw)
-        if cells.stop > layout.level_budget(lv):
-            raise ValueError(f"the {lv}x maps need more than {layout.level_budget(lv)} slots")
+        cells = slice(start, start + lh * lw)  # fits: level budgets are lv^2 x the patch budget
         idx, wt = resize_taps(src_hw, (lh, lw))
         out[f"l{lv}_src_index"][row, cells], out[f"l{lv}_src_weight"][row, cells] = idx + src_offset, wt
         yy, xx = np.meshgrid(np.arange(lh), np.arange(lw), indexing="ij")

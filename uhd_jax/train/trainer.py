@@ -99,8 +99,7 @@ def preparer_factory(config, stage, cfg) -> PreparerFactory:
                              f"data.separator_ids or data.separator_tokens")
         kwargs.update(image_mode="uhd", slicing=slicing_options(config, stage), schema=data.get("schema", "v1"),
                       separator_ids=tuple(sorted(seps.items())),
-                      query_grid=layout.query_grid, patch_budget=layout.patch_budget,
-                      max_slice_images=layout.max_images, seed=int(config.seed))
+                      query_grid=layout.query_grid, packed=layout, seed=int(config.seed))
     return PreparerFactory(tuple(sorted(kwargs.items())))
 
 
