@@ -219,6 +219,8 @@ def test_hiwin_matches_torch_reference(mask):
                                     prefix="mm_projector.")
     assert "query" in skipped and "upsampler.model.1.norm.weight" in skipped and "features_8x_projector.weight" in skipped
     out = np.asarray(model.apply({"params": params}, feats, images))
+    train_mode = model.apply({"params": params}, feats, images, False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert not np.allclose(np.asarray(train_mode), out)  # the JBU's dropouts are live in training only
     with torch.no_grad():
         for row, mine in enumerate(per_image):
             for k, (f, img) in enumerate(mine):

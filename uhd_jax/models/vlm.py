@@ -67,10 +67,10 @@ class VLM(nn.Module):
                                          heads=c.resampler_heads, feature_scale_mask=c.feature_scale_mask)
         self.llm = Llama(c.llm, name="llm")
 
-    def encode_images(self, pixel_values):
+    def encode_images(self, pixel_values, deterministic: bool = True):
         """(B, I, H, W, 3), or the packed dict of `uhd_jax.data.uhd_images` -> features (B, I * tokens, H_llm)."""
         if self.cfg.packed_images:
-            return self.encode_packed_images(pixel_values)
+            return self.encode_packed_images(pixel_values, deterministic)
         b, i = pixel_values.shape[:2]
         feats = self.vision(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
         if not self.cfg.vision_trainable:
@@ -78,7 +78,7 @@ class VLM(nn.Module):
         feats = self.projector(feats.astype(self.cfg.dtype))
         return feats.reshape(b, i * feats.shape[1], feats.shape[-1])
 
-    def encode_packed_images(self, images: dict):
+    def encode_packed_images(self, images: dict, deterministic: bool = True):
         """Slices and overviews of any sizes, packed into rows of the patch budget -> (B, I * grid^2, H_llm)."""
         packed = PackedPatches(images["patches"], images["patch_segment_ids"], images["patch_is_cls"],
                                images["patch_pos_index"], images["patch_pos_weight"])
@@ -86,7 +86,7 @@ class VLM(nn.Module):
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
         if RESAMPLER_TYPES[self.cfg.projector_type].get("jbu"):
-            out = self.projector(feats.astype(self.cfg.dtype), images)
+            out = self.projector(feats.astype(self.cfg.dtype), images, deterministic)  # JBU dropout in training
             return out.reshape(out.shape[0], -1, out.shape[-1])
         geom = ResamplerGeometry(images["key_pos_index"], images["key_pos_weight"], images["roi_index"],
                                  images["roi_weight"], images["key_valid"], images["image_valid"],
@@ -94,13 +94,15 @@ class VLM(nn.Module):
         out = self.projector(feats.astype(self.cfg.dtype), geom)  # (B, I, grid^2, H)
         return out.reshape(out.shape[0], -1, out.shape[-1])
 
-    def embed_image_and_text(self, input_ids, pixel_values, image_token_map):
+    def embed_image_and_text(self, input_ids, pixel_values, image_token_map, deterministic: bool = True):
         text = self.llm.embed(input_ids)
-        return splice_image_features(text, self.encode_images(pixel_values), image_token_map)
+        return splice_image_features(text, self.encode_images(pixel_values, deterministic), image_token_map)
 
     def __call__(self, input_ids, token_valid, positions, pixel_values, image_token_map,
-                 cache: KVCache | None = None, return_hidden: bool = False):
-        embeds = self.embed_image_and_text(input_ids, pixel_values, image_token_map)
+                 cache: KVCache | None = None, return_hidden: bool = False, deterministic: bool = True):
+        """`deterministic=False` (training) enables the projector's dropout (LLaVA-UHD v2's JBU) and needs a
+        'dropout' rng."""
+        embeds = self.embed_image_and_text(input_ids, pixel_values, image_token_map, deterministic)
         return self.llm(embeds, positions, token_valid, cache=cache, return_hidden=return_hidden)
 
     def decode(self, input_ids, token_valid, positions, cache: KVCache):

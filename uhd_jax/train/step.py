@@ -26,21 +26,29 @@ def model_inputs(batch: dict) -> tuple:
     return batch["input_ids"], batch["token_valid"], batch["positions"], images, batch["image_token_map"]
 
 
-def token_losses(model, params, micro):
-    """Per-token cross-entropy (B, L) float32 and correctness of the argmax prediction."""
-    logits, _ = model.apply({"params": params}, *model_inputs(micro))
+def token_losses(model, params, micro, dropout_rng=None):
+    """Per-token cross-entropy (B, L) float32 and correctness of the argmax prediction. With `dropout_rng` the model
+    runs in training mode (dropout on)."""
+    if dropout_rng is None:
+        logits, _ = model.apply({"params": params}, *model_inputs(micro))
+    else:
+        logits, _ = model.apply({"params": params}, *model_inputs(micro), deterministic=False,
+                                rngs={"dropout": dropout_rng})
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, micro["targets"][..., None], axis=-1)[..., 0]
     correct = jnp.argmax(logits, axis=-1) == micro["targets"]
     return logz - target_logit, correct
 
 
-def make_train_step(model, tx, labels_frozen_split):
-    """labels_frozen_split(params) -> (trainable, frozen) trees (None where the other holds the leaf)."""
+def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = None):
+    """labels_frozen_split(params) -> (trainable, frozen) trees (None where the other holds the leaf).
 
-    def micro_sums(trainable, frozen, micro):
+    `dropout_seed`: training-mode dropout with a key derived from (seed, step, micro-batch), so a resumed run draws
+    the same masks as an uninterrupted one."""
+
+    def micro_sums(trainable, frozen, micro, rng):
         params = merge(trainable, frozen)
-        losses, correct = token_losses(model, params, micro)
+        losses, correct = token_losses(model, params, micro, rng)
         mask = micro["loss_mask"].astype(jnp.float32)
         return jnp.sum(losses * mask), (jnp.sum(mask), jnp.sum(correct * mask))
 
@@ -50,15 +58,20 @@ def make_train_step(model, tx, labels_frozen_split):
         """batch: arrays with a leading accumulation axis (A, B_micro, ...)."""
         trainable, frozen = labels_frozen_split(state.params)
 
-        def accumulate(carry, micro):
+        step_key = None if dropout_seed is None else jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state.step)
+
+        def accumulate(carry, indexed):
+            i, micro = indexed
             grads, loss_sum, count, correct = carry
-            (ls, (n, c)), g = grad_fn(trainable, frozen, micro)
+            rng = None if step_key is None else jax.random.fold_in(step_key, i)
+            (ls, (n, c)), g = grad_fn(trainable, frozen, micro, rng)
             grads = jax.tree_util.tree_map(jnp.add, grads, g)
             return (grads, loss_sum + ls, count + n, correct + c), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
         (grads, loss_sum, count, correct), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)), batch)
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+            (jnp.arange(jax.tree_util.tree_leaves(batch)[0].shape[0]), batch))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom

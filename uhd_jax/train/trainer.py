@@ -227,7 +227,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
             _log0(f"  resumed from step {latest} ({ckpt.manager.directory})")
 
         batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in shape.array_keys}
-        step_fn = jax.jit(make_train_step(model, tx, split), in_shardings=(state_sh, batch_sh),
+        dropout_seed = seed if RESAMPLER_TYPES.get(cfg.projector_type, {}).get("jbu") else None
+        step_fn = jax.jit(make_train_step(model, tx, split, dropout_seed), in_shardings=(state_sh, batch_sh),
                           out_shardings=(state_sh, replicated), donate_argnums=0)
         result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
                        stop_after, schedules)
