@@ -37,7 +37,8 @@ def get_config(arg: str | None = None):
                      textvqa_long_side=1024),
         schema="v1", separator_ids={",": 29892, "\n": 13}, separator_tokens=(),
         patch_budget=0,        # 0: (max_slices + 1) x 577 slots per sample, see uhd_jax/data/uhd_images.py
-        roi_taps=16, box_dtype="",
+        # the original casts window boxes to the compute dtype before roi_align: bf16 in training (fp16 in its v1 eval)
+        roi_taps=16, box_dtype="" if small else "bfloat16",
     ))
     init = [] if small else [f"checkpoints/uhd_v1-{LLM_OF[variant]}-init"]
     # pos_embed is the fixed sin-cos table (requires_grad False in the original): never trained.

@@ -315,6 +315,12 @@ def test_configs_build_abstractly(variant, projector_params):
         assert abs(n - projector_params) < 0.05e6, n
     if variant == "arxiv64":
         assert shapes["projector/query"].shape == (64, 5120) and shapes["projector/in_proj/kernel"].shape[2] == 8
+    from uhd_jax.train.trainer import packed_layout
+
+    layout = packed_layout(c, cfg)
+    assert layout.box_dtype == (None if variant in ("tiny", "demo") else "bfloat16")  # bf16 training rounds boxes
+    if variant in ("7b", "13b"):
+        assert layout.patch_budget == 8 * 577 and layout.max_images == 8
 
 
 def test_window_boxes_round_to_the_compute_dtype():
