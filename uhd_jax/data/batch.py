@@ -44,17 +44,15 @@ class BatchShape:
 
     def zeros(self) -> dict:
         b, l, i, s = self.batch_size, self.max_length, self.max_images, self.image_size
-        if self.packed is not None:
-            text = {k: v for k, v in dataclasses.replace(self, packed=None, max_images=0).zeros().items()
-                    if k not in ("pixel_values", "image_valid")}
-            return {**text, **self.packed.zeros(b)}
-        return {
+        text = {
             "input_ids": np.zeros((b, l), np.int32), "targets": np.zeros((b, l), np.int32),
             "loss_mask": np.zeros((b, l), bool), "token_valid": np.zeros((b, l), bool),
             "positions": np.zeros((b, l), np.int32), "segment_ids": np.zeros((b, l), np.int32),
-            "pixel_values": np.zeros((b, i, s, s, 3), np.float32), "image_valid": np.zeros((b, i), bool),
             "image_token_map": np.full((b, l), -1, np.int32),
         }
+        if self.packed is not None:
+            return text | self.packed.zeros(b)
+        return text | {"pixel_values": np.zeros((b, i, s, s, 3), np.float32), "image_valid": np.zeros((b, i), bool)}
 
 
 def collate(examples: list[dict], shape: BatchShape) -> dict:

@@ -67,6 +67,18 @@ class PackedLayout:
         }
 
 
+def layout_for_model(cfg, *, patch_budget: int, max_images: int, roi_taps: int = 16, level_roi_taps: int = 36,
+                     box_dtype: str | None = None) -> PackedLayout:
+    """The packed layout a UHD `VLMConfig` reads: its vision tower's patch/grid and its projector's windows."""
+    from uhd_jax.models.projectors import RESAMPLER_TYPES
+
+    spec = RESAMPLER_TYPES[cfg.projector_type]
+    return PackedLayout(patch_budget=patch_budget, max_images=max_images, patch_size=cfg.vision.patch_size,
+                        vit_grid=cfg.vision.grid, query_grid=spec["grid"], windowed=spec["windowed"],
+                        roi_taps=roi_taps, jbu=spec.get("jbu", False), level_roi_taps=level_roi_taps,
+                        box_dtype=box_dtype)
+
+
 def patches_needed(images: list[np.ndarray], patch: int) -> int:
     return sum(1 + (a.shape[0] // patch) * (a.shape[1] // patch) for a in images)
 

@@ -85,14 +85,14 @@ class VLM(nn.Module):
         feats = self.vision.encode_packed(packed)
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
+        feats = feats.astype(self.cfg.dtype)
         if RESAMPLER_TYPES[self.cfg.projector_type].get("jbu"):
-            out = self.projector(feats.astype(self.cfg.dtype), images, deterministic)  # JBU dropout in training
-            return out.reshape(out.shape[0], -1, out.shape[-1])
-        geom = ResamplerGeometry(images["key_pos_index"], images["key_pos_weight"], images["roi_index"],
-                                 images["roi_weight"], images["key_valid"], images["image_valid"],
-                                 images["patch_segment_ids"], images["patch_is_cls"])
-        out = self.projector(feats.astype(self.cfg.dtype), geom)  # (B, I, grid^2, H)
-        return out.reshape(out.shape[0], -1, out.shape[-1])
+            out = self.projector(feats, images, deterministic)  # the JBU's dropout is live in training
+        else:
+            out = self.projector(feats, ResamplerGeometry(
+                images["key_pos_index"], images["key_pos_weight"], images["roi_index"], images["roi_weight"],
+                images["key_valid"], images["image_valid"], images["patch_segment_ids"], images["patch_is_cls"]))
+        return out.reshape(out.shape[0], -1, out.shape[-1])  # (B, I, grid^2, H) -> (B, I * grid^2, H)
 
     def embed_image_and_text(self, input_ids, pixel_values, image_token_map, deterministic: bool = True):
         text = self.llm.embed(input_ids)
@@ -114,13 +114,10 @@ def example_inputs(cfg: VLMConfig, batch: int = 1, seq_len: int = 8, images: int
     """Smallest well-formed inputs for `init` / `eval_shape` (shapes only matter)."""
     size = cfg.vision.image_size
     if cfg.packed_images:
-        from uhd_jax.data.uhd_images import PackedLayout  # host-side layout of the packed inputs
+        from uhd_jax.data.uhd_images import layout_for_model  # host-side layout of the packed inputs
 
-        grid = RESAMPLER_TYPES[cfg.projector_type]["grid"]
-        layout = PackedLayout(patch_budget=1 + cfg.vision.grid ** 2, max_images=images,
-                              patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=grid,
-                              windowed=RESAMPLER_TYPES[cfg.projector_type]["windowed"], roi_taps=1,
-                              jbu=RESAMPLER_TYPES[cfg.projector_type].get("jbu", False), level_roi_taps=1)
+        layout = layout_for_model(cfg, patch_budget=1 + cfg.vision.grid ** 2, max_images=images, roi_taps=1,
+                                  level_roi_taps=1)
         pixels = {k: jnp.asarray(v) for k, v in layout.zeros(batch).items()}
     else:
         pixels = jnp.zeros((batch, images, size, size, 3), jnp.float32)

@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from uhd_jax.data.batch import TEXT_KEYS
 from uhd_jax.train.optimizer import merge
 from uhd_jax.train.state import TrainState
-
-from uhd_jax.data.batch import TEXT_KEYS
 
 
 def model_inputs(batch: dict) -> tuple:

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uhd_jax.data.batch import BatchShape
 from uhd_jax.data.slicing import SlicingOptions
-from uhd_jax.data.uhd_images import PackedLayout
+from uhd_jax.data.uhd_images import PackedLayout, layout_for_model
 from uhd_jax.models.projectors import RESAMPLER_TYPES
 from uhd_jax.data.dataset import read_samples
 from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator, skip_kinds
@@ -115,15 +115,12 @@ def packed_layout(config, cfg) -> PackedLayout | None:
     if not cfg.packed_images:
         return None
     data = config.data
-    spec = RESAMPLER_TYPES[cfg.projector_type]
     max_slices = int(dict(data.get("slicing", {})).get("max_slices", 7))
     images = int(data.max_images) * (max_slices + 1)
     per_image = 1 + cfg.vision.grid ** 2
-    return PackedLayout(patch_budget=int(data.get("patch_budget") or images * per_image), max_images=images,
-                        patch_size=cfg.vision.patch_size, vit_grid=cfg.vision.grid, query_grid=spec["grid"],
-                        windowed=spec["windowed"], roi_taps=int(data.get("roi_taps", 16)),
-                        jbu=spec.get("jbu", False), level_roi_taps=int(data.get("level_roi_taps", 36)),
-                        box_dtype=data.get("box_dtype") or None)
+    return layout_for_model(cfg, patch_budget=int(data.get("patch_budget") or images * per_image), max_images=images,
+                            roi_taps=int(data.get("roi_taps", 16)), level_roi_taps=int(data.get("level_roi_taps", 36)),
+                            box_dtype=data.get("box_dtype") or None)
 
 
 def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool):
