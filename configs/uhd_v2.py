@@ -5,17 +5,24 @@ Variants: `7b` (default; the paper's Vicuna-7B model, v2-dec2024 code: grid spat
 SFT 4096 with ViT + HiWin + JBU fixup + LLM trainable at 2e-5, batch 128, M=7), `qwen2_7b` and `13b` (v2-head:
 v1 spatial schema, Qwen2-7B-Instruct with the `qwen_1_5` template / Vicuna-13B), `tiny` (tests), `demo`.
 `model.feature_scale_mask`: 5 = {1x, 4x} (v2-head scripts); the dec2024 script's value is not recorded, 7 = all.
-Stages: `pretrain` (captions, overview only, projector minus the JBU trainable, lr 1e-3, batch 256) and `sft`.
-The JBU pretraining stage of §4.4 is not part of this file yet (issue #5): start from an imported v2 checkpoint.
+Stages (spec §4.4, §6): `jbu` (the JBU inverse pyramid alone, FeatUp multi-view reconstruction against the frozen
+ViT on an image folder - COCO-stuff train2017 in the paper; NAdam 1e-3, batch 16, 2000 steps as the released
+`clip-large-vdim.ckpt`), `pretrain` (captions, overview only, projector minus the JBU trainable, lr 1e-3, batch 256,
+starting from the `jbu` stage's upsampler) and `sft`.
 
-  python -m tools.convert_torch import --src LLaVA-UHD-v2/ --config configs/uhd_v2.py:7b --out checkpoints/uhd_v2-7b
-  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=sft
+  python -m tools.convert_torch import --src vicuna-7b-v1.5/ --vision clip-vit-large-patch14-336/ \
+      --config configs/uhd_v2.py:7b --out checkpoints/uhd_v2-7b-init
+  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b          # jbu, pretrain, sft
+  # or skip the JBU stage with the released VDIM checkpoint (imported with --layout vdim):
+  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=pretrain,sft \
+      --config.stages.pretrain.init_from_stage= \
+      --config.stages.pretrain.init_checkpoints="('checkpoints/uhd_v2-7b-init','checkpoints/clip-large-vdim')"
 Expected (spec §8): +3.7% average over 14 benchmarks vs LLaVA-UHD; TextVQA 70.6 for the Qwen2-7B checkpoint
 (68.92 reproduced by a user).
 """
 from __future__ import annotations
 
-from configs import uhd_v1
+from configs import common, uhd_v1
 
 QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                 num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True,
@@ -52,4 +59,25 @@ def get_config(arg: str | None = None):
     if not small:
         pre.max_length = 3072 if variant == "7b" else 4096
         sft.max_length = 4096
+    c.stages.jbu = jbu_stage(variant, c, init)
+    c.stage_order = ("jbu", "pretrain", "sft")
+    pre.init_from_stage = "jbu"
     return c
+
+
+def jbu_stage(variant: str, c, init: list):
+    """Spec §4.4: the released VDIM checkpoint's recipe (lr 1e-3, max pad 30, 2 jitters, ChannelNorm on, batch 2 x 8
+    GPUs, step 2000). Small variants scale the pad with the image (30 px at 336) and save the random ViT they were
+    trained against, so the LLaVA stages start from the same features."""
+    size = c.model.vision.image_size
+    small = variant in ("tiny", "demo")
+    stage = common.stage(
+        template="", kind="jbu", init_checkpoints=init, trainable=[], lrs={}, max_length=0,
+        sources=[dict(image_folder="synthetic/images" if small else "cocostuff/images/train2017")],
+        batch_size=16, num_steps=2000, save_every=500, lr=1e-3, image_size=size, n_jitters=2,
+        max_pad=max(1, round(30 * size / 336)), max_zoom=2.0, proj_dim=30, crf_weight=0.001,
+        crf_samples=1000, channel_norm=True, warm_clip_norm=1e-4, warm_clip_steps=10, save_featurizer=small)
+    if small:
+        stage.update(batch_size=8, num_steps=40 if variant == "demo" else 6, save_every=20,
+                     crf_samples=256 if variant == "demo" else 64)
+    return stage

@@ -15,6 +15,13 @@ import jax  # noqa: E402
 
 # Parity tests compare against float32 PyTorch on CPU: full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests that train a stage twice (resume, comparisons) compile the same step again in a new jit: a persistent
+# compilation cache for this session turns the second compile into a load (2-core CI: ~50 s each for a v2 step).
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    import tempfile
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="uhd-jax-test-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import pytest  # noqa: E402
 

@@ -247,16 +247,23 @@ def test_v2_configs_build_abstractly(variant):
 
 
 def test_v2_stages_train_exactly_the_recipes_parameters(synthetic_data, tmp_path):
-    """pretrain: the HiWin projector minus the JBU; sft: ViT + HiWin + the JBU's fixup + LLM (spec §6)."""
+    """jbu -> pretrain -> sft. pretrain starts from the jbu stage's upsampler (and, in the tiny config, the random ViT
+    it was trained against) and trains the HiWin projector minus the JBU; sft: ViT + HiWin + the JBU's fixup + LLM
+    (spec §6)."""
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.train.checkpoints import load_params
     from uhd_jax.train.trainer import model_for_stage, run
 
     c = tiny_uhd(synthetic_data, "configs/uhd_v2.py:tiny", steps=4)
-    pre, sft = run(c, str(tmp_path))
-    assert pre.step_compilations == 1 and sft.step_compilations == 1
-    init = flatten(nn.meta.unbox(jax.jit(init_fn(model_for_stage(c, c.stages.pretrain)))(
-        jax.random.PRNGKey(c.seed))["params"]))
+    assert tuple(c.stage_order) == ("jbu", "pretrain", "sft") and c.stages.pretrain.init_from_stage == "jbu"
+    jbu_run, pre, sft = run(c, str(tmp_path))
+    assert jbu_run.step_compilations == pre.step_compilations == sft.step_compilations == 1
+    start = flatten(nn.meta.unbox(jax.jit(init_fn(model_for_stage(c, c.stages.pretrain)))(
+        jax.random.PRNGKey(c.seed + 1))["params"]))   # the pretrain stage's seed
+    from_jbu = {k: v for k, v in flatten(load_params(jbu_run.final_dir)).items()
+                if not k.startswith("vdim_objective/")}
+    assert set(from_jbu) == {k for k in start if k.startswith(("vision/", "projector/upsampler/"))}
+    start.update(from_jbu)
     after_pre, after_sft = flatten(load_params(pre.final_dir)), flatten(load_params(sft.final_dir))
     jbu = re.compile(r"projector/upsampler/up[12]/")
     used_layers = c.model.vision.num_layers + c.model.vision.select_layer + 1
@@ -264,8 +271,8 @@ def test_v2_stages_train_exactly_the_recipes_parameters(synthetic_data, tmp_path
     def unused_vision(k):  # the ViT computes up to select_layer: later layers and post_layernorm get no gradient
         m = re.match(r"vision/layers_(\d+)/", k)
         return k.startswith("vision/post_layernorm") or bool(m and int(m.group(1)) >= used_layers)
-    for k in init:
-        moved = not np.array_equal(np.asarray(after_pre[k]), np.asarray(init[k]))
+    for k in start:
+        moved = not np.array_equal(np.asarray(after_pre[k]), np.asarray(start[k]))
         want = k.startswith("projector/") and not k.startswith("projector/upsampler/") and k != "projector/pos_embed"
         assert moved == want, ("pretrain", k)
         moved = not np.array_equal(np.asarray(after_sft[k]), np.asarray(after_pre[k]))

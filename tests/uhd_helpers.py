@@ -72,6 +72,8 @@ def tiny_uhd(data, spec: str = "configs/uhd_v1.py:tiny", steps: int = 6):
     for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
         c.stages[name].update(sources=[dict(json=js, image_folder="images")], batch_size=4, num_steps=steps,
                               save_every=100)
+    if "jbu" in c.stages:
+        c.stages.jbu.update(sources=[dict(image_folder="images")], batch_size=4, num_steps=steps, save_every=100)
     return c
 
 

@@ -119,6 +119,16 @@ JBU_STACK = (
     Rule("fixup_proj.1.bias", "fixup_proj_1/bias"),
 )
 
+# The JBU stage's own modules (`vdim_objective/*` of a `jbu` stage checkpoint): FeatUp's AttentionDownsampler and
+# ScaleNet, one per level (FeatUp itself trains one level and names them `downsampler.` / `scale_net.`).
+VDIM_OBJECTIVE = (
+    Rule("downsampler_{lv:2|4}x.attention_net.1.weight", "downsampler_{lv}x/attention_net_1/kernel", T.LINEAR),
+    Rule("downsampler_{lv:2|4}x.attention_net.1.bias", "downsampler_{lv}x/attention_net_1/bias"),
+    Rule("downsampler_{lv:2|4}x.{p:w|b}", "downsampler_{lv}x/{p}"),
+    Rule("scale_net_{lv:2|4}x.net.weight", "scale_net_{lv}x/kernel", T.CONV1X1),
+    Rule("scale_net_{lv:2|4}x.net.bias", "scale_net_{lv}x/bias"),
+)
+
 # v2 HiWin projector (§7): the shared attention/LN/proj names of v1 (its `query` and `kv_proj` are unused in v2),
 # per-level projectors and embeddings, four query sets, `ln_proj`, `cat_proj`, and the JBU stack under
 # `upsampler.upsampler.` (its frozen CLIP copy and ChannelNorm under `upsampler.model.` are skipped on import).
@@ -206,7 +216,7 @@ LAYOUTS: dict[str, Layout] = {
     "vdim": Layout("vdim", (
         Component("projector", ("upsampler.",), tuple(Rule(r.torch, "upsampler/" + r.ours, r.transform)
                                                       for r in JBU_STACK)),
-    ), skip=(r"(^|\.)(downsampler|scale_net)\.", r"^model\."), scope=("projector/upsampler/",),
+    ), skip=(r"(^|\.)(downsampler|scale_net)(_\dx)?\.", r"^model\."), scope=("projector/upsampler/",),
         description="FeatUp/LLaVA-UHD v2 VDIM (JBU) checkpoint: the upsampler alone; downsamplers, scale nets and "
                     "the featurizer are skipped"),
     "mm_projector": Layout("mm_projector", (

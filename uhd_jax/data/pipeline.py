@@ -47,10 +47,11 @@ class DataExhausted(RuntimeError):
 
 
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, shape: BatchShape, max_consecutive_skips: int):
+    def __init__(self, parent, shape: BatchShape, max_consecutive_skips: int, collate_fn=collate):
         super().__init__(parent)
         self._shape = shape
         self._max_skips = max_consecutive_skips
+        self._collate = collate_fn
 
     def __next__(self):
         good, skipped, truncated, epoch, streak = [], [], 0, 0, 0
@@ -70,7 +71,7 @@ class _BatchIterator(grain.DatasetIterator):
             truncated += int(ex["truncated"])
             good.append(ex)
         meta = {"ids": [ex["id"] for ex in good], "skipped": skipped, "truncated": truncated, "epoch": epoch}
-        return {"arrays": collate(good, self._shape), "meta": meta}
+        return {"arrays": self._collate(good, self._shape), "meta": meta}
 
     def get_state(self):
         return self._parent.get_state()
@@ -80,15 +81,17 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 class SkipCountingBatch(grain.IterDataset):
-    """Collects `batch_size` good examples per batch; the skipped ones ride along in `meta['skipped']`."""
+    """Collects `batch_size` good examples per batch (`collate_fn(examples, shape)` -> arrays); the skipped ones ride
+    along in `meta['skipped']`."""
 
-    def __init__(self, parent, shape: BatchShape, max_consecutive_skips: int = 1000):
+    def __init__(self, parent, shape, max_consecutive_skips: int = 1000, collate_fn=collate):
         super().__init__(parent)
         self._shape = shape
         self._max_skips = max_consecutive_skips
+        self._collate = collate_fn
 
     def __iter__(self):
-        return _BatchIterator(self._parent.__iter__(), self._shape, self._max_skips)
+        return _BatchIterator(self._parent.__iter__(), self._shape, self._max_skips, self._collate)
 
 
 def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num_epochs: int | None = None,

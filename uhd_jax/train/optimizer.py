@@ -8,9 +8,10 @@ gradient computation and no optimizer state, and stay bit-identical.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 FROZEN = "frozen"
@@ -87,3 +88,59 @@ def make_optimizer(trainable_labels, lrs: Mapping[str, float], total_steps: int,
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
     return tx, {g: schedule(lrs[g], total_steps, warmup_ratio, schedule_kind) for g in groups}
+
+
+class NAdamState(NamedTuple):
+    count: jax.Array
+    mu_product: jax.Array
+    m: optax.Updates
+    v: optax.Updates
+
+
+def torch_nadam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                momentum_decay: float = 4e-3) -> optax.GradientTransformation:
+    """`torch.optim.NAdam` (no weight decay): Dozat's Nesterov Adam with torch's momentum schedule
+    mu_t = b1 (1 - 0.5 * 0.96^(t * psi)) and its running product. `optax.nadam` has no schedule, so FeatUp's
+    recipe (NAdam 1e-3) would not be the same optimiser."""
+
+    def init(params):
+        zeros = lambda: jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # noqa: E731
+        return NAdamState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), zeros(), zeros())
+
+    def update(grads, state, params=None):
+        del params
+        t = (state.count + 1).astype(jnp.float32)
+        mu = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * momentum_decay))
+        mu_product = state.mu_product * mu
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.m, grads)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.v, grads)
+        bias2 = 1.0 - b2 ** t
+
+        def step(g, m, v):
+            denom = jnp.sqrt(v / bias2) + eps
+            return -lr * ((1.0 - mu) / (1.0 - mu_product) * g / denom
+                          + mu_next / (1.0 - mu_product * mu_next) * m / denom)
+
+        updates = jax.tree_util.tree_map(step, grads, m, v)
+        return updates, NAdamState(state.count + 1, mu_product, m, v)
+
+    return optax.GradientTransformation(init, update)
+
+
+def clip_first_steps(max_norm: float, steps: int) -> optax.GradientTransformation:
+    """Clip the global gradient norm to `max_norm` during the first `steps` updates only (torch's
+    `clip_grad_norm_` factor max_norm / (norm + 1e-6), at most 1), as FeatUp's warm start does."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        factor = jnp.where(state.count < steps, jnp.minimum(1.0, max_norm / (norm + 1e-6)), 1.0)
+        return (jax.tree_util.tree_map(lambda g: g * factor, updates),
+                optax.ScaleByScheduleState(count=state.count + 1))
+
+    return optax.GradientTransformation(init, update)

@@ -123,23 +123,35 @@ def packed_layout(config, cfg) -> PackedLayout | None:
                             box_dtype=data.get("box_dtype") or None)
 
 
-def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool):
-    """Replace parameters with those stored in each checkpoint of `sources` (partial trees allowed)."""
+# Written by the JBU (VDIM) stage beside the upsampler; only that stage uses them (the original drops them too).
+DROPPED_ON_LOAD = ("vdim_objective/",)
+
+
+def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool, *, partial_model: bool = False):
+    """Replace parameters with those stored in each checkpoint of `sources` (partial trees allowed).
+
+    `partial_model`: the model is a part of what the checkpoints hold (the JBU stage takes only the ViT and the
+    upsampler from a full LLaVA checkpoint); other tensors are ignored instead of being an error."""
     flat = flatten(params)
     flat_sh = flatten(shardings)
     for src in sources:
         meta = load_meta(src)
         loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(src))).items()}
         loaded = match_layer_layout(loaded, scanned=bool(meta["model"].get("scan_layers")), want_scanned=scan_layers)
-        unknown = [k for k in loaded if k not in flat]
+        dropped = [k for k in loaded if k.startswith(DROPPED_ON_LOAD) and k not in flat]
+        unknown = [k for k in loaded if k not in flat and k not in dropped]
+        if partial_model:
+            dropped, unknown = dropped + unknown, []
         misshaped = [f"{k}: {loaded[k].shape} vs model {flat[k].shape}" for k in loaded
                      if k in flat and loaded[k].shape != flat[k].shape]
         if unknown or misshaped:
             raise ValueError(f"init checkpoint {src} does not fit the model: unknown {unknown[:10]}, "
                              f"mis-shaped {misshaped[:10]}")
+        for k in dropped:
+            del loaded[k]
         for k, v in loaded.items():
             flat[k] = jax.device_put(v.astype(flat[k].dtype), flat_sh[k])
-        _log0(f"  init: {len(loaded)} tensors from {src}")
+        _log0(f"  init: {len(loaded)} tensors from {src}" + (f" ({len(dropped)} not used here)" if dropped else ""))
     return unflatten(flat)
 
 
@@ -154,6 +166,10 @@ def _batch_to_device(arrays: dict, accum: int, mesh):
 
 def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None) -> StageResult:
     stage = config.stages[name]
+    if stage.get("kind", "llava") == "jbu":
+        from uhd_jax.train.jbu_stage import run_jbu_stage  # the upsampler's own objective, no LLM
+
+        return run_jbu_stage(config, name, workdir, stop_after=stop_after)
     stage_dir = os.path.join(workdir, name)
     final_dir = os.path.join(stage_dir, "final")
     if os.path.exists(os.path.join(final_dir, "config.json")):

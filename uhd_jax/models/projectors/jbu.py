@@ -132,12 +132,14 @@ class JBU4xStack(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, source, image, deterministic: bool = True):
+    def __call__(self, source, image, deterministic: bool = True, stage_stop_gradient: bool = False):
+        """`stage_stop_gradient`: the 4x stage sees the 2x map detached (JBU pretraining's per-stage loss)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         _, h, w, _ = source.shape
         s2 = JBUStage(name="up1", **kw)(bicubic_resize(source, (2 * h, 2 * w)),
                                         adaptive_avg_pool(image, (2 * h, 2 * w)), map_neighbours, deterministic)
-        s4 = JBUStage(name="up2", **kw)(bicubic_resize(s2, (4 * h, 4 * w)),
+        s2_in = jax.lax.stop_gradient(s2) if stage_stop_gradient else s2
+        s4 = JBUStage(name="up2", **kw)(bicubic_resize(s2_in, (4 * h, 4 * w)),
                                         adaptive_avg_pool(image, (4 * h, 4 * w)), map_neighbours, deterministic)
         fix = nn.Dropout(self.dropout, broadcast_dims=CHANNEL_DROPOUT, name="fixup_proj_0")(
             s4, deterministic=deterministic)

@@ -1,0 +1,258 @@
+"""The JBU (VDIM) pretraining objective of LLaVA-UHD v2 (spec uhd.md §4.4): FeatUp's multi-view reconstruction.
+
+The upsampler sees the frozen ViT's features of an image and the image itself and predicts 2x and 4x maps. Each map
+is resized to the image's resolution, jittered exactly as the image was (reflect pad, optional zoom, crop, h-flip),
+pooled back to the ViT grid by a learned attention downsampler, and compared with the ViT's features of the jittered
+image in a random 30-dimensional projection, weighted by a predicted per-pixel uncertainty (`ScaleNet`). A sampled
+CRF term keeps the high-resolution maps smooth where the image is. Total = loss(4x) + loss(2x); the 4x stage sees
+the 2x map through a stop-gradient ("stage loss").
+
+Everything here is channels-last and has static shapes: the jitter is a per-image 2-tap interpolation gather whose
+indices come from the sampled parameters, so any zoom/offset/flip compiles once.
+
+Parameter names follow FeatUp (`downsampler.attention_net.1`, `.w`, `.b`, `scale_net.net`), one downsampler and one
+scale net per level (`*_2x`, `*_4x`); none of them is used by LLaVA (the importer drops them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uhd_jax.models.projectors.jbu import JBU4xStack, conv1x1, resize_separable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LEVELS = (2, 4)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of torch `F.interpolate(mode='bilinear', align_corners=False)` along one axis, given size."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0).astype(np.float64)
+    m = np.zeros((out_size, in_size), np.float64)
+    np.add.at(m, (np.arange(out_size), i0), 1.0 - w1)
+    np.add.at(m, (np.arange(out_size), i1), w1)
+    return m
+
+
+def resize_bilinear(x, size: int):
+    """(B, h, w, C) -> (B, size, size, C), torch bilinear (no antialias), float32."""
+    if x.shape[1:3] == (size, size):
+        return x.astype(jnp.float32)
+    return resize_separable(x, bilinear_matrix(x.shape[1], size), bilinear_matrix(x.shape[2], size))
+
+
+def gaussian_blur(x, kernel_size: int = 5, sigma: float = 1.0):
+    """kornia `gaussian_blur2d(x, k, (s, s))` (reflect border, normalised separable kernel), channels-last."""
+    r = kernel_size // 2
+    t = np.arange(kernel_size, dtype=np.float64) - r
+    k = np.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = (k / k.sum()).astype(np.float32)
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    h, w = x.shape[1] - 2 * r, x.shape[2] - 2 * r
+    x = sum(float(k[i]) * x[:, i:i + h] for i in range(kernel_size))
+    return sum(float(k[i]) * x[:, :, i:i + w] for i in range(kernel_size))
+
+
+# ------------------------------------------------------------------------------------------------- jitter
+
+@dataclasses.dataclass(frozen=True)
+class JitterSpec:
+    max_pad: int = 30
+    max_zoom: float = 2.0
+    flips: bool = True
+
+
+def sample_jitter(key, batch: int, size: int, spec: JitterSpec) -> dict:
+    """Per image: zoom (1 with prob .5, else U[1, max_zoom)), crop offsets (row, col) into the zoomed padded image,
+    h-flip with prob .5 — FeatUp's `sample_transform` (which draws one for the whole batch)."""
+    k_apply, k_zoom, k_row, k_col, k_flip = jax.random.split(key, 5)
+    apply_zoom = jax.random.uniform(k_apply, (batch,)) > 0.5
+    zoom = jnp.where(apply_zoom, jax.random.uniform(k_zoom, (batch,)) * (spec.max_zoom - 1.0) + 1.0, 1.0)
+    zoomed = jnp.floor((size + 2 * spec.max_pad) * zoom).astype(jnp.int32)   # int((h + 2p) * zoom)
+    valid = zoomed - size + 1
+    row = jnp.floor(jax.random.uniform(k_row, (batch,)) * valid).astype(jnp.int32)
+    col = jnp.floor(jax.random.uniform(k_col, (batch,)) * valid).astype(jnp.int32)
+    flip = (jax.random.uniform(k_flip, (batch,)) > 0.5) if spec.flips else jnp.zeros((batch,), bool)
+    return {"zoom": zoom.astype(jnp.float32), "row": row, "col": col, "flip": flip}
+
+
+def _axis_taps(size: int, padded: int, zoom, offset, flip):
+    """Source indices/weights (B, size) of the two bilinear taps for one axis of pad -> zoom -> crop (-> flip)."""
+    dst = jnp.arange(size)[None, :]
+    if flip is not None:
+        dst = jnp.where(flip[:, None], size - 1 - dst, dst)
+    z = (offset[:, None] + dst).astype(jnp.float32)
+    inv = (1.0 / zoom)[:, None]
+    # torch's bilinear with a given scale_factor maps with 1/scale_factor (not in/out): src = (z + .5) / zoom - .5
+    src = jnp.where(zoom[:, None] > 1.0, jnp.maximum((z + 0.5) * inv - 0.5, 0.0), z)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), padded - 1)
+    i1 = jnp.minimum(i0 + 1, padded - 1)
+    w1 = src - i0.astype(jnp.float32)
+    return i0, i1, w1
+
+
+def apply_jitter(x, params: dict, spec: JitterSpec):
+    """x (B, S, S, C) -> the jittered view (B, S, S, C): FeatUp's `apply_jitter` (reflect pad by max_pad, bilinear
+    zoom when zoom > 1, crop at (row, col), optional h-flip), each image with its own parameters."""
+    b, h, w, _ = x.shape
+    p = spec.max_pad
+    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+    r0, r1, rw = _axis_taps(h, h + 2 * p, params["zoom"], params["row"], None)
+    c0, c1, cw = _axis_taps(w, w + 2 * p, params["zoom"], params["col"], params["flip"])
+    take_rows = lambda idx: jnp.take_along_axis(padded, idx[:, :, None, None], axis=1)  # noqa: E731
+    y = take_rows(r0) * (1.0 - rw)[:, :, None, None] + take_rows(r1) * rw[:, :, None, None]
+    take_cols = lambda idx: jnp.take_along_axis(y, idx[:, None, :, None], axis=2)  # noqa: E731
+    return take_cols(c0) * (1.0 - cw)[:, None, :, None] + take_cols(c1) * cw[:, None, :, None]
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+class AttentionDownsampler(nn.Module):
+    """FeatUp's `AttentionDownsampler(dim, kernel_size, final_size, blur_attn=True)`: blur 5x5 (sigma 1), take
+    kernel x kernel patches at stride (S - k) // (final - 1), score each pixel with Linear(C -> 1) after dropout .2,
+    zero the scores of 20% of output cells in training (not rescaled, as the original), `* w + b` (learned k x k),
+    softmax over the patch, weighted sum."""
+
+    kernel_size: int
+    final_size: int
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, hr, deterministic: bool = True):
+        b, h, w, c = hr.shape
+        k, f = self.kernel_size, self.final_size
+        if h != w:
+            raise ValueError(f"the attention downsampler takes square maps, got {h}x{w}")
+        stride = (h - k) // (f - 1) if f > 1 else h
+        idx = (np.arange(f)[:, None] * stride + np.arange(k)[None, :]).reshape(-1)        # (f * k,)
+        x = gaussian_blur(hr)
+        x = jnp.take(jnp.take(x, idx, axis=1), idx, axis=2).reshape(b, f, k, f, k, c)
+        patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, f, f, k * k, c)              # tap p = row * k + col
+        dropped = nn.Dropout(self.dropout, name="attention_net_0")(patches, deterministic=deterministic)
+        logits = conv1x1(1, "attention_net_1", dtype=jnp.float32, param_dtype=jnp.float32)(dropped)[..., 0]
+        if not deterministic:
+            keep = jax.random.uniform(self.make_rng("dropout"), (b, f, f, 1)) > self.dropout
+            logits = logits * keep
+        init = lambda base: lambda key, shape: base + 0.01 * jax.random.normal(key, shape)  # noqa: E731
+        wk = self.param("w", init(1.0), (k, k))
+        bk = self.param("b", init(0.0), (k, k))
+        attention = jax.nn.softmax(logits * wk.reshape(-1) + bk.reshape(-1), axis=-1)
+        return jnp.einsum("bhwpc,bhwp->bhwc", patches, attention)
+
+
+class ScaleNet(nn.Module):
+    """Per-pixel uncertainty s = clamp(exp(Conv1x1(C -> 1)(lr_feats) + .1), 1e-4); init 0.1x torch's default."""
+
+    @nn.compact
+    def __call__(self, feats):
+        c = feats.shape[-1]
+        bound = 0.1 / np.sqrt(c)
+        init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa
+        kernel = self.param("kernel", init, (c, 1))
+        bias = self.param("bias", init, (1,))
+        return jnp.maximum(jnp.exp(feats.astype(jnp.float32) @ kernel + bias + 0.1), 1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFSpec:
+    weight: float = 0.001
+    alpha: float = 0.1
+    beta: float = 0.15
+    gamma: float = 0.005
+    w1: float = 10.0
+    w2: float = 3.0
+    shift: float = 0.0
+    samples: int = 1000
+
+
+def crf_loss(guidance, features, coords, spec: CRFSpec):
+    """FeatUp's `SampledCRFLoss` on pixels `coords` (n, 2) (row, col) shared by the batch: mean over pairs of
+    |f_i - f_j|^2 * (w1 exp(-|p_i - p_j|^2 / 2a - |I_i - I_j|^2 / 2b) + w2 exp(-|p_i - p_j|^2 / 2g) - shift)."""
+    h, w = guidance.shape[1], guidance.shape[2]
+    norm = coords.astype(jnp.float32) / jnp.asarray([h, w], jnp.float32)
+    coord_diff = jnp.sum((norm[:, None, :] - norm[None, :, :]) ** 2, axis=-1)[None]          # (1, n, n)
+    g = guidance[:, coords[:, 0], coords[:, 1]].astype(jnp.float32)                          # (B, n, 3)
+    f = features[:, coords[:, 0], coords[:, 1]].astype(jnp.float32)                         # (B, n, D)
+    guidance_diff = jnp.sum((g[:, :, None] - g[:, None, :]) ** 2, axis=-1)
+    kernel = (spec.w1 * jnp.exp(-coord_diff / (2 * spec.alpha) - guidance_diff / (2 * spec.beta))
+              + spec.w2 * jnp.exp(-coord_diff / (2 * spec.gamma)) - spec.shift)
+    sq = jnp.sum(f * f, axis=-1)
+    feat_diff = jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * jnp.einsum("bnd,bmd->bnm", f, f), 0.0)
+    return jnp.mean(feat_diff * kernel)
+
+
+def random_projection(key, batch: int, dim: int, out_dim: int):
+    """(B, C, out_dim) Gaussian, each column unit-norm over C (FeatUp's `proj /= proj.square().sum(1).sqrt()`)."""
+    proj = jax.random.normal(key, (batch, dim, out_dim))
+    return proj / jnp.sqrt(jnp.sum(proj ** 2, axis=1, keepdims=True))
+
+
+def channel_norm(feats, eps: float = 1e-5):
+    """FeatUp's ChannelNorm at its initial (never trained) affine: LayerNorm over channels."""
+    x = feats.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class VDIMSpec:
+    """The objective's hyper-parameters (spec §4.4 defaults)."""
+
+    n_jitters: int = 2
+    jitter: JitterSpec = JitterSpec()
+    proj_dim: int = 30
+    crf: CRFSpec = CRFSpec()
+    downsampler_dropout: float = 0.2
+
+
+class VDIMObjective(nn.Module):
+    """Parameters: `upsampler` (the JBU 4x stack LLaVA uses), `downsampler_{2,4}x`, `scale_net_{2,4}x`.
+
+    `__call__(image, lr_feats, views)`: image (B, S, S, 3) normalised, lr_feats (B, g, g, C) the frozen ViT's
+    features of it, `views` one dict per jitter: its parameters (`sample_jitter`), `lr_feats` of the jittered image,
+    `proj` (B, C, d) and `crf_coords` (n, 2). Returns (total loss, metrics)."""
+
+    patch_size: int
+    grid: int
+    spec: VDIMSpec = VDIMSpec()
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image, lr_feats, views: list, deterministic: bool = True):
+        s = self.spec
+        size = image.shape[1]
+        upsampler = JBU4xStack(name="upsampler")
+        downsamplers = {lv: AttentionDownsampler(self.patch_size, self.grid, s.downsampler_dropout,
+                                                 name=f"downsampler_{lv}x") for lv in LEVELS}
+        scale_nets = {lv: ScaleNet(name=f"scale_net_{lv}x") for lv in LEVELS}
+        n = len(views)
+        metrics = {f"{kind}_{lv}x": 0.0 for kind in ("rec", "crf") for lv in LEVELS}
+        total = 0.0
+        for i, view in enumerate(views):
+            # FeatUp recomputes the upsampled maps per jitter (fresh dropout); the 4x stage learns on a detached 2x.
+            s2, s4 = upsampler(lr_feats, image, deterministic, stage_stop_gradient=True)
+            proj = view["proj"]
+            target = jnp.einsum("bhwc,bcd->bhwd", view["lr_feats"].astype(jnp.float32), proj)
+            for lv, hr in ((2, s2), (4, s4)):
+                hr_jit = apply_jitter(resize_bilinear(hr, size), view["params"], s.jitter)
+                down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](hr_jit, deterministic), proj)
+                scales = scale_nets[lv](view["lr_feats"])
+                rec = jnp.mean((down - target) ** 2 / (2 * scales ** 2) + jnp.log(scales)) / n
+                metrics[f"rec_{lv}x"] += rec
+                total = total + rec
+                if i == 0 and s.crf.weight > 0:
+                    # As the original: the guidance is the un-jittered image, the features the jittered map.
+                    crf = crf_loss(image, jnp.einsum("bhwc,bcd->bhwd", hr_jit, proj), view["crf_coords"], s.crf)
+                    metrics[f"crf_{lv}x"] += crf
+                    total = total + s.crf.weight * crf
+        return total, metrics
