@@ -62,7 +62,23 @@ def get_config(arg: str | None = None):
     c.stages.jbu = jbu_stage(variant, c, init)
     c.stage_order = ("jbu", "pretrain", "sft")
     pre.init_from_stage = "jbu"
+    if variant == "demo":
+        demo_recipe(c)
     return c
+
+
+def demo_recipe(c):
+    """`make demo`: the LLaVA-1.5 demo's budget and rules (configs/llava15.py:demo) so the two compare at equal
+    training: random towers all trained in both stages at 1e-3 (the JBU stages stay frozen after their own stage),
+    3 caption epochs on the overview, 2 question epochs on slices + overview; 8x8 windows (64 tokens per image)."""
+    c.model.projector_type = "uhd_v2_query64"
+    frozen = [("projector/pos_embed", "frozen"), (JBU_STAGES, "frozen")]
+    everything = frozen + [("vision/.*", "vision"), ("projector/.*", "projector"), ("llm/.*", "llm")]
+    for name, epochs in (("pretrain", 3.0), ("sft", 2.0)):
+        c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0, num_epochs=epochs,
+                              batch_size=16, lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
+    c.stages.pretrain.max_length = 96
+    c.stages.sft.max_length = 448
 
 
 def jbu_stage(variant: str, c, init: list):
@@ -73,7 +89,7 @@ def jbu_stage(variant: str, c, init: list):
     small = variant in ("tiny", "demo")
     stage = common.stage(
         template="", kind="jbu", init_checkpoints=init, trainable=[], lrs={}, max_length=0,
-        sources=[dict(image_folder="synthetic/images" if small else "cocostuff/images/train2017")],
+        sources=[dict(image_folder="synthetic/images/train" if small else "cocostuff/images/train2017")],
         batch_size=16, num_steps=2000, save_every=500, lr=1e-3, image_size=size, n_jitters=2,
         max_pad=max(1, round(30 * size / 336)), max_zoom=2.0, proj_dim=30, crf_weight=0.001,
         crf_samples=1000, channel_norm=True, warm_clip_norm=1e-4, warm_clip_steps=10, save_featurizer=small)

@@ -361,3 +361,15 @@ def test_slices_too_small_for_the_jbu_are_counted_skips_not_crashes(synthetic_da
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "a strip"}]}
     out = prep((0, sample))
     assert "too small for the JBU" in out["skip"] and out["id"] == "strip"
+
+
+def test_overview_only_stages_pack_one_image_per_sample():
+    """UHD pretraining sees overviews only: its packed rows hold one image, not M + 1 (5x less ViT/JBU work)."""
+    from uhd_jax.config_loading import load_config
+    from uhd_jax.train.trainer import model_for_stage, packed_layout
+
+    c = load_config("configs/uhd_v2.py:7b")
+    cfg = model_for_stage(c, c.stages.pretrain)
+    pre, sft = packed_layout(c, cfg, c.stages.pretrain), packed_layout(c, cfg, c.stages.sft)
+    assert (pre.max_images, pre.patch_budget) == (1, 577)
+    assert (sft.max_images, sft.patch_budget) == (8, 8 * 577)

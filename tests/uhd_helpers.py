@@ -73,7 +73,7 @@ def tiny_uhd(data, spec: str = "configs/uhd_v1.py:tiny", steps: int = 6):
         c.stages[name].update(sources=[dict(json=js, image_folder="images")], batch_size=4, num_steps=steps,
                               save_every=100)
     if "jbu" in c.stages:
-        c.stages.jbu.update(sources=[dict(image_folder="images")], batch_size=4, num_steps=steps, save_every=100)
+        c.stages.jbu.update(sources=[dict(image_folder="images/train")], batch_size=4, num_steps=steps, save_every=100)
     return c
 
 

@@ -153,7 +153,7 @@ _RESAMPLERS = ("adapt_spatial_resampler", "uhd_v1_query64", "arxiv_resampler")
 
 
 def projector_kind(projector_type: str) -> str:
-    if projector_type == "adapt_spatial_resampler_v2":
+    if projector_type in ("adapt_spatial_resampler_v2", "uhd_v2_query64"):
         return "hiwin"
     if projector_type in _RESAMPLERS:
         return "resampler"

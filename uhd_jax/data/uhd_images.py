@@ -160,8 +160,8 @@ def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int
         ny = reflect_index(yy[..., None, None] + d[:, None], lh)
         nx = reflect_index(xx[..., None, None] + d[None, :], lw)
         out[f"l{lv}_nbr_index"][row, cells] = (ny * lw + nx).reshape(lh * lw, -1) + start
-        pooled = np.einsum("oh,hwc,pw->opc", adaptive_avg_pool_matrix(img.shape[0], lh), img.astype(np.float64),
-                           adaptive_avg_pool_matrix(img.shape[1], lw))
+        rows_pooled = np.tensordot(adaptive_avg_pool_matrix(img.shape[0], lh), img.astype(np.float64), axes=1)
+        pooled = np.einsum("owc,pw->opc", rows_pooled, adaptive_avg_pool_matrix(img.shape[1], lw))
         out[f"l{lv}_guidance"][row, cells] = pooled.reshape(-1, 3).astype(np.float32)
         out[f"l{lv}_key_pos_index"][row, cells], out[f"l{lv}_key_pos_weight"][row, cells] = position_taps(
             layout.query_grid, (lh, lw))

@@ -90,7 +90,7 @@ def preparer_factory(config, stage, cfg) -> PreparerFactory:
                   image_suffix_ids=ids(data.get("image_suffix_tokens", ())),
                   max_image_pixels=data.max_image_pixels, min_image_area=data.min_image_area, alpha=data.alpha)
     if cfg.packed_images:
-        layout = packed_layout(config, cfg)
+        layout = packed_layout(config, cfg, stage)
         seps = dict(data.get("separator_ids", {",": 29892, "\n": 13}))
         if data.get("separator_tokens"):  # ids of the given tokens in this tokenizer (small synthetic vocabularies)
             seps = dict(zip((",", "\n"), (tok.convert_tokens_to_ids(t) for t in data.separator_tokens)))
@@ -110,15 +110,20 @@ def slicing_options(config, stage) -> SlicingOptions:
     return SlicingOptions(**merged)
 
 
-def packed_layout(config, cfg) -> PackedLayout | None:
-    """Static shapes of the packed UHD image inputs; None for fixed-size image models."""
+def packed_layout(config, cfg, stage=None) -> PackedLayout | None:
+    """Static shapes of the packed UHD image inputs; None for fixed-size image models. A stage that trains on
+    overviews only (UHD pretraining) packs one image per sample: a budget 1/(M+1) of the sliced stages'."""
     if not cfg.packed_images:
         return None
     data = config.data
     max_slices = int(dict(data.get("slicing", {})).get("max_slices", 7))
-    images = int(data.max_images) * (max_slices + 1)
+    overview_only = stage is not None and bool(dict(stage.get("slicing", {})).get("overview_only"))
+    images = int(data.max_images) * (1 if overview_only else max_slices + 1)
     per_image = 1 + cfg.vision.grid ** 2
-    return layout_for_model(cfg, patch_budget=int(data.get("patch_budget") or images * per_image), max_images=images,
+    budget = int(data.get("patch_budget") or 0)
+    if overview_only:   # an explicit budget is for sliced samples; an overview has ~scale_resolution^2 area
+        budget = min(budget, images * per_image) if budget else 0
+    return layout_for_model(cfg, patch_budget=budget or images * per_image, max_images=images,
                             roi_taps=int(data.get("roi_taps", 16)), level_roi_taps=int(data.get("level_roi_taps", 36)),
                             box_dtype=data.get("box_dtype") or None)
 
@@ -189,7 +194,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
     total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
     local_batch = stage.batch_size // pc
     shape = BatchShape(local_batch, stage.max_length, config.data.max_images, cfg.vision.image_size,
-                       packed_layout(config, cfg))
+                       packed_layout(config, cfg, stage))
     seed = int(config.seed) + list(config.stage_order).index(name)
     _log0(f"stage {name}: {n_samples} samples, {total} steps of {stage.batch_size} ({accum} x "
           f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")

@@ -12,13 +12,16 @@ RESAMPLER_TYPES = {
     "arxiv_resampler": dict(grid=8, windowed=False, heads=8),  # v1-arXiv: 64 queries, full cross-attention
     # v2: JBU inverse pyramid + hierarchical window attention (v2-head's name; v2-dec2024 is the same math)
     "adapt_spatial_resampler_v2": dict(grid=12, windowed=True, jbu=True),
+    # the same with 8x8 windows / 64 queries per image (ours, for the CPU demo; no original checkpoint)
+    "uhd_v2_query64": dict(grid=8, windowed=True, jbu=True),
 }
 
 
 def build_projector(projector_type: str, out_features: int, dtype, param_dtype, heads: int = 0,
                     feature_scale_mask: int = 5):
-    if projector_type == "adapt_spatial_resampler_v2":
+    if RESAMPLER_TYPES.get(projector_type, {}).get("jbu"):
         return HiWinResampler(embed_dim=out_features, num_heads=heads or max(out_features // 128, 1),
+                              grid=RESAMPLER_TYPES[projector_type]["grid"],
                               feature_scale_mask=feature_scale_mask, dtype=dtype, param_dtype=param_dtype,
                               name="projector")
     if projector_type in RESAMPLER_TYPES:

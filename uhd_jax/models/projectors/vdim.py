@@ -7,8 +7,9 @@ image in a random 30-dimensional projection, weighted by a predicted per-pixel u
 CRF term keeps the high-resolution maps smooth where the image is. Total = loss(4x) + loss(2x); the 4x stage sees
 the 2x map through a stop-gradient ("stage loss").
 
-Everything here is channels-last and has static shapes: the jitter is a per-image 2-tap interpolation gather whose
-indices come from the sampled parameters, so any zoom/offset/flip compiles once.
+Everything here is channels-last and has static shapes: the jitter is a per-image pair of 2-tap interpolation
+matrices built from the sampled parameters, so any zoom/offset/flip compiles once; composed with the resize to the
+image and the downsampler's blur, each level costs two small matrix products instead of passes over full maps.
 
 Parameter names follow FeatUp (`downsampler.attention_net.1`, `.w`, `.b`, `scale_net.net`), one downsampler and one
 scale net per level (`*_2x`, `*_4x`); none of them is used by LLaVA (the importer drops them).
@@ -62,6 +63,37 @@ def gaussian_blur(x, kernel_size: int = 5, sigma: float = 1.0):
     return sum(float(k[i]) * x[:, :, i:i + w] for i in range(kernel_size))
 
 
+def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
+    """numpy/torch 'reflect' padding (edge not repeated) for indices in (-n, 2n - 1)."""
+    i = np.abs(i)
+    return np.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def blur_matrix(n: int, kernel_size: int = 5, sigma: float = 1.0) -> np.ndarray:
+    """(n, n) matrix of `gaussian_blur` along one axis (reflect border)."""
+    r = kernel_size // 2
+    t = np.arange(kernel_size, dtype=np.float64) - r
+    k = np.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    m = np.zeros((n, n), np.float64)
+    for i in range(n):
+        np.add.at(m[i], reflect_index(i + np.arange(kernel_size) - r, n), k)
+    return m
+
+
+def pad_matrix(n: int, pad: int) -> np.ndarray:
+    """(n + 2 pad, n) matrix of reflect padding along one axis."""
+    m = np.zeros((n + 2 * pad, n), np.float64)
+    m[np.arange(n + 2 * pad), reflect_index(np.arange(n + 2 * pad) - pad, n)] = 1.0
+    return m
+
+
+def patch_index(size: int, kernel: int, final: int) -> np.ndarray:
+    """Rows (or columns) of the downsampler's `final` x `final` grid of kernel x kernel patches, patch-major."""
+    stride = (size - kernel) // (final - 1) if final > 1 else size
+    return (np.arange(final)[:, None] * stride + np.arange(kernel)[None, :]).reshape(-1)
+
+
 # ------------------------------------------------------------------------------------------------- jitter
 
 @dataclasses.dataclass(frozen=True)
@@ -85,33 +117,35 @@ def sample_jitter(key, batch: int, size: int, spec: JitterSpec) -> dict:
     return {"zoom": zoom.astype(jnp.float32), "row": row, "col": col, "flip": flip}
 
 
-def _axis_taps(size: int, padded: int, zoom, offset, flip):
-    """Source indices/weights (B, size) of the two bilinear taps for one axis of pad -> zoom -> crop (-> flip)."""
-    dst = jnp.arange(size)[None, :]
-    if flip is not None:
-        dst = jnp.where(flip[:, None], size - 1 - dst, dst)
-    z = (offset[:, None] + dst).astype(jnp.float32)
-    inv = (1.0 / zoom)[:, None]
-    # torch's bilinear with a given scale_factor maps with 1/scale_factor (not in/out): src = (z + .5) / zoom - .5
-    src = jnp.where(zoom[:, None] > 1.0, jnp.maximum((z + 0.5) * inv - 0.5, 0.0), z)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), padded - 1)
-    i1 = jnp.minimum(i0 + 1, padded - 1)
-    w1 = src - i0.astype(jnp.float32)
-    return i0, i1, w1
+def jitter_matrices(params: dict, size: int, spec: JitterSpec):
+    """Per image, the (size, size + 2 max_pad) row and column matrices of zoom -> crop (-> h-flip) applied to the
+    reflect-padded map: jittered = rows @ padded @ cols^T. Two bilinear taps per output pixel, torch's rule with a
+    given scale factor (source = (z + .5) / zoom - .5, clamped at 0; as the CUDA kernel rounds it)."""
+    padded = size + 2 * spec.max_pad
+
+    def axis(offset, flip):
+        dst = jnp.arange(size)[None, :]
+        if flip is not None:
+            dst = jnp.where(flip[:, None], size - 1 - dst, dst)
+        z = (offset[:, None] + dst).astype(jnp.float32)
+        zoom = params["zoom"][:, None]
+        src = jnp.where(zoom > 1.0, jnp.maximum((z + 0.5) * (1.0 / zoom) - 0.5, 0.0), z)
+        i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), padded - 1)
+        i1 = jnp.minimum(i0 + 1, padded - 1)
+        w1 = (src - i0.astype(jnp.float32))[..., None]
+        return (jax.nn.one_hot(i0, padded, dtype=jnp.float32) * (1.0 - w1)
+                + jax.nn.one_hot(i1, padded, dtype=jnp.float32) * w1)
+
+    return axis(params["row"], None), axis(params["col"], params["flip"])
 
 
 def apply_jitter(x, params: dict, spec: JitterSpec):
     """x (B, S, S, C) -> the jittered view (B, S, S, C): FeatUp's `apply_jitter` (reflect pad by max_pad, bilinear
     zoom when zoom > 1, crop at (row, col), optional h-flip), each image with its own parameters."""
-    b, h, w, _ = x.shape
     p = spec.max_pad
+    rows, cols = jitter_matrices(params, x.shape[1], spec)
     padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-    r0, r1, rw = _axis_taps(h, h + 2 * p, params["zoom"], params["row"], None)
-    c0, c1, cw = _axis_taps(w, w + 2 * p, params["zoom"], params["col"], params["flip"])
-    take_rows = lambda idx: jnp.take_along_axis(padded, idx[:, :, None, None], axis=1)  # noqa: E731
-    y = take_rows(r0) * (1.0 - rw)[:, :, None, None] + take_rows(r1) * rw[:, :, None, None]
-    take_cols = lambda idx: jnp.take_along_axis(y, idx[:, None, :, None], axis=2)  # noqa: E731
-    return take_cols(c0) * (1.0 - cw)[:, None, :, None] + take_cols(c1) * cw[:, None, :, None]
+    return jnp.einsum("bip,bpqc,bjq->bijc", rows, padded, cols)
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -127,15 +161,19 @@ class AttentionDownsampler(nn.Module):
     dropout: float = 0.2
 
     @nn.compact
-    def __call__(self, hr, deterministic: bool = True):
+    def __call__(self, hr, deterministic: bool = True, prepared: bool = False):
+        """hr (B, S, S, C); `prepared`: hr is already blurred and restricted to the patches' rows and columns
+        (`patch_index`), shape (B, f * k, f * k, C) - the objective composes both into its resize/jitter matrices."""
         b, h, w, c = hr.shape
         k, f = self.kernel_size, self.final_size
         if h != w:
             raise ValueError(f"the attention downsampler takes square maps, got {h}x{w}")
-        stride = (h - k) // (f - 1) if f > 1 else h
-        idx = (np.arange(f)[:, None] * stride + np.arange(k)[None, :]).reshape(-1)        # (f * k,)
-        x = gaussian_blur(hr)
-        x = jnp.take(jnp.take(x, idx, axis=1), idx, axis=2).reshape(b, f, k, f, k, c)
+        if prepared:
+            x = hr.astype(jnp.float32)
+        else:
+            idx = patch_index(h, k, f)
+            x = jnp.take(jnp.take(gaussian_blur(hr), idx, axis=1), idx, axis=2)
+        x = x.reshape(b, f, k, f, k, c)
         patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, f, f, k * k, c)              # tap p = row * k + col
         dropped = nn.Dropout(self.dropout, name="attention_net_0")(patches, deterministic=deterministic)
         logits = conv1x1(1, "attention_net_1", dtype=jnp.float32, param_dtype=jnp.float32)(dropped)[..., 0]
@@ -174,14 +212,15 @@ class CRFSpec:
     samples: int = 1000
 
 
-def crf_loss(guidance, features, coords, spec: CRFSpec):
+def crf_loss(guidance, features_at, coords, spec: CRFSpec):
     """FeatUp's `SampledCRFLoss` on pixels `coords` (n, 2) (row, col) shared by the batch: mean over pairs of
-    |f_i - f_j|^2 * (w1 exp(-|p_i - p_j|^2 / 2a - |I_i - I_j|^2 / 2b) + w2 exp(-|p_i - p_j|^2 / 2g) - shift)."""
+    |f_i - f_j|^2 * (w1 exp(-|p_i - p_j|^2 / 2a - |I_i - I_j|^2 / 2b) + w2 exp(-|p_i - p_j|^2 / 2g) - shift).
+    `features_at` (B, n, D): the feature map at those pixels."""
     h, w = guidance.shape[1], guidance.shape[2]
     norm = coords.astype(jnp.float32) / jnp.asarray([h, w], jnp.float32)
     coord_diff = jnp.sum((norm[:, None, :] - norm[None, :, :]) ** 2, axis=-1)[None]          # (1, n, n)
     g = guidance[:, coords[:, 0], coords[:, 1]].astype(jnp.float32)                          # (B, n, 3)
-    f = features[:, coords[:, 0], coords[:, 1]].astype(jnp.float32)                         # (B, n, D)
+    f = features_at.astype(jnp.float32)
     guidance_diff = jnp.sum((g[:, :, None] - g[:, None, :]) ** 2, axis=-1)
     kernel = (spec.w1 * jnp.exp(-coord_diff / (2 * spec.alpha) - guidance_diff / (2 * spec.beta))
               + spec.w2 * jnp.exp(-coord_diff / (2 * spec.gamma)) - spec.shift)
@@ -243,16 +282,26 @@ class VDIMObjective(nn.Module):
             s2, s4 = upsampler(lr_feats, image, deterministic, stage_stop_gradient=True)
             proj = view["proj"]
             target = jnp.einsum("bhwc,bcd->bhwd", view["lr_feats"].astype(jnp.float32), proj)
+            rows, cols = jitter_matrices(view["params"], size, s.jitter)                    # (B, S, S + 2p)
             for lv, hr in ((2, s2), (4, s4)):
-                hr_jit = apply_jitter(resize_bilinear(hr, size), view["params"], s.jitter)
-                down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](hr_jit, deterministic), proj)
+                # resize to the image -> reflect pad -> zoom/crop/flip -> (downsampler) blur + patch grid: all linear
+                # and separable, so one (B, S, h) matrix per axis replaces four passes over (B, S, S, C) maps.
+                base = jnp.asarray(pad_matrix(size, s.jitter.max_pad) @ bilinear_matrix(hr.shape[1], size),
+                                   jnp.float32)                                                     # (S + 2p, h)
+                r_map, c_map = rows @ base, cols @ base                                             # (B, S, h)
+                prep = jnp.asarray(blur_matrix(size)[patch_index(size, self.patch_size, self.grid)], jnp.float32)
+                grid = jnp.einsum("bip,bpqc,bjq->bijc", prep @ r_map, hr.astype(jnp.float32), prep @ c_map)
+                down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](grid, deterministic, prepared=True), proj)
                 scales = scale_nets[lv](view["lr_feats"])
                 rec = jnp.mean((down - target) ** 2 / (2 * scales ** 2) + jnp.log(scales)) / n
                 metrics[f"rec_{lv}x"] += rec
                 total = total + rec
                 if i == 0 and s.crf.weight > 0:
                     # As the original: the guidance is the un-jittered image, the features the jittered map.
-                    crf = crf_loss(image, jnp.einsum("bhwc,bcd->bhwd", hr_jit, proj), view["crf_coords"], s.crf)
+                    coords = view["crf_coords"]
+                    hr_proj = jnp.einsum("bhwc,bcd->bhwd", hr.astype(jnp.float32), proj)
+                    at = jnp.einsum("bnp,bpqd,bnq->bnd", r_map[:, coords[:, 0]], hr_proj, c_map[:, coords[:, 1]])
+                    crf = crf_loss(image, at, coords, s.crf)
                     metrics[f"crf_{lv}x"] += crf
                     total = total + s.crf.weight * crf
         return total, metrics
