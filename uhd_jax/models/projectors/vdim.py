@@ -139,13 +139,19 @@ def jitter_matrices(params: dict, size: int, spec: JitterSpec):
     return axis(params["row"], None), axis(params["col"], params["flip"])
 
 
+def separable_apply(rows, x, cols):
+    """rows (B, I, P) @ x (B, P, Q, C) @ cols (B, J, Q)^T, rows first. Spelled as two contractions: a single
+    three-operand einsum may pair rows with cols first, a (B, I, P, J, Q) intermediate (72 GiB at 16 x 336^2)."""
+    return jnp.einsum("biqc,bjq->bijc", jnp.einsum("bip,bpqc->biqc", rows, x), cols)
+
+
 def apply_jitter(x, params: dict, spec: JitterSpec):
     """x (B, S, S, C) -> the jittered view (B, S, S, C): FeatUp's `apply_jitter` (reflect pad by max_pad, bilinear
     zoom when zoom > 1, crop at (row, col), optional h-flip), each image with its own parameters."""
     p = spec.max_pad
     rows, cols = jitter_matrices(params, x.shape[1], spec)
     padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-    return jnp.einsum("bip,bpqc,bjq->bijc", rows, padded, cols)
+    return separable_apply(rows, padded, cols)
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -290,7 +296,7 @@ class VDIMObjective(nn.Module):
                                    jnp.float32)                                                     # (S + 2p, h)
                 r_map, c_map = rows @ base, cols @ base                                             # (B, S, h)
                 prep = jnp.asarray(blur_matrix(size)[patch_index(size, self.patch_size, self.grid)], jnp.float32)
-                grid = jnp.einsum("bip,bpqc,bjq->bijc", prep @ r_map, hr.astype(jnp.float32), prep @ c_map)
+                grid = separable_apply(prep @ r_map, hr.astype(jnp.float32), prep @ c_map)
                 down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](grid, deterministic, prepared=True), proj)
                 scales = scale_nets[lv](view["lr_feats"])
                 rec = jnp.mean((down - target) ** 2 / (2 * scales ** 2) + jnp.log(scales)) / n
@@ -300,7 +306,8 @@ class VDIMObjective(nn.Module):
                     # As the original: the guidance is the un-jittered image, the features the jittered map.
                     coords = view["crf_coords"]
                     hr_proj = jnp.einsum("bhwc,bcd->bhwd", hr.astype(jnp.float32), proj)
-                    at = jnp.einsum("bnp,bpqd,bnq->bnd", r_map[:, coords[:, 0]], hr_proj, c_map[:, coords[:, 1]])
+                    at = jnp.einsum("bnqd,bnq->bnd", jnp.einsum("bnp,bpqd->bnqd", r_map[:, coords[:, 0]], hr_proj),
+                                    c_map[:, coords[:, 1]])
                     crf = crf_loss(image, at, coords, s.crf)
                     metrics[f"crf_{lv}x"] += crf
                     total = total + s.crf.weight * crf
