@@ -82,12 +82,15 @@ def collate_images(examples: list[dict], shape: ImageBatchShape) -> dict:
     return {"images": np.stack([ex["image"] for ex in examples]).astype(np.float32)}
 
 
-def jbu_iterator(folders: Sequence[str], preparer: JBUImagePreparer, batch_size: int, *, seed: int,
+def folder_images(folders: Sequence[str]) -> list[str]:
+    return [p for folder in folders for p in list_images(folder)]
+
+
+def jbu_iterator(paths: Sequence[str], preparer: JBUImagePreparer, batch_size: int, *, seed: int,
                  num_workers: int = 0, process_index: int | None = None, process_count: int | None = None):
-    """Endless shuffled batches {'arrays': {'images': (B, S, S, 3)}, 'meta': {...}} over the images of `folders`."""
+    """Endless shuffled batches {'arrays': {'images': (B, S, S, 3)}, 'meta': {...}} over the image files `paths`."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    paths = [p for folder in folders for p in list_images(folder)]
     ds = grain.MapDataset.source(paths).map_with_index(_with_index).map(preparer)
     ds = ds.shuffle(seed=seed).repeat(None)[process_index::process_count]
     ds = ds.map_with_index(_TagEpoch(max(1, len(paths) // process_count)))
@@ -95,4 +98,4 @@ def jbu_iterator(folders: Sequence[str], preparer: JBUImagePreparer, batch_size:
                               ImageBatchShape(batch_size, preparer.size), collate_fn=collate_images)
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-    return iter(it_ds), len(paths)
+    return iter(it_ds)

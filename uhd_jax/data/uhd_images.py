@@ -17,7 +17,7 @@ from PIL import Image
 
 from uhd_jax.data.image_processing import normalize  # CLIP processor with do_resize/do_center_crop off
 from uhd_jax.data.slicing import SlicedImage, SlicingOptions, modularize
-from uhd_jax.models.interpolate import position_taps, resize_taps
+from uhd_jax.models.interpolate import position_taps, reflect_index, resize_taps
 from uhd_jax.models.projectors.jbu import DIAMETER, RADIUS, adaptive_avg_pool_matrix
 from uhd_jax.models.projectors.windows import MAX_KEYS, roi_taps
 
@@ -135,12 +135,6 @@ def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout
         if layout.jbu:
             fill_levels(out, row, k, img, (h, w), cells.start, level_offsets, layout)
         offset = cells.stop
-
-
-def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
-    """torch 'reflect' padding (edge not repeated) as indices into [0, n)."""
-    i = np.abs(i)
-    return np.where(i >= n, 2 * (n - 1) - i, i)
 
 
 def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int], first_patch: int,

@@ -44,6 +44,12 @@ def torch_bicubic_matrix(in_size: int, out_size: int, a: float = TORCH_CUBIC_A) 
     return matrix
 
 
+def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
+    """torch/numpy 'reflect' padding (edge not repeated) as indices into [0, n), for i in (-n, 2n - 1)."""
+    i = np.abs(i)
+    return np.where(i >= n, 2 * (n - 1) - i, i)
+
+
 def resize_taps(in_hw: tuple[int, int], out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Per output cell of an (out_h, out_w) torch-bicubic resize of an (in_h, in_w) map: flat source indices and
     weights, shapes (out_h * out_w, taps * taps), row-major over output cells; the flat index addresses the source

@@ -104,6 +104,18 @@ class TrainCheckpointer:
             meta=ocp.args.JsonRestore()))
         return out.state, snapshot.state, out.meta
 
+    def resume(self, state, shardings, iterator):
+        """(state, step): the latest checkpoint restored into `shardings` and the iterator set to its saved
+        position, or (state, 0) unchanged when there is none."""
+        latest = self.latest_step()
+        if latest is None:
+            return state, 0
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          state, shardings)
+        state, data_state, _ = self.restore(latest, abstract)
+        iterator.set_state(data_state)
+        return state, latest
+
     def wait(self):
         self.manager.wait_until_finished()
 

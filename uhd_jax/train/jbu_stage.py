@@ -22,8 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uhd_jax.data.images import load_image
-from uhd_jax.data.jbu_images import JBUImagePreparer, jbu_iterator, list_images, vdim_image
+from uhd_jax.data.jbu_images import JBUImagePreparer, folder_images, jbu_iterator
 from uhd_jax.data.pipeline import skip_kinds
 from uhd_jax.models.projectors.vdim import (CRFSpec, JitterSpec, VDIMObjective, VDIMSpec, apply_jitter, channel_norm,
                                             random_projection, sample_jitter)
@@ -34,6 +33,7 @@ from uhd_jax.train import optimizer as opt
 from uhd_jax.train.checkpoints import TrainCheckpointer, save_params
 from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics
 from uhd_jax.train.state import TrainState, opt_state_shardings
+from uhd_jax.train.step import apply_if_finite
 
 TRAINED = ("projector", "vdim_objective")
 
@@ -113,27 +113,20 @@ def make_jbu_step(training: JBUTraining, tx, seed: int):
         trainable, vision = split(state.params)
         loss_fn = lambda t: training.loss({**t, "vision": vision}, images, key)  # noqa: E731
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
-                               params={**keep(new_trainable, trainable), "vision": vision},
-                               opt_state=keep(new_opt, state.opt_state))
+        new_state, grad_norm, finite = apply_if_finite(state, tx, grads, trainable, loss,
+                                                       lambda t: {**t, "vision": vision})
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts}
 
     return train_step
 
 
-def probe_images(folders, size: int, count: int) -> np.ndarray:
-    """The first `count` readable images (sorted order): a fixed batch to report the objective on."""
+def probe_images(paths, preparer: JBUImagePreparer, count: int) -> np.ndarray:
+    """The first `count` images the pipeline would accept (sorted order): a fixed batch to report the objective on."""
     out = []
-    for path in (p for f in folders for p in list_images(f)):
-        try:
-            out.append(vdim_image(load_image(path), size))
-        except ValueError:
-            continue
+    for i, path in enumerate(paths):
+        ex = preparer((i, path))
+        if "skip" not in ex:
+            out.append(ex["image"])
         if len(out) == count:
             break
     return np.stack(out)
@@ -158,17 +151,16 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
     training = JBUTraining(cfg.vision, vdim_spec(stage), size, bool(stage.get("channel_norm", True)))
     mesh = make_mesh(dict(config.mesh))
     rules = rules_from_config(config.get("axis_rules"))
-    folders = [_resolve(s["image_folder"], config) for s in stage.sources]
+    paths = folder_images([_resolve(s["image_folder"], config) for s in stage.sources])
+    preparer = JBUImagePreparer(size, config.data.max_image_pixels, config.data.min_image_area)
     pi, pc = jax.process_index(), jax.process_count()
     if stage.batch_size % pc:
         raise ValueError(f"stage {name}: batch_size {stage.batch_size} must divide by the {pc} processes")
     seed = int(config.seed) + list(config.stage_order).index(name)
-    iterator, n_images = jbu_iterator(folders, JBUImagePreparer(size, config.data.max_image_pixels,
-                                                                config.data.min_image_area),
-                                      stage.batch_size // pc, seed=seed, num_workers=int(config.data.num_workers),
-                                      process_index=pi, process_count=pc)
-    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_images / stage.batch_size))
-    _log0(f"stage {name}: {n_images} images at {size}x{size}, {total} steps of {stage.batch_size}, "
+    iterator = jbu_iterator(paths, preparer, stage.batch_size // pc, seed=seed,
+                            num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
+    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * len(paths) / stage.batch_size))
+    _log0(f"stage {name}: {len(paths)} images at {size}x{size}, {total} steps of {stage.batch_size}, "
           f"{training.spec.n_jitters} jitters, mesh {dict(mesh.shape)}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -196,20 +188,14 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
         step_fn = jax.jit(make_jbu_step(training, tx, seed), in_shardings=(state_sh, img_sh),
                           out_shardings=(state_sh, replicated), donate_argnums=0)
         probe = jax.jit(lambda p, x: training.loss(p, x, jax.random.PRNGKey(seed), deterministic=True)[0])
-        probe_batch = probe_images(folders, size, min(stage.batch_size, 8))
+        probe_batch = probe_images(paths, preparer, min(stage.batch_size, 8))
         probe_before = float(probe(state.params, probe_batch))
 
         ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), save_every=int(stage.save_every),
                                  keep=int(stage.get("keep", 2)))
-        start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                              state, state_sh)
-            state, data_state, _ = ckpt.restore(latest, abstract)
-            iterator.set_state(data_state)
-            start = latest
-            _log0(f"  resumed from step {latest} ({ckpt.manager.directory})")
+        state, start = ckpt.resume(state, state_sh, iterator)
+        if start:
+            _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
         log = MetricsLog(stage_dir, enabled=pi == 0)
         skipped, bad_streak = [], 0

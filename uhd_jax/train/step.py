@@ -39,6 +39,20 @@ def token_losses(model, params, micro, dropout_rng=None):
     return logz - target_logit, correct
 
 
+def apply_if_finite(state: TrainState, tx, grads, trainable, loss, full_params):
+    """The optimizer update, applied only when the loss and the gradient norm are finite (else state unchanged, step
+    not advanced). `full_params(trainable)` rebuilds the whole parameter tree. Returns (state, grad_norm, finite)."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                           params=full_params(keep(new_trainable, trainable)),
+                           opt_state=keep(new_opt, state.opt_state))
+    return new_state, grad_norm, finite
+
+
 def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = None):
     """labels_frozen_split(params) -> (trainable, frozen) trees (None where the other holds the leaf).
 
@@ -74,14 +88,8 @@ def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = N
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
-                               params=merge(keep(new_trainable, trainable), frozen),
-                               opt_state=keep(new_opt, state.opt_state))
+        new_state, grad_norm, finite = apply_if_finite(state, tx, grads, trainable, loss,
+                                                       lambda t: merge(t, frozen))
         metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm, "tokens": count,
                    "finite": finite}
         return new_state, metrics

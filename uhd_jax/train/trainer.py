@@ -234,15 +234,9 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
                                  keep=int(stage.get("keep", 2)))
         iterator = make_iterator(sources, preparer_factory(config, stage, cfg), shape, seed=seed,
                                  num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
-        start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                              state, state_sh)
-            state, data_state, _ = ckpt.restore(latest, abstract)
-            iterator.set_state(data_state)
-            start = latest
-            _log0(f"  resumed from step {latest} ({ckpt.manager.directory})")
+        state, start = ckpt.resume(state, state_sh, iterator)
+        if start:
+            _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
         batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in shape.array_keys}
         dropout_seed = seed if RESAMPLER_TYPES.get(cfg.projector_type, {}).get("jbu") else None

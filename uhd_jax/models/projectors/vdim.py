@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uhd_jax.models.interpolate import reflect_index
 from uhd_jax.models.projectors.jbu import JBU4xStack, conv1x1, resize_separable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,26 +52,9 @@ def resize_bilinear(x, size: int):
     return resize_separable(x, bilinear_matrix(x.shape[1], size), bilinear_matrix(x.shape[2], size))
 
 
-def gaussian_blur(x, kernel_size: int = 5, sigma: float = 1.0):
-    """kornia `gaussian_blur2d(x, k, (s, s))` (reflect border, normalised separable kernel), channels-last."""
-    r = kernel_size // 2
-    t = np.arange(kernel_size, dtype=np.float64) - r
-    k = np.exp(-(t ** 2) / (2 * sigma ** 2))
-    k = (k / k.sum()).astype(np.float32)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    h, w = x.shape[1] - 2 * r, x.shape[2] - 2 * r
-    x = sum(float(k[i]) * x[:, i:i + h] for i in range(kernel_size))
-    return sum(float(k[i]) * x[:, :, i:i + w] for i in range(kernel_size))
-
-
-def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
-    """numpy/torch 'reflect' padding (edge not repeated) for indices in (-n, 2n - 1)."""
-    i = np.abs(i)
-    return np.where(i > n - 1, 2 * (n - 1) - i, i)
-
-
 def blur_matrix(n: int, kernel_size: int = 5, sigma: float = 1.0) -> np.ndarray:
-    """(n, n) matrix of `gaussian_blur` along one axis (reflect border)."""
+    """(n, n) matrix of kornia's `gaussian_blur2d(x, k, (s, s))` along one axis: normalised Gaussian taps at
+    offsets -k//2 .. k//2, reflect border."""
     r = kernel_size // 2
     t = np.arange(kernel_size, dtype=np.float64) - r
     k = np.exp(-(t ** 2) / (2 * sigma ** 2))
@@ -79,6 +63,11 @@ def blur_matrix(n: int, kernel_size: int = 5, sigma: float = 1.0) -> np.ndarray:
     for i in range(n):
         np.add.at(m[i], reflect_index(i + np.arange(kernel_size) - r, n), k)
     return m
+
+
+def gaussian_blur(x, kernel_size: int = 5, sigma: float = 1.0):
+    """kornia `gaussian_blur2d` on a (B, H, W, C) map, float32."""
+    return resize_separable(x, blur_matrix(x.shape[1], kernel_size, sigma), blur_matrix(x.shape[2], kernel_size, sigma))
 
 
 def pad_matrix(n: int, pad: int) -> np.ndarray:
@@ -283,6 +272,13 @@ class VDIMObjective(nn.Module):
         n = len(views)
         metrics = {f"{kind}_{lv}x": 0.0 for kind in ("rec", "crf") for lv in LEVELS}
         total = 0.0
+        # resize to the image -> reflect pad -> zoom/crop/flip -> (downsampler) blur + patch grid: all linear and
+        # separable, so one (B, S, h) matrix per axis replaces four passes over (B, S, S, C) maps. The jitter-free
+        # parts are constants: resize + pad per level (S + 2p, h), blur + patch rows (f * k, S).
+        pad = pad_matrix(size, s.jitter.max_pad)
+        to_padded = {lv: jnp.asarray(pad @ bilinear_matrix(lv * lr_feats.shape[1], size), jnp.float32)
+                     for lv in LEVELS}
+        patch_rows = jnp.asarray(blur_matrix(size)[patch_index(size, self.patch_size, self.grid)], jnp.float32)
         for i, view in enumerate(views):
             # FeatUp recomputes the upsampled maps per jitter (fresh dropout); the 4x stage learns on a detached 2x.
             s2, s4 = upsampler(lr_feats, image, deterministic, stage_stop_gradient=True)
@@ -290,13 +286,8 @@ class VDIMObjective(nn.Module):
             target = jnp.einsum("bhwc,bcd->bhwd", view["lr_feats"].astype(jnp.float32), proj)
             rows, cols = jitter_matrices(view["params"], size, s.jitter)                    # (B, S, S + 2p)
             for lv, hr in ((2, s2), (4, s4)):
-                # resize to the image -> reflect pad -> zoom/crop/flip -> (downsampler) blur + patch grid: all linear
-                # and separable, so one (B, S, h) matrix per axis replaces four passes over (B, S, S, C) maps.
-                base = jnp.asarray(pad_matrix(size, s.jitter.max_pad) @ bilinear_matrix(hr.shape[1], size),
-                                   jnp.float32)                                                     # (S + 2p, h)
-                r_map, c_map = rows @ base, cols @ base                                             # (B, S, h)
-                prep = jnp.asarray(blur_matrix(size)[patch_index(size, self.patch_size, self.grid)], jnp.float32)
-                grid = separable_apply(prep @ r_map, hr.astype(jnp.float32), prep @ c_map)
+                r_map, c_map = rows @ to_padded[lv], cols @ to_padded[lv]                           # (B, S, h)
+                grid = separable_apply(patch_rows @ r_map, hr.astype(jnp.float32), patch_rows @ c_map)
                 down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](grid, deterministic, prepared=True), proj)
                 scales = scale_nets[lv](view["lr_feats"])
                 rec = jnp.mean((down - target) ** 2 / (2 * scales ** 2) + jnp.log(scales)) / n
