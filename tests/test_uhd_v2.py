@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tests.torch_helpers import rel_err
 from tests.uhd_helpers import convert_state, tiny_uhd
 from tools.convert_torch import tables
-from uhd_jax.models.projectors.jbu import JBU4xStack, JBUStage, adaptive_avg_pool, map_neighbours
+from uhd_jax.models.projectors.jbu import MAP_NEIGHBOURHOOD, JBU4xStack, JBUStage, adaptive_avg_pool
 from uhd_jax.train.param_tree import flatten
 
 
@@ -110,10 +110,10 @@ def test_jbu_dropout_only_in_training():
     rng = np.random.default_rng(0)
     x, guide = jnp.asarray(rng.normal(size=(1, h, w, c))), jnp.asarray(rng.normal(size=(1, h, w, 3)))
     stage = JBUStage()
-    params = stage.init(jax.random.PRNGKey(0), x, guide, map_neighbours)
-    a = stage.apply(params, x, guide, map_neighbours)
-    np.testing.assert_array_equal(a, stage.apply(params, x, guide, map_neighbours))
-    b = stage.apply(params, x, guide, map_neighbours, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    params = stage.init(jax.random.PRNGKey(0), x, guide, MAP_NEIGHBOURHOOD)
+    a = stage.apply(params, x, guide, MAP_NEIGHBOURHOOD)
+    np.testing.assert_array_equal(a, stage.apply(params, x, guide, MAP_NEIGHBOURHOOD))
+    b = stage.apply(params, x, guide, MAP_NEIGHBOURHOOD, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(b, a)
 
 

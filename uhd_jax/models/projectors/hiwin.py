@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from uhd_jax.models import layers
-from uhd_jax.models.projectors.jbu import JBUStage, conv1x1
+from uhd_jax.models.projectors.jbu import JBUStage, Neighbourhood, conv1x1
 from uhd_jax.models.projectors.resampler import PackedInProjection, gather_taps, sincos_2d
 
 LEVELS = (1, 2, 4)
@@ -37,9 +37,11 @@ def kept_levels(mask: int) -> tuple[int, ...]:
     return levels
 
 
-def packed_neighbours(index):
-    """`neighbours` for JBUStage on packed rows: the 49 reflect-neighbour rows of every slot."""
-    return lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1) for p in range(index.shape[-1])]
+def packed_neighbourhood(index) -> Neighbourhood:
+    """JBUStage's neighbourhood on packed rows: `index` (B, N, 49) holds the reflect-neighbour rows of every slot."""
+    return Neighbourhood(
+        views=lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1) for p in range(index.shape[-1])],
+        weighted_sum=lambda x, kernel: gather_taps(x, index, kernel))
 
 
 class PackedJBU4x(nn.Module):
@@ -56,7 +58,7 @@ class PackedJBU4x(nn.Module):
         def stage(name, source, lv):
             up = gather_taps(source, images[f"l{lv}_src_index"], images[f"l{lv}_src_weight"])  # torch bicubic
             return JBUStage(spatial_axes=(1,), name=name, **kw)(
-                up, images[f"l{lv}_guidance"], packed_neighbours(images[f"l{lv}_nbr_index"]), deterministic)
+                up, images[f"l{lv}_guidance"], packed_neighbourhood(images[f"l{lv}_nbr_index"]), deterministic)
 
         s2 = stage("up1", feats, 2)
         s4 = stage("up2", s2, 4)
@@ -95,10 +97,15 @@ class HiWinResampler(nn.Module):
             emb = self.param(f"feature_{lv}x_embedding", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), (None, None, "embed")), (1, 1, d), self.param_dtype)
             kp, roi = geometry[lv]
+            roi_index, roi_weight = images[f"{roi}_index"], images[f"{roi}_weight"]
             key_pos = gather_taps(pos[None], images[f"{kp}_index"], images[f"{kp}_weight"])
-            k_map = (x.astype(jnp.float32) + key_pos + jnp.asarray(emb, jnp.float32)[0]).astype(self.dtype)
-            keys.append(gather_taps(k_map, images[f"{roi}_index"], images[f"{roi}_weight"]))   # (B, I, Q, P, D)
-            values.append(gather_taps(x, images[f"{roi}_index"], images[f"{roi}_weight"]))
+            # RoIAlign is linear: keys = roi(x + key_pos + emb) = roi(x) + roi(key_pos) + emb * sum(taps), so the
+            # features are gathered (and scattered back in the backward pass) once for keys and values.
+            v_roi = gather_taps(x, roi_index, roi_weight)                                        # (B, I, Q, P, D)
+            pos_roi = gather_taps(key_pos, roi_index, roi_weight)
+            emb_roi = jnp.sum(roi_weight.astype(jnp.float32), -1, keepdims=True) * jnp.asarray(emb, jnp.float32)[0]
+            keys.append(v_roi + pos_roi + emb_roi)
+            values.append(v_roi)
         k = jnp.concatenate(keys, axis=3).astype(self.dtype)
         v = jnp.concatenate(values, axis=3).astype(self.dtype)
         key_valid = jnp.tile(images["key_valid"], (1, 1, len(keys)))                              # (B, I, L*P)

@@ -11,7 +11,7 @@ Pooling and upsampling are separable matrices with torch's exact semantics, buil
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -72,9 +72,8 @@ def conv1x1(features: int, name: str, **kw):
 class JBUStage(nn.Module):
     """FeatUp's `JBULearnedRange(guidance_dim=3, feat_dim=C, key_dim=32, radius=3)`.
 
-    Works on any layout given `neighbours(x) -> 49 views of x's 7x7 reflect-padded neighbourhood` (tap p = a*7 + b)
-    and the source already upsampled to the guidance's size: 2-D maps (`map_neighbours`, `bicubic_resize`) or packed
-    rows of many maps (host-built gather indices, see `hiwin`)."""
+    Works on any layout given its `Neighbourhood` and the source already upsampled to the guidance's size: 2-D maps
+    (`MAP_NEIGHBOURHOOD`, `bicubic_resize`) or packed rows of many maps (host-built gather indices, see `hiwin`)."""
 
     key_dim: int = 32
     dropout: float = 0.1
@@ -83,7 +82,7 @@ class JBUStage(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, upsampled, guidance, neighbours, deterministic: bool = True):
+    def __call__(self, upsampled, guidance, neighbourhood: "Neighbourhood", deterministic: bool = True):
         """upsampled (..., C) bicubic-upsampled source, guidance (..., 3) pooled image -> (..., C) float32."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         range_temp = self.param("range_temp", nn.initializers.zeros_init(), (), self.param_dtype)
@@ -94,7 +93,7 @@ class JBUStage(nn.Module):
         proj = drop(self.dropout, "range_proj_2")(layers.gelu_exact(proj), deterministic=deterministic)
         proj = conv1x1(self.key_dim, "range_proj_3", **kw)(proj).astype(jnp.float32)
         temp = jnp.clip(jnp.exp(range_temp.astype(jnp.float32)), 1e-4, 1e4)
-        logits = jnp.stack([jnp.sum(nb * proj, axis=-1) for nb in neighbours(proj)], axis=-1) * temp   # (..., 49)
+        logits = jnp.stack([jnp.sum(nb * proj, axis=-1) for nb in neighbourhood.views(proj)], axis=-1) * temp   # (..., 49)
         range_kernel = jax.nn.softmax(logits, axis=-1)
         d = np.linspace(-1.0, 1.0, DIAMETER, dtype=np.float32)
         dist2 = jnp.asarray((d[:, None] ** 2 + d[None, :] ** 2).reshape(-1))
@@ -106,21 +105,35 @@ class JBUStage(nn.Module):
         fix = drop(self.dropout, "fixup_proj_2")(layers.gelu_exact(fix), deterministic=deterministic)
         kernel = kernel + 0.1 * conv1x1(DIAMETER ** 2, "fixup_proj_3", **kw)(fix).astype(jnp.float32)
 
-        out = jnp.zeros(upsampled.shape, jnp.float32)
-        for p, nb in enumerate(neighbours(upsampled.astype(jnp.float32))):  # 49 fused multiply-adds
-            out = out + nb * kernel[..., p, None]
-        return out
+        return neighbourhood.weighted_sum(upsampled.astype(jnp.float32), kernel)
 
 
 # Dropout2d zeroes whole channels of one image: broadcast over the spatial axes (2-D maps: (B, H, W, C)).
 CHANNEL_DROPOUT = (1, 2)
 
 
-def map_neighbours(x):
+class Neighbourhood(NamedTuple):
+    """How one layout reaches every position's 7x7 reflect-padded neighbourhood (tap p = a * 7 + b)."""
+
+    views: Callable          # x (..., C) -> the 49 neighbour views of x, each (..., C)
+    weighted_sum: Callable   # (x (..., C), kernel (..., 49)) -> sum_p kernel[..., p] * views(x)[p], float32
+
+
+def map_views(x):
     """The 49 shifted views of a (B, H, W, C) map reflect-padded by 3."""
     h, w = x.shape[1], x.shape[2]
     padded = reflect_pad(x)
     return [v for _, v in neighbourhood_taps(padded, h, w)]
+
+
+def map_weighted_sum(x, kernel):
+    out = jnp.zeros(x.shape, jnp.float32)
+    for p, nb in enumerate(map_views(x)):  # 49 fused multiply-adds
+        out = out + nb * kernel[..., p, None]
+    return out
+
+
+MAP_NEIGHBOURHOOD = Neighbourhood(map_views, map_weighted_sum)
 
 
 class JBU4xStack(nn.Module):
@@ -137,10 +150,10 @@ class JBU4xStack(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         _, h, w, _ = source.shape
         s2 = JBUStage(name="up1", **kw)(bicubic_resize(source, (2 * h, 2 * w)),
-                                        adaptive_avg_pool(image, (2 * h, 2 * w)), map_neighbours, deterministic)
+                                        adaptive_avg_pool(image, (2 * h, 2 * w)), MAP_NEIGHBOURHOOD, deterministic)
         s2_in = jax.lax.stop_gradient(s2) if stage_stop_gradient else s2
         s4 = JBUStage(name="up2", **kw)(bicubic_resize(s2_in, (4 * h, 4 * w)),
-                                        adaptive_avg_pool(image, (4 * h, 4 * w)), map_neighbours, deterministic)
+                                        adaptive_avg_pool(image, (4 * h, 4 * w)), MAP_NEIGHBOURHOOD, deterministic)
         fix = nn.Dropout(self.dropout, broadcast_dims=CHANNEL_DROPOUT, name="fixup_proj_0")(
             s4, deterministic=deterministic)
         return s2, s4 + 0.1 * conv1x1(s4.shape[-1], "fixup_proj_1", **kw)(fix).astype(jnp.float32)

@@ -56,17 +56,49 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
 
 
 def gather_taps(x, index, weight):
-    """sum_t weight[..., t] * x[b, index[..., t]]: x (B, N, D), index/weight (B, ..., T) -> (B, ..., D) float32.
+    """sum_t weight[..., t] * x[b, index[..., t]]: x (B or 1, N, D), index/weight (B, ..., T) -> (B, ..., D) float32.
 
-    One gather per tap, accumulated: peak memory is the output, not T times it."""
+    One gather per tap, accumulated: peak memory is the output, not T times it. The gradient is a custom VJP: JAX's
+    transpose of `take_along_axis` is one scatter per tap into a fresh buffer plus a sum, ~16x slower on CPU (6.2 s
+    vs 0.4 s for the 49-tap JBU neighbourhood of a 16-sample demo batch); here the taps scatter-add in place."""
     b, shape, taps = index.shape[0], index.shape[1:-1], index.shape[-1]
-    flat_i = index.reshape(b, -1, taps)
-    flat_w = weight.reshape(b, -1, taps).astype(jnp.float32)
-    out = jnp.zeros((b, flat_i.shape[1], x.shape[-1]), jnp.float32)
-    for t in range(taps):
-        rows = jnp.take_along_axis(x, flat_i[:, :, t, None], axis=1)
-        out = out + flat_w[:, :, t, None] * rows.astype(jnp.float32)
+    out = _tap_sum(x, index.reshape(b, -1, taps), weight.reshape(b, -1, taps).astype(jnp.float32))
     return out.reshape(b, *shape, x.shape[-1])
+
+
+@jax.custom_vjp
+def _tap_sum(x, index, weight):
+    out = jnp.zeros((index.shape[0], index.shape[1], x.shape[-1]), jnp.float32)
+    for t in range(index.shape[-1]):
+        out = out + weight[:, :, t, None] * _tap_rows(x, index, t)
+    return out
+
+
+def _tap_rows(x, index, t):
+    return jnp.take_along_axis(x, index[:, :, t, None], axis=1).astype(jnp.float32)
+
+
+def _tap_sum_fwd(x, index, weight):
+    return _tap_sum(x, index, weight), (x, index, weight)
+
+
+def _tap_sum_bwd(res, g):
+    x, index, weight = res
+    (bx, n, d), (b, _, taps) = x.shape, index.shape
+    # rows of every sample in one flat table (a broadcast x of batch 1 gathers all samples' taps into one table)
+    flat = index + (jnp.arange(b, dtype=index.dtype) * n)[:, None, None] if bx == b else index
+
+    def scatter_tap(t, dx):
+        rows = jax.lax.dynamic_index_in_dim(flat, t, axis=2, keepdims=False).reshape(-1)
+        w = jax.lax.dynamic_index_in_dim(weight, t, axis=2, keepdims=False)
+        return dx.at[rows].add((g * w[..., None]).reshape(-1, d))
+
+    dx = jax.lax.fori_loop(0, taps, scatter_tap, jnp.zeros((bx * n, d), jnp.float32))
+    dw = jnp.stack([jnp.sum(g * _tap_rows(x, index, t), axis=-1) for t in range(taps)], axis=-1)
+    return dx.reshape(bx, n, d).astype(x.dtype), None, dw
+
+
+_tap_sum.defvjp(_tap_sum_fwd, _tap_sum_bwd)
 
 
 class PackedInProjection(nn.Module):
