@@ -146,6 +146,20 @@ HIWIN_ORIGINAL = (Rule("{p:pos_embed|proj}", "{p}"),) + tuple(
 # Keys of an original v2 projector that this model deliberately does not hold (reported as skipped).
 HIWIN_SKIPPED = r"mm_projector\.(upsampler\.model\.|query$|kv_proj\.weight$|features?_\dx_(projector\.|embedding$))"
 
+# SliME (spec llava15_slime_llavar.md §C.9): `model.mm_projector.*` is the gated block (MLP `projection`, the 576-query
+# resampler `attn` without kv/output projection, `w_gate`, the dead `w_noise`; its `mean`/`std` buffers are skipped);
+# `model.sampler.*` (saved alone as sampler.bin) is the 144-query local compressor, under our `sampler/`.
+_QUERY_RESAMPLER = tuple(r for r in RESAMPLER_ORIGINAL if r.torch.startswith(("attn.", "ln_"))) + (
+    Rule("{p:query|pos_embed}", "{p}"),)
+SLIME_ADAPTERS = (
+    Rule("projection.0.weight", "projection/dense_0/kernel", T.LINEAR), Rule("projection.0.bias", "projection/dense_0/bias"),
+    Rule("projection.2.weight", "projection/dense_1/kernel", T.LINEAR), Rule("projection.2.bias", "projection/dense_1/bias"),
+    Rule("{p:w_gate|w_noise}", "{p}"),
+) + tuple(Rule("attn." + r.torch, "attn/" + r.ours, r.transform) for r in _QUERY_RESAMPLER)
+SLIME_SAMPLER = tuple(Rule("post_qformer." + r.torch, "sampler/post_qformer/" + r.ours, r.transform)
+                      for r in _QUERY_RESAMPLER)
+SLIME_SKIPPED = r"mm_projector\.(mean|std)$"
+
 # Projector tables of the original repos' `model.mm_projector.*` naming, by projector kind.
 PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL,
                                                  "resampler": RESAMPLER_ORIGINAL, "hiwin": HIWIN_ORIGINAL}

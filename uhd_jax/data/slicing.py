@@ -136,3 +136,51 @@ def modularize(image: Image.Image, options: SlicingOptions, path: str = "",
     if o.overview_only:
         return SlicedImage(sliced.overview, [], None, [])
     return sliced
+
+
+# SliME's adaptive slicing (spec llava15_slime_llavar.md §C.1). Its own rules, not LLaVA-UHD's: the number of tiles
+# comes from the area clamped to 2..6, the grid is chosen among factor pairs of n-1..n+1 tiles by LLaVA-NeXT's
+# effective-resolution rule, and the image is letterboxed onto a black canvas of whole tiles.
+SLIME_MIN_TILES, SLIME_MAX_TILES = 2, 6
+
+
+def slime_grid_candidates(width: int, height: int, tile: int = 336) -> list[tuple[int, int]]:
+    """(cols, rows) candidates in the original's order: m ascending, then cols = 1..m."""
+    n = math.ceil(width * height / (tile * tile))
+    n = min(max(n, SLIME_MIN_TILES), SLIME_MAX_TILES)
+    counts = (n, n + 1) if n <= 2 else (n - 1, n, n + 1)
+    return [(i, m // i) for m in counts for i in range(1, m + 1) if m % i == 0]
+
+
+def slime_grid(width: int, height: int, tile: int = 336) -> tuple[int, int]:
+    """The candidate keeping the most of the image's resolution, then wasting the least canvas; first on ties."""
+    best, best_eff, best_waste = None, -1, math.inf
+    for cols, rows in slime_grid_candidates(width, height, tile):
+        cw, ch = cols * tile, rows * tile
+        s = min(cw / width, ch / height)
+        effective = min(int(width * s) * int(height * s), width * height)
+        waste = cw * ch - effective
+        if effective > best_eff or (effective == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (cols, rows), effective, waste
+    return best
+
+
+def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Aspect-preserving PIL-bicubic resize (the constrained side exact, the other ceil'd) pasted centred on black."""
+    w, h = image.size
+    if width / w < height / h:
+        new_w, new_h = width, min(math.ceil(h * width / w), height)
+    else:
+        new_w, new_h = min(math.ceil(w * height / h), width), height
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def slime_tiles(image: Image.Image, tile: int = 336) -> tuple[Image.Image, list, tuple[int, int]]:
+    """-> (global view: a plain tile x tile resize, aspect distorted; tiles row-major; (cols, rows))."""
+    cols, rows = slime_grid(*image.size, tile=tile)
+    canvas = letterbox(image, cols * tile, rows * tile)
+    tiles = [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+             for r in range(rows) for c in range(cols)]
+    return image.resize((tile, tile), Image.Resampling.BICUBIC), tiles, (cols, rows)
