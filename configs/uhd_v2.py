@@ -78,7 +78,9 @@ def demo_recipe(c):
         c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0, num_epochs=epochs,
                               batch_size=16, lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
     c.stages.pretrain.max_length = 96
-    c.stages.sft.max_length = 448
+    # overview + at most 3 slices (4 x 64 tokens, <= 341 tokens with the text): ~3x a LLaVA-1.5 demo step on CPU
+    c.data.slicing.max_slices = 3
+    c.stages.sft.max_length = 352
 
 
 def jbu_stage(variant: str, c, init: list):

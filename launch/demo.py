@@ -1,12 +1,13 @@
-"""`make demo`: generate the synthetic text-rich dataset, train a tiny LLaVA-1.5 through both stages on the CPU, and
-report held-out exact-match accuracy before and after training.
+"""`make demo`: generate the synthetic text-rich dataset, train a tiny LLaVA-1.5 and a tiny LLaVA-UHD v2 through all
+their stages on the CPU, and report each one's held-out exact-match accuracy before and after training.
 
-  python launch/demo.py [--workdir runs/demo] [--train 2000] [--eval 200]
+  python launch/demo.py [--workdir runs/demo] [--models llava15,uhd_v2] [--train 2000] [--eval 200]
 
-Steps: (1) render train/eval images and questions and build a tokenizer (once; cached in <workdir>/data);
-(2) score the untrained model; (3) stage `pretrain` (captions, projector only) and stage `sft` (questions, projector
-+ LLM) with `configs/llava15.py:demo`; (4) score the trained model per question type, beside the best a model could
-do without looking (the most frequent training answer of each question). A rerun resumes or skips finished stages.
+Steps: (1) render train/eval images and questions and build a tokenizer (once; cached in <workdir>/data); then per
+model: (2) score the untrained model; (3) train its stages with `configs/<model>.py:demo` (LLaVA-1.5: `pretrain`,
+`sft`; UHD v2: `jbu`, `pretrain`, `sft`); (4) score the trained model per question type. The summary puts the models
+side by side on the same held-out questions, beside the best a model could do without looking (the most frequent
+training answer of each question). A rerun resumes or skips finished stages.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ import flax.linen as nn  # noqa: E402
 
 from uhd_jax.config_loading import load_config  # noqa: E402
 from uhd_jax.data import synthetic  # noqa: E402
-from uhd_jax.data.dataset import SamplePreparer, read_samples  # noqa: E402
+from uhd_jax.data.dataset import read_samples  # noqa: E402
+from uhd_jax.data.pipeline import Source  # noqa: E402
 from uhd_jax.eval.vqa import answer_prompts, exact_match, normalize_answer  # noqa: E402
 from uhd_jax.models.vlm import init_fn  # noqa: E402
 from uhd_jax.train.checkpoints import load_params  # noqa: E402
-from uhd_jax.train.trainer import model_for_stage, run  # noqa: E402
+from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
+
+MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo")}
 
 
 def make_data(root: str, n_train: int, n_eval: int):
@@ -45,7 +49,7 @@ def make_data(root: str, n_train: int, n_eval: int):
     synthetic.write_dataset(out, "eval", n_eval, seed=1, min_side=96, max_side=768)
     synthetic.build_tokenizer(synthetic.corpus_texts([train["pretrain"], train["sft"]]),
                               os.path.join(out, "tokenizer"), vocab_size=1024)
-    print(f"[1/4] synthetic dataset: {n_train} train + {n_eval} held-out images in {time.perf_counter() - t0:.0f}s "
+    print(f"[1] synthetic dataset: {n_train} train + {n_eval} held-out images in {time.perf_counter() - t0:.0f}s "
           f"-> {out}")
     return out
 
@@ -59,14 +63,48 @@ def question_of(sample) -> str:
     return question_text(sample["conversations"][0]["value"])
 
 
-def score(cfg, params, prep, samples, tokenizer):
-    prompts = [prep.prompt(s) for s in samples]
-    preds = answer_prompts(cfg, params, prompts, tokenizer, batch_size=50, max_new_tokens=8)
-    by_q = collections.defaultdict(list)
-    for s, p, pr in zip(samples, prompts, preds):
-        by_q[question_of(s)].append(exact_match(pr, p["answer"]))
-    overall = sum(sum(v) for v in by_q.values()) / len(samples)
-    return overall, {q: sum(v) / len(v) for q, v in by_q.items()}, preds
+class Scorer:
+    """Held-out exact match of one demo model, prompts prepared exactly as its SFT stage prepares samples."""
+
+    def __init__(self, config, data: str, eval_samples, tokenizer):
+        sft = config.stages.sft
+        self.cfg = model_for_stage(config, sft)
+        prep = preparer_factory(config, sft, self.cfg)(
+            Source(os.path.join(data, "eval_sft.json"), os.path.join(data, "images")))
+        self.layout = packed_layout(config, self.cfg, sft)
+        self.samples, self.tokenizer = eval_samples, tokenizer
+        self.prompts = [prep.prompt(s) for s in eval_samples]
+
+    def __call__(self, params):
+        preds = answer_prompts(self.cfg, params, self.prompts, self.tokenizer, batch_size=50, max_new_tokens=8,
+                               packed_layout=self.layout)
+        by_q = collections.defaultdict(list)
+        for s, p, pr in zip(self.samples, self.prompts, preds):
+            by_q[question_of(s)].append(exact_match(pr, p["answer"]))
+        overall = sum(sum(v) for v in by_q.values()) / len(self.samples)
+        return overall, {q: sum(v) / len(v) for q, v in by_q.items()}, preds
+
+
+def train_and_score(key: str, data_root: str, data: str, workdir: str, eval_samples, tokenizer) -> dict:
+    title, spec = MODELS[key]
+    config = load_config(spec)
+    config.data_root = data_root
+    score = Scorer(config, data, eval_samples, tokenizer)
+    untrained = nn.meta.unbox(jax.jit(init_fn(score.cfg))(jax.random.PRNGKey(config.seed))["params"])
+    before, before_q, _ = score(untrained)
+    print(f"[2] {title} untrained: exact match {100 * before:.1f}% on {len(eval_samples)} held-out questions")
+    t0 = time.perf_counter()
+    results = run(config, os.path.join(workdir, "run", key))
+    seconds = time.perf_counter() - t0
+    earlier = all(r.steps < 0 for r in results)   # every stage had finished in an earlier run of the demo
+    trained = "trained earlier" if earlier else f"trained in {seconds:.0f}s"
+    print(f"[3] {title}: stages {', '.join(r.name for r in results)} {trained}")
+    after, after_q, preds = score(load_params(results[-1].final_dir))
+    print(f"[4] {title} held-out exact match: untrained {100 * before:.1f}% -> trained {100 * after:.1f}%")
+    return {"model": title, "config": spec, "untrained": before, "trained": after, "per_question_untrained": before_q,
+            "per_question": after_q, "train_seconds": None if earlier else seconds, "training": trained,
+            "examples": [{"id": s["id"], "question": question_of(s), "answer": s["conversations"][1]["value"],
+                          "prediction": pr} for s, pr in list(zip(eval_samples, preds))[:20]]}
 
 
 def prior_baseline(train_samples, eval_samples):
@@ -84,47 +122,41 @@ def prior_baseline(train_samples, eval_samples):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--models", default="llava15,uhd_v2", help=f"comma-separated, from {sorted(MODELS)}")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--eval", type=int, default=200)
     a = p.parse_args(argv)
+    keys = [k for k in a.models.split(",") if k]
+    unknown = [k for k in keys if k not in MODELS]
+    if unknown or not keys:
+        p.error(f"--models: unknown {unknown or keys}; choose from {sorted(MODELS)}")
     t_start = time.perf_counter()
     data_root = os.path.join(a.workdir, "data")
     data = make_data(data_root, a.train, a.eval)
-    config = load_config("configs/llava15.py:demo")
-    config.data_root = data_root
-    cfg = model_for_stage(config, config.stages.sft)
     from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
-    prep = SamplePreparer(tokenizer_path=os.path.join(data, "tokenizer"), image_folder=os.path.join(data, "images"),
-                          template=config.stages.sft.template, max_length=config.stages.sft.max_length,
-                          tokens_per_image=cfg.tokens_per_image, image_size=cfg.vision.image_size)
     eval_samples = read_samples(os.path.join(data, "eval_sft.json"))
-    train_samples = read_samples(os.path.join(data, "train_sft.json"))
+    prior = prior_baseline(read_samples(os.path.join(data, "train_sft.json")), eval_samples)
+    reports = [train_and_score(k, data_root, data, a.workdir, eval_samples, tokenizer) for k in keys]
 
-    untrained = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(config.seed))["params"])
-    before, before_q, _ = score(cfg, untrained, prep, eval_samples, tokenizer)
-    print(f"[2/4] untrained model: exact match {100 * before:.1f}% on {len(eval_samples)} held-out questions")
-
-    t0 = time.perf_counter()
-    results = run(config, os.path.join(a.workdir, "run"))
-    print(f"[3/4] trained stages {', '.join(r.name for r in results)} in {time.perf_counter() - t0:.0f}s")
-
-    trained = load_params(results[-1].final_dir)
-    after, after_q, preds = score(cfg, trained, prep, eval_samples, tokenizer)
-    prior = prior_baseline(train_samples, eval_samples)
-    print(f"[4/4] held-out exact match: untrained {100 * before:.1f}% -> trained {100 * after:.1f}% "
-          f"(answering without the image, from training-answer frequencies: {100 * prior:.1f}%)")
-    width = max(len(q) for q in after_q)
-    for q in sorted(after_q):
-        print(f"      {q:<{width}}  {100 * before_q[q]:5.1f}% -> {100 * after_q[q]:5.1f}%")
-    report = {"untrained": before, "trained": after, "no_image_prior": prior, "per_question": after_q,
-              "examples": [{"id": s["id"], "question": question_of(s), "answer": s["conversations"][1]["value"],
-                            "prediction": pr} for s, pr in list(zip(eval_samples, preds))[:20]],
+    print(f"\nheld-out exact match on the same {len(eval_samples)} questions (answering without the image, from "
+          f"training-answer frequencies: {100 * prior:.1f}%):")
+    width = max(len(q) for r in reports for q in r["per_question"])
+    names = [r["model"] for r in reports]
+    print("  " + " " * width + "".join(f"  {n:>24}" for n in names))
+    rows = [("overall", {r["model"]: (r["untrained"], r["trained"]) for r in reports})]
+    for q in sorted(reports[0]["per_question"]):
+        rows.append((q, {r["model"]: (r["per_question_untrained"][q], r["per_question"][q]) for r in reports}))
+    for label, cells in rows:
+        print(f"  {label:<{width}}" + "".join(
+            f"  {100 * cells[n][0]:9.1f}% ->{100 * cells[n][1]:9.1f}%" for n in names))
+    print("  " + " " * width + "".join(f"  {r['training']:>24}" for r in reports))
+    report = {"no_image_prior": prior, "models": {k: r for k, r in zip(keys, reports)},
               "seconds": time.perf_counter() - t_start}
     with open(os.path.join(a.workdir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"demo finished in {time.perf_counter() - t_start:.0f}s; curves: {a.workdir}/run/*/curves.png, "
+    print(f"demo finished in {time.perf_counter() - t_start:.0f}s; curves: {a.workdir}/run/*/*/curves.png, "
           f"results: {a.workdir}/results.json")
     return 0
 
