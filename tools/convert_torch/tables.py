@@ -152,8 +152,10 @@ HIWIN_SKIPPED = r"mm_projector\.(upsampler\.model\.|query$|kv_proj\.weight$|feat
 _QUERY_RESAMPLER = tuple(r for r in RESAMPLER_ORIGINAL if r.torch.startswith(("attn.", "ln_"))) + (
     Rule("{p:query|pos_embed}", "{p}"),)
 SLIME_ADAPTERS = (
-    Rule("projection.0.weight", "projection/dense_0/kernel", T.LINEAR), Rule("projection.0.bias", "projection/dense_0/bias"),
-    Rule("projection.2.weight", "projection/dense_1/kernel", T.LINEAR), Rule("projection.2.bias", "projection/dense_1/bias"),
+    Rule("projection.0.weight", "projection/dense_0/kernel", T.LINEAR),
+    Rule("projection.0.bias", "projection/dense_0/bias"),
+    Rule("projection.2.weight", "projection/dense_1/kernel", T.LINEAR),
+    Rule("projection.2.bias", "projection/dense_1/bias"),
     Rule("{p:w_gate|w_noise}", "{p}"),
 ) + tuple(Rule("attn." + r.torch, "attn/" + r.ours, r.transform) for r in _QUERY_RESAMPLER)
 SLIME_SAMPLER = tuple(Rule("post_qformer." + r.torch, "sampler/post_qformer/" + r.ours, r.transform)

@@ -150,7 +150,8 @@ def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int
         start = offsets[lv]
         cells = slice(start, start + lh * lw)  # fits: level budgets are lv^2 x the patch budget
         t = level_tables(src_hw, (lh, lw), layout.query_grid, layout.level_roi_taps, layout.box_dtype)
-        out[f"l{lv}_src_index"][row, cells], out[f"l{lv}_src_weight"][row, cells] = t.src_index + src_offset, t.src_weight
+        out[f"l{lv}_src_index"][row, cells] = t.src_index + src_offset
+        out[f"l{lv}_src_weight"][row, cells] = t.src_weight
         out[f"l{lv}_nbr_index"][row, cells] = t.nbr_index + start
         # two BLAS matmuls (np.tensordot / einsum over the (H, W, 3) image were 7x slower)
         rows_pooled = adaptive_avg_pool_matrix(img.shape[0], lh) @ img.reshape(img.shape[0], -1).astype(np.float64)

@@ -93,7 +93,7 @@ class JBUStage(nn.Module):
         proj = drop(self.dropout, "range_proj_2")(layers.gelu_exact(proj), deterministic=deterministic)
         proj = conv1x1(self.key_dim, "range_proj_3", **kw)(proj).astype(jnp.float32)
         temp = jnp.clip(jnp.exp(range_temp.astype(jnp.float32)), 1e-4, 1e4)
-        logits = jnp.stack([jnp.sum(nb * proj, axis=-1) for nb in neighbourhood.views(proj)], axis=-1) * temp   # (..., 49)
+        logits = jnp.stack([jnp.sum(nb * proj, axis=-1) for nb in neighbourhood.views(proj)], axis=-1) * temp  # 49 taps
         range_kernel = jax.nn.softmax(logits, axis=-1)
         d = np.linspace(-1.0, 1.0, DIAMETER, dtype=np.float32)
         dist2 = jnp.asarray((d[:, None] ** 2 + d[None, :] ** 2).reshape(-1))

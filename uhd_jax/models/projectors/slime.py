@@ -26,13 +26,13 @@ from uhd_jax.models.projectors.resampler import PackedInProjection, sincos_2d
 GLOBAL_GRID, LOCAL_GRID = 24, 12     # 576 queries on the global view, 144 per tile
 
 
-def interpolated_table(table: np.ndarray, grid: int, size: int) -> np.ndarray:
-    """The (grid^2, D) sin-cos table resized to (size^2, D) by torch's bicubic (align_corners=False, a=-0.75)."""
+def interpolated_table(table, grid: int, size: int):
+    """A (grid^2, D) position table resized to (size^2, D) by torch's bicubic (align_corners=False, a=-0.75)."""
     if size == grid:
         return table
-    m = torch_bicubic_matrix(grid, size)
-    t = table.reshape(grid, grid, -1).astype(np.float64)
-    return np.einsum("oh,pw,hwd->opd", m, m, t).reshape(size * size, -1).astype(np.float32)
+    m = jnp.asarray(torch_bicubic_matrix(grid, size), jnp.float32)
+    t = jnp.einsum("oh,hwd->owd", m, table.reshape(grid, grid, -1))
+    return jnp.einsum("pw,owd->opd", m, t).reshape(size * size, -1)
 
 
 class QueryResampler(nn.Module):
@@ -59,7 +59,7 @@ class QueryResampler(nn.Module):
         pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
             lambda *_: jnp.asarray(table, self.param_dtype), (None, "embed")), table.shape)
         pos = jax.lax.stop_gradient(jnp.asarray(pos_embed, jnp.float32))
-        key_pos = jnp.asarray(interpolated_table(table, self.grid, size)) if size != self.grid else pos
+        key_pos = interpolated_table(pos, self.grid, size)   # the stored table (fp16 in the original), resized
         head_dim = d // self.num_heads
         in_proj = PackedInProjection(self.num_heads, head_dim, name="in_proj", **kw)
         kv = layers.layer_norm(eps=self.eps, name="ln_kv", **kw)(x)
