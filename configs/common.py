@@ -10,6 +10,8 @@ VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  num_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
 VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
                   num_kv_heads=40)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
 # Tiny sizes for tests and CPU demos: every dimension divisible by the 8-device test mesh axes.
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, patch_size=14, image_size=56,
                    layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2, select_feature="patch")

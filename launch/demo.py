@@ -37,7 +37,8 @@ from uhd_jax.models.vlm import init_fn  # noqa: E402
 from uhd_jax.train.checkpoints import load_params  # noqa: E402
 from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
 
-MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo")}
+MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo"),
+          "slime": ("SliME", "configs/slime.py:demo")}
 
 
 def make_data(root: str, n_train: int, n_eval: int):

@@ -1,17 +1,27 @@
-"""LLaVAR: linear projector and <im_start> + image features + <im_end>, from an original-layout checkpoint."""
+"""LLaVAR (spec §D): an original-layout checkpoint (linear projector, three extra token rows) gives the reference
+logits and exports back unchanged; samples wrap the image in <im_start>/<im_end>; stage 1 grows the vocabulary with
+mean rows and trains only the projector and the new start/end rows."""
 import json
 import os
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from tests.torch_helpers import random_pixels, rel_err, tiny_clip, tiny_llama, to_nchw
 from tools.convert_torch.__main__ import main as convert_cli
+from tools.convert_torch.torch_io import iter_tensors
+from uhd_jax.config_loading import load_config
+from uhd_jax.data.pipeline import Source
 from uhd_jax.models.config import vlm_config
-from uhd_jax.models.vlm import VLM
-from uhd_jax.train.checkpoints import load_meta, load_params
+from uhd_jax.models.vlm import VLM, init_fn
+from uhd_jax.train.checkpoints import load_meta, load_params, save_params
+from uhd_jax.train.param_tree import flatten, unflatten
+from uhd_jax.train.trainer import model_for_stage, preparer_factory, run_stage
 
 IM_PATCH, IM_START, IM_END = 125, 126, 127  # the three tokens LLaVAR adds at the end of the vocabulary
 
@@ -61,3 +71,74 @@ def test_llavar_original_checkpoint_matches_torch_reference(tmp_path):
     logits, _ = model.apply(params, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(positions),
                             jnp.asarray(pixels[:, None]), jnp.asarray(image_map))
     assert rel_err(logits, torch_llavar_logits(clip, proj, llama, ids, pixels)) <= 1e-5
+
+    # export back to the original layout: every tensor, the three image-token rows included, comes back unchanged
+    back = tmp_path / "back"
+    assert convert_cli(["export", "--checkpoint", str(out), "--format", "llava_original", "--out", str(back)]) == 0
+    exported = {k: a for k, a, _ in iter_tensors(str(back))}
+    for k, v in state.items():
+        np.testing.assert_array_equal(exported[k], v.numpy(), err_msg=k)
+    assert exported["model.embed_tokens.weight"].shape[0] == 128   # 125 + <im_patch>, <im_start>, <im_end>
+
+
+def tiny_llavar(data):
+    c = load_config("configs/llavar.py:tiny")
+    c.model.llm.vocab_size = 640
+    c.data_root = data["root"]
+    c.tokenizer = "tokenizer"
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
+        c.stages[name].update(sources=[dict(json=js, image_folder="images")], num_steps=1)
+    return c
+
+
+def test_llavar_samples_wrap_the_image_in_start_and_end_tokens(synthetic_data):
+    c = tiny_llavar(synthetic_data)
+    cfg = model_for_stage(c, c.stages.sft)
+    prep = preparer_factory(c, c.stages.sft, cfg)(Source(synthetic_data["train"]["sft"], synthetic_data["images"]))
+    tok = prep.tokenizer
+    base = AutoTokenizer.from_pretrained(synthetic_data["tokenizer"])
+    patch, start, end = tok.convert_tokens_to_ids(["<im_patch>", "<im_start>", "<im_end>"])
+    assert (patch, start, end) == (len(base), len(base) + 1, len(base) + 2)   # appended in the original's order
+    sample = json.load(open(synthetic_data["train"]["sft"]))[0]
+    ex = prep((0, sample))
+    ids, image_map = ex["ids"], ex["image_map"]
+    slots = np.flatnonzero(image_map >= 0)
+    assert len(slots) == cfg.tokens_per_image and (np.diff(slots) == 1).all()
+    assert ids[slots[0] - 1] == start and ids[slots[-1] + 1] == end and (ids[slots] == patch).all()
+    assert not ex["learned"][slots[0] - 1:slots[-1] + 2].any()
+    text = tok.decode(ids[:slots[0] - 1])
+    assert "trained by UW Madison WAIV Lab.You are able" in text    # the original system prompt, spaces missing
+
+
+def test_llavar_stage1_grows_the_vocabulary_and_trains_only_the_new_rows_and_projector(synthetic_data, tmp_path):
+    c = tiny_llavar(synthetic_data)
+    base = len(AutoTokenizer.from_pretrained(synthetic_data["tokenizer"]))
+    # an init checkpoint with the base tokenizer's vocabulary (as a converted Vicuna has 32000 rows)
+    cfg = model_for_stage(c, c.stages.pretrain)
+    init = {k: np.asarray(v) for k, v in flatten(nn.meta.unbox(
+        jax.jit(init_fn(cfg))(jax.random.PRNGKey(7))["params"])).items()}
+    init["llm/embed_tokens/embedding"] = init["llm/embed_tokens/embedding"][:base]
+    init["llm/lm_head"] = init["llm/lm_head"][:, :base]
+    model = dict(c.model.to_dict(), llm=dict(c.model.llm.to_dict(), vocab_size=base))
+    save_params(str(tmp_path / "init"), unflatten(init), {"model": model})
+    c.stages.pretrain.init_checkpoints = [str(tmp_path / "init")]
+    res = run_stage(c, "pretrain", str(tmp_path / "run"))
+    final = {k: np.asarray(v) for k, v in flatten(load_params(res.final_dir)).items()}
+
+    emb, head = final["llm/embed_tokens/embedding"], final["llm/lm_head"]
+    old_emb, old_head = init["llm/embed_tokens/embedding"], init["llm/lm_head"]
+    np.testing.assert_array_equal(emb[:base], old_emb)                       # old rows: bit-identical
+    np.testing.assert_array_equal(head[:, :base], old_head)
+    mean_emb = old_emb.mean(0)
+    patch, start, end = base, base + 1, base + 2
+    for row in [patch] + list(range(end + 1, 640)):                          # new rows that do not learn: the mean
+        np.testing.assert_allclose(emb[row], mean_emb, rtol=1e-6, atol=1e-7)
+    for row in (start, end):                                                 # <im_start>, <im_end>: moved off it
+        assert np.abs(emb[row] - mean_emb).max() > 1e-5
+    np.testing.assert_allclose(head[:, base:], np.repeat(old_head.mean(1, keepdims=True), 640 - base, 1),
+                               rtol=1e-6, atol=1e-7)                         # lm_head frozen, grown with the mean
+    assert not np.array_equal(final["projector/dense_0/kernel"], init["projector/dense_0/kernel"])
+    for k in final:
+        if k.startswith(("vision/", "llm/")) and k not in ("llm/embed_tokens/embedding", "llm/lm_head"):
+            np.testing.assert_array_equal(final[k], init[k], err_msg=k)

@@ -58,8 +58,8 @@ def cmd_import(args) -> int:
     sources = [Source(args.src, args.layout)]
     if args.vision:
         sources.append(Source(args.vision, "hf_clip"))
-    if args.projector:
-        sources.append(Source(args.projector, "mm_projector"))
+    for projector in args.projector or ():
+        sources.append(Source(projector, "mm_projector"))
     model, meta, family = model_for_sources(sources, args.config)
     params, report = import_checkpoint(sources, model)
     save_params(args.out, params, {"model": model, "hf": meta, "family": family, "conversion": report})
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, help="checkpoint directory or file (safetensors / .bin, sharded or not)")
     p.add_argument("--layout", choices=sorted(tables.LAYOUTS), help="key layout of --src (default: detect)")
     p.add_argument("--vision", help="HF CLIP checkpoint for models that do not store their vision tower")
-    p.add_argument("--projector", help="a stage-1 mm_projector.bin to add or replace the projector")
+    p.add_argument("--projector", action="append",
+                   help="a stage-1 mm_projector.bin to add or replace the projector (repeat for SliME's sampler.bin)")
     p.add_argument("--config", help="experiment config FILE[:variant] describing the model (default: config.json)")
     p.add_argument("--out", required=True, help="output uhd-jax checkpoint directory")
     p.set_defaults(fn=cmd_import)
@@ -113,8 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--image-token-index", type=int, help="llava_hf: id of the <image> token in the vocabulary (default: the one recorded at import, "
-                   "else <image> and <pad> are appended as llava-hf does)")
+    p.add_argument("--image-token-index", type=int,
+                   help="llava_hf: id of the <image> token in the vocabulary (default: the one recorded at import, "
+                        "else <image> and <pad> are appended as llava-hf does)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("verify", help="compare our logits with the transformers model in a directory (fp32, CPU)")
     p.add_argument("--checkpoint", required=True)

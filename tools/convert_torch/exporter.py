@@ -96,10 +96,16 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
     state = torch_state(flat, layout, components, projector_type)
     os.makedirs(out, exist_ok=True)
 
-    if fmt == "mm_projector":
-        path = os.path.join(out, "mm_projector.bin")
-        save_torch_bin(path, dict(state), dtype)
-        return [path]
+    if fmt == "mm_projector":   # the originals' stage-1 files: SliME saves its sampler beside, as sampler.bin
+        state = dict(state)
+        files = {"mm_projector.bin": {k: v for k, v in state.items() if not k.startswith("model.sampler.")},
+                 "sampler.bin": {k: v for k, v in state.items() if k.startswith("model.sampler.")}}
+        written = []
+        for name, part in files.items():
+            if part:
+                save_torch_bin(os.path.join(out, name), part, dtype)
+                written.append(os.path.join(out, name))
+        return written
     writer = SafetensorsWriter(out, dtype)
     for key, array in state:
         writer.add(key, array)

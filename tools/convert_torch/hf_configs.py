@@ -93,7 +93,34 @@ def model_from_llava_original(cfg: dict, vision_cfg: dict | None) -> dict:
             raise ValueError(f"cannot tell the vision tower of this checkpoint (mm_vision_tower="
                              f"{cfg.get('mm_vision_tower')!r}); pass --vision with the CLIP directory")
         vision.update(select_layer=layer, select_feature=feature)
-    return dict(vision=vision, llm=llm_from_hf(cfg), projector_type=cfg.get("mm_projector_type", "linear"))
+    model = dict(vision=vision, llm=llm_from_hf(cfg), projector_type=cfg.get("mm_projector_type", "linear"))
+    if model["projector_type"] == "gated":
+        model["slime"] = slime_from_original(cfg)
+    return model
+
+
+def slime_from_original(cfg: dict) -> dict:
+    """SliME's mm_* keys (spec §C) -> `config.model.slime`."""
+    if cfg.get("mm_resampler_type", "cosine") != "cosine" or cfg.get("mm_patch_merge_type", "spatial") != "spatial":
+        raise ValueError(f"SliME checkpoint with mm_resampler_type={cfg.get('mm_resampler_type')!r}, "
+                         f"mm_patch_merge_type={cfg.get('mm_patch_merge_type')!r}: only the released 'cosine' router "
+                         f"and 'spatial' merge are supported")
+    dim = int(cfg.get("mm_resampler_dim", 144))
+    local_grid = int(round(dim ** 0.5))
+    if local_grid * local_grid != dim:
+        raise ValueError(f"mm_resampler_dim={dim} is not a square number of local queries")
+    views = "global" if cfg.get("use_global_only") else "local" if cfg.get("use_local_only") else "both"
+    return dict(views=views, expert=int(cfg.get("mm_learnable_gated", -1)),
+                topp=float(cfg.get("mm_resampler_topp", 0.95)), temperature=float(cfg.get("mm_resampler_temp", 1.0)),
+                separator_id=int(cfg.get("seperator", 1919)), local_grid=local_grid)
+
+
+def slime_to_original(slime: dict) -> dict:
+    return dict(mm_resampler_type="cosine", mm_resampler_dim=int(slime.get("local_grid", 12)) ** 2,
+                mm_resampler_topp=slime.get("topp", 0.95), mm_resampler_temp=slime.get("temperature", 1.0),
+                seperator=slime.get("separator_id", 1919), mm_learnable_gated=slime.get("expert", -1),
+                use_global_only=slime.get("views") == "global", use_local_only=slime.get("views") == "local",
+                mm_patch_merge_type="spatial", image_aspect_ratio="anyres")
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -152,4 +179,6 @@ def llava_original_config(model: dict, meta: dict) -> dict:
                mm_vision_select_feature=model["vision"]["select_feature"],
                mm_vision_tower="openai/clip-vit-large-patch14-336", use_mm_proj=True, mm_patch_merge_type="flat",
                mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    if model["projector_type"] == "gated":
+        cfg.update(slime_to_original(dict(model.get("slime") or {})))
     return cfg

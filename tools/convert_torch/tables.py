@@ -164,7 +164,8 @@ SLIME_SKIPPED = r"mm_projector\.(mean|std)$"
 
 # Projector tables of the original repos' `model.mm_projector.*` naming, by projector kind.
 PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {"mlp": MLP_ORIGINAL, "linear": LINEAR_ORIGINAL,
-                                                 "resampler": RESAMPLER_ORIGINAL, "hiwin": HIWIN_ORIGINAL}
+                                                 "resampler": RESAMPLER_ORIGINAL, "hiwin": HIWIN_ORIGINAL,
+                                                 "gated": SLIME_ADAPTERS}
 _RESAMPLERS = ("adapt_spatial_resampler", "uhd_v1_query64", "arxiv_resampler")
 
 
@@ -174,6 +175,11 @@ def projector_kind(projector_type: str) -> str:
     if projector_type in _RESAMPLERS:
         return "resampler"
     return "linear" if projector_type == "linear" else "mlp" if projector_type.startswith("mlp") else projector_type
+
+
+def sampler_table(projector_type: str) -> tuple[Rule, ...]:
+    """`model.sampler.*`: only SliME has one (any other model reports those keys as unexpected)."""
+    return SLIME_SAMPLER if projector_type == "gated" else ()
 
 
 def original_projector_table(projector_type: str) -> tuple[Rule, ...]:
@@ -225,9 +231,10 @@ LAYOUTS: dict[str, Layout] = {
     "llava_original": Layout("llava_original", (
         Component("vision", ("model.vision_tower.vision_tower.vision_model.",), CLIP_VISION),
         Component("projector", ("model.mm_projector.",), original_projector_table),
+        Component("projector", ("model.sampler.",), sampler_table),
         Component("llm", ("model.",), LLAMA_DECODER),
         Component("llm", ("lm_head.",), LM_HEAD),
-    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$", HIWIN_SKIPPED),
+    ), skip=(r"rotary_emb\.inv_freq$", r"\.position_ids$", HIWIN_SKIPPED, SLIME_SKIPPED),
         description="original LLaVA / LLaVA-UHD / LLaVAR / SliME checkpoints (model.mm_projector.*, model.layers.*)"),
     "vdim": Layout("vdim", (
         Component("projector", ("upsampler.",), tuple(Rule(r.torch, "upsampler/" + r.ours, r.transform)
@@ -237,7 +244,9 @@ LAYOUTS: dict[str, Layout] = {
                     "the featurizer are skipped"),
     "mm_projector": Layout("mm_projector", (
         Component("projector", ("model.mm_projector.", "mm_projector."), original_projector_table),
-    ), skip=(HIWIN_SKIPPED,), description="stage-1 mm_projector.bin alone"),
+        Component("projector", ("model.sampler.", "sampler."), sampler_table),
+    ), skip=(HIWIN_SKIPPED, SLIME_SKIPPED),
+        description="stage-1 mm_projector.bin alone (SliME: and/or sampler.bin, model.sampler.*)"),
 }
 
 
@@ -254,7 +263,7 @@ def detect_layout(keys) -> str:
         return "hf_clip"
     if has("upsampler.up1."):
         return "vdim"
-    if keys and all(k.startswith(("model.mm_projector.", "mm_projector.")) for k in keys):
+    if keys and all(k.startswith(("model.mm_projector.", "mm_projector.", "model.sampler.")) for k in keys):
         return "mm_projector"
     sample = ", ".join(keys[:5])
     raise ValueError(f"cannot tell the checkpoint layout from its keys (first keys: {sample}); pass --layout one of "

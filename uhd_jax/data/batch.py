@@ -72,5 +72,5 @@ def collate(examples: list[dict], shape: BatchShape) -> dict:
             fill_row(out, row, list(ex["pixels"]), shape.packed)
         elif k:
             out["pixel_values"][row, :k] = ex["pixels"]
-            out["image_valid"][row, :k] = True
+            out["image_valid"][row, :k] = ex.get("pixel_valid", True)   # SliME: tile slots past its grid are not
     return out

@@ -12,13 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from uhd_jax.data.image_processing import llava15_image
+from uhd_jax.data.image_processing import llava15_image, normalize
 from uhd_jax.data.images import SampleError, load_image
-from uhd_jax.data.slicing import SlicingOptions
+from uhd_jax.data.slicing import SlicingOptions, slime_tiles
 from uhd_jax.data.templates import TemplateError, count_images, get_template
 from uhd_jax.data.tokenize import IMAGE_PLACEHOLDER, TokenizationMismatch, tokenize_segments
 from uhd_jax.data.uhd_images import check_images, sliced_images
+from uhd_jax.models.projectors.slime import slime_feature_rows
 from uhd_jax.models.spatial_schema import image_layout
+
+
+def load_tokenizer(path: str, extra_tokens: tuple = ()):
+    """The HF tokenizer at `path`, with `extra_tokens` added as special tokens (in order) where it lacks them, as the
+    originals extend theirs (LLaVAR: <im_patch>, <im_start>, <im_end> -> ids 32000-32002 on Vicuna)."""
+    from transformers.models.auto.tokenization_auto import AutoTokenizer  # lazy: a top-level import fails in Grain
+    # worker processes
+
+    tok = AutoTokenizer.from_pretrained(path)
+    missing = [t for t in extra_tokens if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    return tok
 
 
 def read_samples(path: str) -> list[dict]:
@@ -90,6 +104,8 @@ class SamplePreparer:
     query_grid: int = 12
     packed: Any = None                    # uhd_images.PackedLayout: checked per sample, so collation never fails
     seed: int = 0                         # the slicing augmentation's stream, per sample index
+    slime: Any = None                     # image_mode 'slime': the model's SlimeConfig (views, tiles, grids)
+    extra_tokens: tuple = ()              # added to the tokenizer where missing (LLaVAR's image tokens)
 
     def __post_init__(self):
         self._tokenizer = None
@@ -102,10 +118,7 @@ class SamplePreparer:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers.models.auto.tokenization_auto import AutoTokenizer  # lazy top-level import fails in
-            # Grain worker processes
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path, self.extra_tokens)
         return self._tokenizer
 
     def __call__(self, index_and_sample) -> dict:
@@ -131,7 +144,7 @@ class SamplePreparer:
             raise SampleError(f"sample has {len(image_paths)} images, more than data.max_images={self.max_images}")
         segments = template.segments(conv)
         tok = tokenize_segments(self.tokenizer, segments)
-        pixels, layouts = self._images(image_paths, index)
+        pixels, layouts, pixel_valid = self._images(image_paths, index)
         ids, learned, image_map = self._expand_images(tok.ids, tok.learned, layouts)
         truncated = len(ids) > self.max_length
         if truncated:
@@ -142,7 +155,10 @@ class SamplePreparer:
             ids, learned, image_map = ids[:self.max_length], learned[:self.max_length], image_map[:self.max_length]
         if not learned[1:].any():
             raise SampleError(f"no supervised token within data.max_length={self.max_length}")
-        return {"ids": ids, "learned": learned, "image_map": image_map, "pixels": pixels, "truncated": truncated}
+        out = {"ids": ids, "learned": learned, "image_map": image_map, "pixels": pixels, "truncated": truncated}
+        if pixel_valid is not None:
+            out["pixel_valid"] = pixel_valid
+        return out
 
     def prompt(self, sample: dict, turn: int = 0) -> dict:
         """The generation prompt for human turn `turn` (earlier turns included) and its reference answer."""
@@ -151,7 +167,7 @@ class SamplePreparer:
             raise SampleError(f"sample has no answer for turn {turn}")
         segments = get_template(self.template).segments(conv[:2 * turn + 1], add_generation_prompt=True)
         tok = tokenize_segments(self.tokenizer, segments)
-        pixels, layouts = self._images(image_paths, None)
+        pixels, layouts, _ = self._images(image_paths, None)
         ids, _, image_map = self._expand_images(tok.ids, tok.learned, layouts)
         return {"ids": ids, "image_map": image_map, "answer": conv[2 * turn + 1]["value"], "pixels": pixels}
 
@@ -160,10 +176,15 @@ class SamplePreparer:
                           min_area=self.min_image_area, alpha=self.alpha)
 
     def _images(self, image_paths, index):
-        """Pixels of the sample's images and, per image, its (token ids, feature rows) in the sequence.
+        """Pixels of the sample's images, per image its (token ids, feature rows) in the sequence, and which image
+        slots are real (None: all of them).
 
         fixed: (n_images, S, S, 3) and `tokens_per_image` rows each between the optional prefix/suffix tokens.
-        uhd:   a list of (H, W, 3) slices and overviews of varying sizes, laid out by the spatial schema."""
+        uhd:   a list of (H, W, 3) slices and overviews of varying sizes, laid out by the spatial schema.
+        slime: (n_images * views_per_image, S, S, 3) global views and tiles (zeros past a grid's tiles), each
+               image's feature rows in SliME's assembly order."""
+        if self.image_mode == "slime":
+            return self._slime_images(image_paths)
         if self.image_mode == "fixed":
             pixels = [llava15_image(self._load(p), self.image_size, self.image_aspect_ratio) for p in image_paths]
             n = self.tokens_per_image
@@ -172,9 +193,9 @@ class SamplePreparer:
                         np.asarray([-1] * len(pre) + list(range(i * n, (i + 1) * n)) + [-1] * len(post), np.int32))
                        for i in range(len(image_paths))]
             stacked = np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3), np.float32)
-            return stacked, layouts
+            return stacked, layouts, None
         if self.image_mode != "uhd":
-            raise ValueError(f"unknown image_mode {self.image_mode!r}; choose 'fixed' or 'uhd'")
+            raise ValueError(f"unknown image_mode {self.image_mode!r}; choose 'fixed', 'uhd' or 'slime'")
         rng = None
         if self.slicing.augment_prob > 0 and index is not None:
             rng = np.random.default_rng([self.seed, index])
@@ -191,7 +212,26 @@ class SamplePreparer:
                 check_images(pixels, self.packed)
             except ValueError as e:
                 raise SampleError(str(e)) from None
-        return pixels, layouts
+        return pixels, layouts, None
+
+    def _slime_images(self, image_paths):
+        c, size = self.slime, self.image_size
+        n = c.views_per_image
+        pixels = np.zeros((len(image_paths) * n, size, size, 3), np.float32)
+        valid = np.zeros(len(pixels), bool)
+        layouts = []
+        for k, p in enumerate(image_paths):
+            global_view, tiles, grid = slime_tiles(self._load(p).convert("RGB"), size)
+            if len(tiles) > c.max_tiles:
+                raise SampleError(f"image {p} is cut into {len(tiles)} tiles, more than model.slime.max_tiles="
+                                  f"{c.max_tiles}")
+            views = [global_view] if c.views == "global" else [global_view, *tiles]
+            for j, view in enumerate(views):
+                pixels[k * n + j] = normalize(view)
+                valid[k * n + j] = True
+            rows = slime_feature_rows(c, grid, first_row=k * c.rows_per_image)
+            layouts.append((np.full(len(rows), self.slot_id, np.int32), rows))
+        return pixels, layouts, valid
 
     def _expand_images(self, ids, learned, layouts):
         out_ids, out_learned, out_map = [], [], []

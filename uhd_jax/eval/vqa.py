@@ -56,17 +56,19 @@ def answer_prompts(cfg, params, prompts: list[dict], tokenizer, *, batch_size: i
         raise ValueError("this model reads packed UHD slices: pass packed_layout=trainer.packed_layout(config, cfg)")
     model = VLM(cfg)
     length = prompt_length or max(len(p["ids"]) for p in prompts)
-    embed = jax.jit(lambda p, ids, px, m: model.apply({"params": p}, ids, px, m, method=VLM.embed_image_and_text))
+    embed = jax.jit(lambda p, ids, valid, px, m: model.apply({"params": p}, ids, valid, jnp.zeros_like(ids), px, m,
+                                                            method=VLM.embed_image_and_text)[:2])
     eos = tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # keep the batch shape static
-        ids, valid, image_map, pixels = left_pad(chunk, length, max_images, cfg.vision.image_size,
-                                                 fixed_images=not cfg.packed_images)
+        ids, valid, image_map, pixels = left_pad(chunk, length, max_images * cfg.views_per_image,
+                                                 cfg.vision.image_size, fixed_images=not cfg.packed_images)
         images = packed_pixels(chunk, packed_layout) if cfg.packed_images else jnp.asarray(pixels)
-        embeds = embed(params, jnp.asarray(ids), images, jnp.asarray(image_map))
-        tokens = np.asarray(greedy_generate({"params": params["llm"]}, cfg.llm, embeds, jnp.asarray(valid),
+        # SliME's router may drop image tokens: the LLM gets the updated mask (positions follow from it)
+        embeds, valid = embed(params, jnp.asarray(ids), jnp.asarray(valid), images, jnp.asarray(image_map))
+        tokens = np.asarray(greedy_generate({"params": params["llm"]}, cfg.llm, embeds, valid,
                                             max_new_tokens=max_new_tokens, eos_id=eos, pad_id=eos))
         for row in tokens[:len(prompts) - start]:
             cut = list(row).index(eos) if eos in row else len(row)

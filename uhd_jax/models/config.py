@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from uhd_jax.models.llama import LlamaConfig, RopeScaling
+from uhd_jax.models.projectors.slime import SlimeConfig
 from uhd_jax.models.vit import ViTConfig
 from uhd_jax.models.vlm import VLMConfig
 
@@ -56,11 +57,21 @@ def llm_config(model: Mapping[str, Any]) -> LlamaConfig:
     return LlamaConfig(**llm)
 
 
+def slime_config(model: Mapping[str, Any]) -> SlimeConfig | None:
+    section = model.get("slime")
+    if model.get("projector_type") != "gated":
+        if section:
+            raise ValueError(f"config.model.slime is set but projector_type is {model.get('projector_type')!r}, "
+                             f"not 'gated'")
+        return None
+    return SlimeConfig(**_fields(SlimeConfig, dict(section or {}), {}, "slime"))
+
+
 def vlm_config(model: Mapping[str, Any]) -> VLMConfig:
     """Build the module config from `config.model` (a ConfigDict or plain dict)."""
     model = _as_dict(model)
     return VLMConfig(
         vision=vit_config(model), llm=llm_config(model), projector_type=model.get("projector_type", "mlp2x_gelu"),
         vision_trainable=model.get("vision_trainable", False), resampler_heads=model.get("resampler_heads", 0),
-        feature_scale_mask=model.get("feature_scale_mask", 5),
+        feature_scale_mask=model.get("feature_scale_mask", 5), slime=slime_config(model),
         dtype=_dtype(model.get("dtype", "float32")), param_dtype=_dtype(model.get("param_dtype", "float32")))

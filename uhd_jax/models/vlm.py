@@ -11,6 +11,11 @@ Batch schema (static shapes; built on the host, see `uhd_jax.data`):
 LLaVA-1.5 and LLaVAR are configurations of this model: LLaVAR's `<im_start>`/`<im_end>` are ordinary text tokens
 placed by the tokenizer around the 576 image slots. Text-only samples carry a zero image whose features no position
 references.
+
+SliME (`projector_type='gated'`) reads I = max_images x views_per_image square views (each image's global view, then
+its tiles) and lays every image's features out in `SlimeConfig.rows_per_image` rows; its router drops local tokens by
+turning their positions invalid: the LLM masks them out of attention and positions are recounted over the kept
+tokens, which gives every kept token exactly what the original's shorter, packed sequence gives it.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uhd_jax.models.llama import KVCache, Llama, LlamaConfig
+from uhd_jax.models.llama import KVCache, Llama, LlamaConfig, positions_from_mask
 from uhd_jax.models.projectors import RESAMPLER_TYPES, build_projector
 from uhd_jax.models.projectors.resampler import ResamplerGeometry
+from uhd_jax.models.projectors.slime import SlimeConfig, SlimeProjector
 from uhd_jax.models.vit import PackedPatches, ViTConfig, VisionTransformer
 
 
@@ -35,6 +41,7 @@ class VLMConfig:
     vision_trainable: bool = False  # frozen tower: no gradient flows into (or through) it
     resampler_heads: int = 0        # resamplers: attention heads (0 = LLM hidden // 128, at least 1)
     feature_scale_mask: int = 5     # v2 HiWin levels: bits 1 -> 1x, 2 -> 2x, 4 -> 4x (released: 5)
+    slime: SlimeConfig | None = None  # projector_type 'gated' (SliME)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -43,8 +50,25 @@ class VLMConfig:
         """UHD projectors read variable-size slices packed into rows; the others take fixed square images."""
         return self.projector_type in RESAMPLER_TYPES
 
+    def __post_init__(self):
+        if (self.projector_type == "gated") != (self.slime is not None):
+            raise ValueError("projector_type 'gated' (SliME) and the model.slime section go together")
+
+    @property
+    def views_per_image(self) -> int:
+        """Square image slots one image takes (SliME: its global view and tiles; everyone else: 1)."""
+        return self.slime.views_per_image if self.slime is not None else 1
+
+    @property
+    def stochastic_training(self) -> bool:
+        """The model draws random numbers in training (JBU dropout, SliME's gate and router noise)."""
+        return bool(RESAMPLER_TYPES.get(self.projector_type, {}).get("jbu")) or self.slime is not None
+
     @property
     def tokens_per_image(self) -> int:
+        """Feature rows per image (the image_token_map's row space)."""
+        if self.slime is not None:
+            return self.slime.rows_per_image
         if self.packed_images:
             return RESAMPLER_TYPES[self.projector_type]["grid"] ** 2
         n = self.vision.grid ** 2
@@ -63,8 +87,11 @@ class VLM(nn.Module):
     def setup(self):
         c = self.cfg
         self.vision = VisionTransformer(c.vision, name="vision")
-        self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype,
-                                         heads=c.resampler_heads, feature_scale_mask=c.feature_scale_mask)
+        if c.slime is not None:
+            self.projector = SlimeProjector(c.slime, c.llm.hidden_size, c.dtype, c.param_dtype, name="projector")
+        else:
+            self.projector = build_projector(c.projector_type, c.llm.hidden_size, c.dtype, c.param_dtype,
+                                             heads=c.resampler_heads, feature_scale_mask=c.feature_scale_mask)
         self.llm = Llama(c.llm, name="llm")
 
     def encode_images(self, pixel_values, deterministic: bool = True):
@@ -94,15 +121,44 @@ class VLM(nn.Module):
                 images["key_valid"], images["image_valid"], images["patch_segment_ids"], images["patch_is_cls"]))
         return out.reshape(out.shape[0], -1, out.shape[-1])  # (B, I, grid^2, H) -> (B, I * grid^2, H)
 
-    def embed_image_and_text(self, input_ids, pixel_values, image_token_map, deterministic: bool = True):
+    def encode_slime(self, token_valid, pixel_values, image_token_map, text, deterministic: bool):
+        """SliME: (features (B, I * R, H), keep (B, I * R)); see `SlimeProjector`."""
+        c = self.cfg.slime
+        b, n = pixel_values.shape[:2]
+        views = pixel_values.reshape(b, n // c.views_per_image, c.views_per_image, *pixel_values.shape[2:])
+        if c.views == "local":   # run 1c never reads the global view: keep it out of the vision tower
+            views = views[:, :, 1:]
+        feats = self.vision(views.reshape(-1, *views.shape[3:]))
+        if not self.cfg.vision_trainable:
+            feats = jax.lax.stop_gradient(feats)
+        feats = feats.astype(self.cfg.dtype).reshape(*views.shape[:3], *feats.shape[1:])
+        if c.views == "local":
+            feats = jnp.concatenate([jnp.zeros_like(feats[:, :, :1]), feats], axis=2)
+        rows = jnp.maximum(image_token_map, 0)
+        rows_used = jnp.zeros((b, views.shape[1] * c.rows_per_image), bool).at[jnp.arange(b)[:, None], rows].max(
+            image_token_map >= 0)
+        separator = self.llm.embed(jnp.asarray(c.separator_id, jnp.int32))
+        return self.projector(feats, separator, text, token_valid & (image_token_map < 0), rows_used, deterministic)
+
+    def embed_image_and_text(self, input_ids, token_valid, positions, pixel_values, image_token_map,
+                             deterministic: bool = True):
+        """-> (inputs_embeds, token_valid, positions) for the LLM. Only SliME changes the last two (routed-out image
+        tokens become invalid, positions are recounted over the valid tokens)."""
         text = self.llm.embed(input_ids)
-        return splice_image_features(text, self.encode_images(pixel_values, deterministic), image_token_map)
+        if self.cfg.slime is None:
+            feats = self.encode_images(pixel_values, deterministic)
+            return splice_image_features(text, feats, image_token_map), token_valid, positions
+        feats, keep = self.encode_slime(token_valid, pixel_values, image_token_map, text, deterministic)
+        kept = jnp.take_along_axis(keep, jnp.maximum(image_token_map, 0), axis=1) | (image_token_map < 0)
+        token_valid = token_valid & kept
+        return splice_image_features(text, feats, image_token_map), token_valid, positions_from_mask(token_valid)
 
     def __call__(self, input_ids, token_valid, positions, pixel_values, image_token_map,
                  cache: KVCache | None = None, return_hidden: bool = False, deterministic: bool = True):
-        """`deterministic=False` (training) enables the projector's dropout (LLaVA-UHD v2's JBU) and needs a
-        'dropout' rng."""
-        embeds = self.embed_image_and_text(input_ids, pixel_values, image_token_map, deterministic)
+        """`deterministic=False` (training) enables the projector's randomness (LLaVA-UHD v2's JBU dropout, SliME's
+        gate and router noise) and needs a 'dropout' rng."""
+        embeds, token_valid, positions = self.embed_image_and_text(input_ids, token_valid, positions, pixel_values,
+                                                                   image_token_map, deterministic)
         return self.llm(embeds, positions, token_valid, cache=cache, return_hidden=return_hidden)
 
     def decode(self, input_ids, token_valid, positions, cache: KVCache):
@@ -113,6 +169,7 @@ class VLM(nn.Module):
 def example_inputs(cfg: VLMConfig, batch: int = 1, seq_len: int = 8, images: int = 1):
     """Smallest well-formed inputs for `init` / `eval_shape` (shapes only matter)."""
     size = cfg.vision.image_size
+    images *= cfg.views_per_image
     if cfg.packed_images:
         from uhd_jax.data.uhd_images import layout_for_model  # host-side layout of the packed inputs
 

@@ -72,10 +72,30 @@ def _decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
+def keep_rows(row_masks: Mapping[str, jax.Array]) -> optax.GradientTransformation:
+    """Zero the gradient (or update) rows of the named parameters outside their mask: {path: (rows,) bool}. Rows of
+    a table the stage does not train stay bit-identical while others learn (LLaVAR's stage 1: only the new image
+    tokens' embedding rows)."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def mask(path, u):
+            m = row_masks.get(path_str(path))
+            return u if m is None else u * jnp.asarray(m, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+
+        return jax.tree_util.tree_map_with_path(mask, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(trainable_labels, lrs: Mapping[str, float], total_steps: int, *, warmup_ratio: float = 0.03,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   grad_clip_norm: float | None = None, schedule_kind: str = "cosine"):
-    """An optax transform over the trainable tree (frozen leaves are None and carry no state)."""
+                   grad_clip_norm: float | None = None, schedule_kind: str = "cosine",
+                   row_masks: Mapping[str, jax.Array] | None = None):
+    """An optax transform over the trainable tree (frozen leaves are None and carry no state). `row_masks`: see
+    `keep_rows` (masked before clipping, so the norm counts only trained rows, and after the update, so weight
+    decay cannot move the others)."""
     groups = sorted({g for g in jax.tree_util.tree_leaves(trainable_labels) if g != FROZEN})
     missing = [g for g in groups if g not in lrs]
     if missing:
@@ -87,6 +107,8 @@ def make_optimizer(trainable_labels, lrs: Mapping[str, float], total_steps: int,
     tx = optax.multi_transform(transforms, trainable_labels)
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    if row_masks:
+        tx = optax.chain(keep_rows(row_masks), tx, keep_rows(row_masks))
     return tx, {g: schedule(lrs[g], total_steps, warmup_ratio, schedule_kind) for g in groups}
 
 

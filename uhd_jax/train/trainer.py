@@ -21,8 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from uhd_jax.data.batch import BatchShape
 from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.uhd_images import PackedLayout, layout_for_model
-from uhd_jax.models.projectors import RESAMPLER_TYPES
-from uhd_jax.data.dataset import read_samples
+from uhd_jax.data.dataset import load_tokenizer, read_samples
 from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator, skip_kinds
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn
@@ -55,11 +54,25 @@ def _log0(msg: str):
         print(msg, flush=True)
 
 
-def model_for_stage(config, stage):
+def stage_model(config, stage) -> dict:
+    """`config.model` with the stage's overrides: `stage.vision_trainable`, and `stage.model` (merged one level deep,
+    e.g. SliME's runs 1a-1c: `model=dict(slime=dict(views='global', expert=0))`). A SliME separator_id of -1 is
+    looked up in the tokenizer as the original does (`tokenizer(',').input_ids[-1]`)."""
     model = config.model.to_dict()
     if "vision_trainable" in stage:
         model["vision_trainable"] = bool(stage.vision_trainable)
-    return vlm_config(model)
+    for key, value in dict(stage.get("model") or {}).items():
+        value = value.to_dict() if hasattr(value, "to_dict") else value
+        model[key] = {**model[key], **value} if isinstance(value, dict) and isinstance(model.get(key), dict) else value
+    slime = model.get("slime")
+    if slime and int(slime.get("separator_id", 0)) < 0:
+        tok = stage_tokenizer(config)
+        model["slime"] = dict(slime, separator_id=int(tok(",", add_special_tokens=False)["input_ids"][-1]))
+    return model
+
+
+def model_for_stage(config, stage):
+    return vlm_config(stage_model(config, stage))
 
 
 def _resolve(path: str, config) -> str:
@@ -72,10 +85,13 @@ def stage_sources(config, stage) -> list[Source]:
             for s in stage.sources]
 
 
-def preparer_factory(config, stage, cfg) -> PreparerFactory:
-    from transformers.models.auto.tokenization_auto import AutoTokenizer
+def stage_tokenizer(config):
+    """The config's tokenizer with `config.data.extra_tokens` added where missing (LLaVAR)."""
+    return load_tokenizer(_resolve(config.tokenizer, config), tuple(config.data.get("extra_tokens", ())))
 
-    tok = AutoTokenizer.from_pretrained(_resolve(config.tokenizer, config))
+
+def preparer_factory(config, stage, cfg) -> PreparerFactory:
+    tok = stage_tokenizer(config)
     if len(tok) > cfg.llm.vocab_size:
         raise ValueError(f"tokenizer {config.tokenizer} has {len(tok)} tokens but model.llm.vocab_size is "
                          f"{cfg.llm.vocab_size}")
@@ -88,7 +104,10 @@ def preparer_factory(config, stage, cfg) -> PreparerFactory:
                   slot_id=tok.convert_tokens_to_ids(data.slot_token) if data.get("slot_token") else 0,
                   image_prefix_ids=ids(data.get("image_prefix_tokens", ())),
                   image_suffix_ids=ids(data.get("image_suffix_tokens", ())),
-                  max_image_pixels=data.max_image_pixels, min_image_area=data.min_image_area, alpha=data.alpha)
+                  max_image_pixels=data.max_image_pixels, min_image_area=data.min_image_area, alpha=data.alpha,
+                  extra_tokens=tuple(data.get("extra_tokens", ())))
+    if cfg.slime is not None:
+        kwargs.update(image_mode="slime", slime=cfg.slime)
     if cfg.packed_images:
         layout = packed_layout(config, cfg, stage)
         seps = dict(data.get("separator_ids", {",": 29892, "\n": 13}))
@@ -132,17 +151,42 @@ def packed_layout(config, cfg, stage=None) -> PackedLayout | None:
 DROPPED_ON_LOAD = ("vdim_objective/",)
 
 
-def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool, *, partial_model: bool = False):
+# Vocabulary-indexed tensors and the axis that grows when a tokenizer gains tokens.
+VOCAB_AXES = {"llm/embed_tokens/embedding": 0, "llm/lm_head": 1}
+
+
+def grow_vocabulary(loaded: dict, model_flat: dict, src: str) -> list[str]:
+    """Extend a checkpoint's embedding and lm_head to the model's vocabulary with rows equal to the mean of its rows
+    (the originals' `initialize_vision_tokenizer`: LLaVAR's three image tokens on Vicuna). Returns what grew."""
+    grown = []
+    for key, axis in VOCAB_AXES.items():
+        if key not in loaded or key not in model_flat:
+            continue
+        have, want = loaded[key].shape[axis], model_flat[key].shape[axis]
+        if have < want:
+            mean = loaded[key].mean(axis=axis, keepdims=True)
+            loaded[key] = np.concatenate([loaded[key], np.repeat(mean, want - have, axis=axis)], axis=axis)
+            grown.append(f"{key} {have} -> {want}")
+    if grown:
+        _log0(f"  init: {src}: new vocabulary rows set to the mean of the old ones ({', '.join(grown)})")
+    return grown
+
+
+def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool, *, partial_model: bool = False,
+                        grow_vocab: bool = False):
     """Replace parameters with those stored in each checkpoint of `sources` (partial trees allowed).
 
     `partial_model`: the model is a part of what the checkpoints hold (the JBU stage takes only the ViT and the
-    upsampler from a full LLaVA checkpoint); other tensors are ignored instead of being an error."""
+    upsampler from a full LLaVA checkpoint); other tensors are ignored instead of being an error.
+    `grow_vocab`: a checkpoint with a smaller vocabulary gets mean rows for the new tokens (see grow_vocabulary)."""
     flat = flatten(params)
     flat_sh = flatten(shardings)
     for src in sources:
         meta = load_meta(src)
         loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(src))).items()}
         loaded = match_layer_layout(loaded, scanned=bool(meta["model"].get("scan_layers")), want_scanned=scan_layers)
+        if grow_vocab:
+            grow_vocabulary(loaded, flat, src)
         dropped = [k for k in loaded if k.startswith(DROPPED_ON_LOAD) and k not in flat]
         unknown = [k for k in loaded if k not in flat and k not in dropped]
         if partial_model:
@@ -158,6 +202,25 @@ def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool
             flat[k] = jax.device_put(v.astype(flat[k].dtype), flat_sh[k])
         _log0(f"  init: {len(loaded)} tensors from {src}" + (f" ({len(dropped)} not used here)" if dropped else ""))
     return unflatten(flat)
+
+
+def token_row_masks(config, stage, params, labels) -> dict:
+    """`stage.trainable_token_rows`: only these tokens' rows of the input embedding learn (LLaVAR's stage 1, where the
+    original detaches every other text position). Their ids come from the stage's tokenizer."""
+    tokens = tuple(stage.get("trainable_token_rows", ()))
+    if not tokens:
+        return {}
+    key = "llm/embed_tokens/embedding"
+    if flatten(labels)[key] == opt.FROZEN:
+        raise ValueError(f"stage.trainable_token_rows is set but {key} is frozen: give it a trainable group")
+    tok = stage_tokenizer(config)
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ValueError(f"stage.trainable_token_rows {tokens}: not all are tokens of {config.tokenizer} ({ids})")
+    mask = np.zeros(flatten(params)[key].shape[0], bool)
+    mask[ids] = True
+    _log0(f"  {key}: only rows {ids} ({', '.join(tokens)}) learn")
+    return {key: mask}
 
 
 def _batch_to_device(arrays: dict, accum: int, mesh):
@@ -193,8 +256,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
                          f"({accum} x {pc})")
     total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
     local_batch = stage.batch_size // pc
-    shape = BatchShape(local_batch, stage.max_length, config.data.max_images, cfg.vision.image_size,
-                       packed_layout(config, cfg, stage))
+    shape = BatchShape(local_batch, stage.max_length, config.data.max_images * cfg.views_per_image,
+                       cfg.vision.image_size, packed_layout(config, cfg, stage))
     seed = int(config.seed) + list(config.stage_order).index(name)
     _log0(f"stage {name}: {n_samples} samples, {total} steps of {stage.batch_size} ({accum} x "
           f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
@@ -212,7 +275,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
                                         f"finished in {workdir}: run it first (--stages={stage.init_from_stage}) or "
                                         f"set --config.stages.{name}.init_from_stage=''")
             inits.append(prev)
-        params = overlay_checkpoints(params, p_sh, inits, cfg.llm.scan_layers)
+        params = overlay_checkpoints(params, p_sh, inits, cfg.llm.scan_layers,
+                                     grow_vocab=bool(stage.get("grow_vocab", False)))
 
         labels = opt.group_labels(params, [tuple(r) for r in stage.trainable])
         t_labels = opt.trainable_labels(labels)
@@ -221,7 +285,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
         _log0("  parameters: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())))
         tx, schedules = opt.make_optimizer(t_labels, dict(stage.lrs), total, warmup_ratio=stage.warmup_ratio,
                                            weight_decay=stage.weight_decay,
-                                           grad_clip_norm=stage.get("grad_clip_norm"))
+                                           grad_clip_norm=stage.get("grad_clip_norm"),
+                                           row_masks=token_row_masks(config, stage, params, labels))
         split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
         trainable_abs = split(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))[0]
         o_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable_abs), split(p_sh)[0], mesh)
@@ -239,7 +304,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
             _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
         batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in shape.array_keys}
-        dropout_seed = seed if RESAMPLER_TYPES.get(cfg.projector_type, {}).get("jbu") else None
+        dropout_seed = seed if cfg.stochastic_training else None
         step_fn = jax.jit(make_train_step(model, tx, split, dropout_seed), in_shardings=(state_sh, batch_sh),
                           out_shardings=(state_sh, replicated), donate_argnums=0)
         result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
@@ -253,7 +318,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
         _log0(f"  the train step compiled {compilations} time(s)")
         ckpt.wait()
         ckpt.close()
-        meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
+        meta = {"model": stage_model(config, stage), "stage": name, "steps": total, "family": config.get("family"),
                 "tokenizer": _resolve(config.tokenizer, config)}
         save_params(final_dir, state.params, meta)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))

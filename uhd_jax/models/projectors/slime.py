@@ -11,6 +11,7 @@ fixed budget of local tokens instead of a variable-length selection (the LLM mas
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,60 @@ from uhd_jax.models.projectors.mlp import MLPProjector
 from uhd_jax.models.projectors.resampler import PackedInProjection, sincos_2d
 
 GLOBAL_GRID, LOCAL_GRID = 24, 12     # 576 queries on the global view, 144 per tile
+VIEW_MODES = ("both", "global", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimeConfig:
+    """What the SliME projector computes and feeds the LLM (`config.model.slime`; stages override fields).
+
+    views: 'both' (global + separator + routed local tokens: SFT and inference), 'global' (the global branch alone:
+    runs 1a/1b, `use_global_only`), 'local' (routed local tokens alone: run 1c, `use_local_only`)."""
+
+    views: str = "both"
+    expert: int = -1              # mm_learnable_gated: -1 gated mixture, 0 MLP adapter only, 1 attention adapter only
+    topp: float = 0.95            # router keep mass (1.0 keeps every token: run 1c)
+    temperature: float = 1.0
+    separator_id: int = 1919      # the ',' between global and local tokens ('\u2581,' in Vicuna; 11 in Llama-3)
+    max_tiles: int = 7            # SliME grids have 2..7 tiles
+    gate_noise: bool = True       # the original's training noise on the gate logits
+    router_noise: bool = True     # the original's 0.1 N(0, 1) on the router scores in training
+    global_grid: int = GLOBAL_GRID
+    local_grid: int = LOCAL_GRID
+    num_heads: int = 0            # resampler heads; 0 = Dv // 128
+
+    def __post_init__(self):
+        if self.views not in VIEW_MODES:
+            raise ValueError(f"slime.views must be one of {VIEW_MODES}, got {self.views!r}")
+        if self.expert not in (-1, 0, 1):
+            raise ValueError(f"slime.expert must be -1 (gated), 0 (MLP) or 1 (attention), got {self.expert}")
+
+    @property
+    def views_per_image(self) -> int:
+        """Image slots per image: the global view, then `max_tiles` tiles (zeros where a grid has fewer)."""
+        return 1 if self.views == "global" else 1 + self.max_tiles
+
+    @property
+    def local_offset(self) -> int:
+        return self.global_grid ** 2 + 1
+
+    @property
+    def rows_per_image(self) -> int:
+        """Feature rows per image: global grid^2, the separator, then every tile's local_grid^2 tokens tile-major."""
+        return self.local_offset + (0 if self.views == "global" else self.max_tiles * self.local_grid ** 2)
+
+
+def slime_feature_rows(cfg: SlimeConfig, grid: tuple[int, int] | None, first_row: int = 0) -> np.ndarray:
+    """The feature rows one image puts into the sequence, in the LLM's order (the original's assembly, §C.5):
+    global tokens, the separator, then the local tokens of a (cols, rows) tile grid in the 'spatial' raster order.
+    Which of them the LLM finally sees is the router's choice (a keep mask over these rows)."""
+    glob = np.arange(cfg.global_grid ** 2)
+    if cfg.views == "global":
+        rows = glob
+    else:
+        local = cfg.local_offset + spatial_order(*grid, side=cfg.local_grid)
+        rows = local if cfg.views == "local" else np.concatenate([glob, [cfg.global_grid ** 2], local])
+    return (rows + first_row).astype(np.int32)
 
 
 def interpolated_table(table, grid: int, size: int):
@@ -87,22 +142,23 @@ class GatedAdapters(nn.Module):
     num_heads: int = 0               # 0: Dv // 128 (8 for CLIP-L)
     expert: int = -1
     gate_noise: bool = True
+    grid: int = GLOBAL_GRID          # the global view's map is grid x grid tokens; any other count is MLP-only
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        """x (..., N, Dv) -> (..., N', H): N' = 576 for the global view's 576 tokens, else N."""
+        """x (..., N, Dv) -> (..., N', H): N' = grid^2 for the global view's grid^2 tokens, else N."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dv = x.shape[-1]
         mlp = MLPProjector(self.hidden_size, depth=2, name="projection", **kw)
-        attn = QueryResampler(GLOBAL_GRID, self.num_heads or max(dv // 128, 1), name="attn", **kw)
+        attn = QueryResampler(self.grid, self.num_heads or max(dv // 128, 1), name="attn", **kw)
         gate_axes = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", None))
         w_gate = self.param("w_gate", gate_axes, (dv, 2), self.param_dtype)
         self.param("w_noise", gate_axes, (dv, 2), self.param_dtype)
         if self.is_initializing():   # every expert's parameters exist whatever the input and the expert choice
-            attn(jnp.zeros((GLOBAL_GRID ** 2, dv), x.dtype))
-        if x.shape[-2] != GLOBAL_GRID ** 2 or self.expert == 0:
+            attn(jnp.zeros((self.grid ** 2, dv), x.dtype))
+        if x.shape[-2] != self.grid ** 2 or self.expert == 0:
             return mlp(x)
         if self.expert == 1:
             return mlp(attn(x))
@@ -120,13 +176,14 @@ class LocalCompressor(nn.Module):
     """`sampler.post_qformer`: every tile's 576 vision tokens -> 144 (one QueryResampler, grid 12)."""
 
     num_heads: int = 0
+    grid: int = LOCAL_GRID
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tiles):
         """tiles (..., P, 576, Dv) -> (..., P, 144, Dv)."""
-        return QueryResampler(LOCAL_GRID, self.num_heads or max(tiles.shape[-1] // 128, 1), name="post_qformer",
+        return QueryResampler(self.grid, self.num_heads or max(tiles.shape[-1] // 128, 1), name="post_qformer",
                               dtype=self.dtype, param_dtype=self.param_dtype)(tiles)
 
 
@@ -157,7 +214,8 @@ def route_tokens(local, local_valid, text, text_valid, *, topp: float, temperatu
         scores = scores + 0.1 * jax.random.normal(noise_key, scores.shape)
     if topp >= 1.0:
         return local_valid
-    probs = jax.nn.softmax(jnp.where(local_valid, scores / temperature, -jnp.inf), axis=-1)
+    # a huge finite fill, not -inf: a sample without local tokens (text only) must not make NaNs
+    probs = jax.nn.softmax(jnp.where(local_valid, scores / temperature, -1e30), axis=-1)
     order = jnp.argsort(-probs, axis=-1, stable=True)
     cumulative = jnp.cumsum(jnp.take_along_axis(probs, order, axis=-1), axis=-1)
     n_valid = jnp.sum(local_valid, axis=-1)
@@ -165,3 +223,54 @@ def route_tokens(local, local_valid, text, text_valid, *, topp: float, temperatu
                     n_valid)
     rank = jnp.argsort(order, axis=-1)                       # position of each token in the sorted order
     return (rank < k[:, None]) & local_valid
+
+
+class SlimeProjector(nn.Module):
+    """SliME's image features for the LLM: the gated adapters on the global view, the local compressor + MLP on the
+    tiles, the separator embedding, and the router's keep mask over the local tokens. Parameters as the original:
+    the adapters at this module's level (`mm_projector.*`), the compressor under `sampler/` (`sampler.*`)."""
+
+    cfg: SlimeConfig
+    hidden_size: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.adapters = GatedAdapters(self.hidden_size, c.num_heads, c.expert, c.gate_noise, c.global_grid, **kw)
+        nn.share_scope(self, self.adapters)
+        self.sampler = LocalCompressor(c.num_heads, c.local_grid, name="sampler", **kw)
+
+    def __call__(self, views, separator, text, text_valid, rows_used, deterministic: bool = True):
+        """views (B, I, V, N, Dv) vision features of each image's global view and tiles (V = views_per_image; in
+        'local' mode the global slot may hold anything, it is not read); separator (H,) its embedding; text (B, L, H)
+        and text_valid (B, L) the router's text; rows_used (B, I * R) feature rows some position reads.
+
+        Returns features (B, I * R, H) laid out as `SlimeConfig.rows_per_image` says, and keep (B, I * R): False
+        for the local tokens the router drops (every other row True)."""
+        c = self.cfg
+        b, i = views.shape[:2]
+        if self.is_initializing():   # every parameter exists whatever the stage's views and expert
+            self.sampler(views[:1, :1, :1])
+            self.adapters(jnp.zeros((1, c.global_grid ** 2, views.shape[-1]), views.dtype))
+        parts = []
+        if c.views == "local":
+            parts.append(jnp.zeros((b, i, c.global_grid ** 2, self.hidden_size), self.dtype))
+        else:
+            parts.append(self.adapters(views[:, :, 0], deterministic).astype(self.dtype))
+        parts.append(jnp.broadcast_to(separator.astype(self.dtype), (b, i, 1, self.hidden_size)))
+        keep = jnp.ones((b, i, c.rows_per_image), bool)
+        if c.views != "global":
+            local = self.adapters(self.sampler(views[:, :, 1:]), deterministic)   # (B, I, T, q, H): the MLP path
+            local = local.reshape(b, i, -1, self.hidden_size).astype(self.dtype)
+            present = rows_used.reshape(b, i, c.rows_per_image)[..., c.local_offset:]
+            noise = None
+            if not deterministic and c.router_noise:
+                noise = self.make_rng("dropout")
+            routed = route_tokens(local.reshape(b * i, -1, self.hidden_size), present.reshape(b * i, -1),
+                                  jnp.repeat(text, i, axis=0), jnp.repeat(text_valid, i, axis=0), topp=c.topp,
+                                  temperature=c.temperature, noise_key=noise)
+            keep = keep.at[..., c.local_offset:].set(routed.reshape(b, i, -1))
+            parts.append(local)
+        feats = jnp.concatenate(parts, axis=2)
+        return feats.reshape(b, i * c.rows_per_image, self.hidden_size), keep.reshape(b, -1)
