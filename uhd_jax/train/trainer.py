@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,8 +87,14 @@ def stage_sources(config, stage) -> list[Source]:
 
 
 def stage_tokenizer(config):
-    """The config's tokenizer with `config.data.extra_tokens` added where missing (LLaVAR)."""
-    return load_tokenizer(_resolve(config.tokenizer, config), tuple(config.data.get("extra_tokens", ())))
+    """The config's tokenizer with `config.data.extra_tokens` added where missing (LLaVAR). Shared, read-only: a stage
+    asks for it up to three times (SliME's separator, row masks, the preparer's ids)."""
+    return _tokenizer(_resolve(config.tokenizer, config), tuple(config.data.get("extra_tokens", ())))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str, extra_tokens: tuple):
+    return load_tokenizer(path, extra_tokens)
 
 
 def preparer_factory(config, stage, cfg) -> PreparerFactory:
