@@ -2,11 +2,12 @@
 their stages on the CPU, and report each one's held-out exact-match accuracy before and after training.
 
   python launch/demo.py [--workdir runs/demo] [--models llava15,uhd_v2] [--train 2000] [--eval 200]
+  python launch/demo.py --models slime      # SliME's four stages (~25 min on 2 cores; not in the default)
 
 Steps: (1) render train/eval images and questions and build a tokenizer (once; cached in <workdir>/data); then per
 model: (2) score the untrained model; (3) train its stages with `configs/<model>.py:demo` (LLaVA-1.5: `pretrain`,
-`sft`; UHD v2: `jbu`, `pretrain`, `sft`); (4) score the trained model per question type. The summary puts the models
-side by side on the same held-out questions, beside the best a model could do without looking (the most frequent
+`sft`; UHD v2: `jbu`, `pretrain`, `sft`; SliME: `mlp_adapter`, `attn_adapter`, `local_compressor`, `sft`); (4) score
+the trained model per question type. The summary puts the models side by side on the same held-out questions, beside the best a model could do without looking (the most frequent
 training answer of each question). A rerun resumes or skips finished stages.
 """
 from __future__ import annotations
