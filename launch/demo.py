@@ -7,8 +7,9 @@ their stages on the CPU, and report each one's held-out exact-match accuracy bef
 Steps: (1) render train/eval images and questions and build a tokenizer (once; cached in <workdir>/data); then per
 model: (2) score the untrained model; (3) train its stages with `configs/<model>.py:demo` (LLaVA-1.5: `pretrain`,
 `sft`; UHD v2: `jbu`, `pretrain`, `sft`; SliME: `mlp_adapter`, `attn_adapter`, `local_compressor`, `sft`); (4) score
-the trained model per question type. The summary puts the models side by side on the same held-out questions, beside the best a model could do without looking (the most frequent
-training answer of each question). A rerun resumes or skips finished stages.
+the trained model per question type. The summary puts the models side by side on the same held-out questions, beside
+the best a model could do without looking (the most frequent training answer of each question). A rerun resumes or
+skips finished stages.
 """
 from __future__ import annotations
 
