@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
+from tests.config_helpers import on_synthetic_data
 from tests.torch_helpers import random_pixels, rel_err, tiny_clip, tiny_llama, to_nchw
 from tools.convert_torch.__main__ import main as convert_cli
 from tools.convert_torch.torch_io import iter_tensors
-from uhd_jax.config_loading import load_config
 from uhd_jax.data.pipeline import Source
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn
@@ -82,14 +82,7 @@ def test_llavar_original_checkpoint_matches_torch_reference(tmp_path):
 
 
 def tiny_llavar(data):
-    c = load_config("configs/llavar.py:tiny")
-    c.model.llm.vocab_size = 640
-    c.data_root = data["root"]
-    c.tokenizer = "tokenizer"
-    c.mesh.update(data=2, fsdp=2, tensor=2)
-    for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
-        c.stages[name].update(sources=[dict(json=js, image_folder="images")], num_steps=1)
-    return c
+    return on_synthetic_data("configs/llavar.py:tiny", data, num_steps=1)
 
 
 def test_llavar_samples_wrap_the_image_in_start_and_end_tokens(synthetic_data):

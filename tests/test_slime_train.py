@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from tests.config_helpers import on_synthetic_data
 from uhd_jax.config_loading import load_config
 from uhd_jax.data.image_processing import normalize
 from uhd_jax.data.pipeline import Source
@@ -22,16 +23,7 @@ from uhd_jax.train.trainer import model_for_stage, preparer_factory, run_stage
 
 
 def tiny_slime(data):
-    c = load_config("configs/slime.py:tiny")
-    c.model.llm.vocab_size = 640
-    c.data_root = data["root"]
-    c.tokenizer = "tokenizer"
-    c.mesh.update(data=2, fsdp=2, tensor=2)
-    for name in c.stage_order:
-        js = "train_sft.json" if name == "sft" else "train_pretrain.json"
-        c.stages[name].update(sources=[dict(json=js, image_folder="images")], batch_size=8, num_steps=1,
-                              save_every=100)
-    return c
+    return on_synthetic_data("configs/slime.py:tiny", data, batch_size=8, num_steps=1, save_every=100)
 
 
 def test_slime_samples_carry_views_and_assembly_rows(synthetic_data, tmp_path):

@@ -13,6 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.config_helpers import on_synthetic_data
 from uhd_jax.config_loading import load_config
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.train import optimizer as opt
@@ -27,17 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data, **stage_overrides):
-    c = load_config("configs/llava15.py:tiny")
-    c.model.llm.vocab_size = 640
-    c.data_root = data["root"]
-    c.tokenizer = "tokenizer"
-    c.mesh.update(data=2, fsdp=2, tensor=2)
-    for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
-        st = c.stages[name]
-        st.update(sources=[dict(json=js, image_folder="images")], batch_size=8, max_length=112, save_every=4,
-                  num_steps=8, log_every=1)
-        st.update(stage_overrides)
-    return c
+    return on_synthetic_data("configs/llava15.py:tiny", data, **{
+        **dict(batch_size=8, max_length=112, save_every=4, num_steps=8, log_every=1), **stage_overrides})
 
 
 def losses(workdir, stage):

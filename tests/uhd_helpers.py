@@ -62,16 +62,9 @@ def windows_reference(fmap, grid=12):
 
 def tiny_uhd(data, spec: str = "configs/uhd_v1.py:tiny", steps: int = 6):
     """A tiny UHD experiment on the session's synthetic dataset and the 2x2x2 test mesh."""
-    from uhd_jax.config_loading import load_config
+    from tests.config_helpers import on_synthetic_data
 
-    c = load_config(spec)
-    c.model.llm.vocab_size = 640
-    c.data_root = data["root"]
-    c.tokenizer = "tokenizer"
-    c.mesh.update(data=2, fsdp=2, tensor=2)
-    for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
-        c.stages[name].update(sources=[dict(json=js, image_folder="images")], batch_size=4, num_steps=steps,
-                              save_every=100)
+    c = on_synthetic_data(spec, data, batch_size=4, num_steps=steps, save_every=100)
     if "jbu" in c.stages:
         c.stages.jbu.update(sources=[dict(image_folder="images/train")], batch_size=4, num_steps=steps, save_every=100)
     return c
