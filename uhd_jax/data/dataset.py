@@ -14,7 +14,7 @@ import numpy as np
 
 from uhd_jax.data.image_processing import llava15_image, normalize
 from uhd_jax.data.images import SampleError, load_image
-from uhd_jax.data.slicing import SlicingOptions, slime_tiles
+from uhd_jax.data.slicing import SlicingOptions, slime_global_view, slime_tiles
 from uhd_jax.data.templates import TemplateError, count_images, get_template
 from uhd_jax.data.tokenize import IMAGE_PLACEHOLDER, TokenizationMismatch, tokenize_segments
 from uhd_jax.data.uhd_images import check_images, sliced_images
@@ -221,11 +221,15 @@ class SamplePreparer:
         valid = np.zeros(len(pixels), bool)
         layouts = []
         for k, p in enumerate(image_paths):
-            global_view, tiles, grid = slime_tiles(self._load(p).convert("RGB"), size)
-            if len(tiles) > c.max_tiles:
-                raise SampleError(f"image {p} is cut into {len(tiles)} tiles, more than model.slime.max_tiles="
-                                  f"{c.max_tiles}")
-            views = [global_view] if c.views == "global" else [global_view, *tiles]
+            image = self._load(p).convert("RGB")
+            if c.views == "global":   # runs 1a/1b read the global view alone: no letterboxed canvas to cut
+                views, grid = [slime_global_view(image, size)], None
+            else:
+                global_view, tiles, grid = slime_tiles(image, size)
+                if len(tiles) > c.max_tiles:
+                    raise SampleError(f"image {p} is cut into {len(tiles)} tiles, more than model.slime.max_tiles="
+                                      f"{c.max_tiles}")
+                views = [global_view, *tiles]
             for j, view in enumerate(views):
                 pixels[k * n + j] = normalize(view)
                 valid[k * n + j] = True

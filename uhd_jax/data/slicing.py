@@ -177,10 +177,15 @@ def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
+def slime_global_view(image: Image.Image, tile: int = 336) -> Image.Image:
+    """SliME's global view: a plain tile x tile resize, aspect distorted (not padded)."""
+    return image.resize((tile, tile), Image.Resampling.BICUBIC)
+
+
 def slime_tiles(image: Image.Image, tile: int = 336) -> tuple[Image.Image, list, tuple[int, int]]:
-    """-> (global view: a plain tile x tile resize, aspect distorted; tiles row-major; (cols, rows))."""
+    """-> (global view (`slime_global_view`); tiles row-major; (cols, rows))."""
     cols, rows = slime_grid(*image.size, tile=tile)
     canvas = letterbox(image, cols * tile, rows * tile)
     tiles = [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
              for r in range(rows) for c in range(cols)]
-    return image.resize((tile, tile), Image.Resampling.BICUBIC), tiles, (cols, rows)
+    return slime_global_view(image, tile), tiles, (cols, rows)
