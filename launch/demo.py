@@ -34,7 +34,9 @@ from uhd_jax.config_loading import load_config  # noqa: E402
 from uhd_jax.data import synthetic  # noqa: E402
 from uhd_jax.data.dataset import read_samples  # noqa: E402
 from uhd_jax.data.pipeline import Source  # noqa: E402
-from uhd_jax.eval.vqa import answer_prompts, exact_match, normalize_answer  # noqa: E402
+from uhd_jax.eval.decoding import GenerationConfig  # noqa: E402
+from uhd_jax.eval.generate import Generator  # noqa: E402
+from uhd_jax.eval.metrics.exact import plain_match, plain_normalize  # noqa: E402
 from uhd_jax.models.vlm import init_fn  # noqa: E402
 from uhd_jax.train.checkpoints import load_params  # noqa: E402
 from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
@@ -79,11 +81,11 @@ class Scorer:
         self.prompts = [prep.prompt(s) for s in eval_samples]
 
     def __call__(self, params):
-        preds = answer_prompts(self.cfg, params, self.prompts, self.tokenizer, batch_size=50, max_new_tokens=8,
-                               packed_layout=self.layout)
+        preds = Generator(self.cfg, params, self.tokenizer, GenerationConfig(max_new_tokens=8), batch_size=50,
+                          packed_layout=self.layout)(self.prompts)
         by_q = collections.defaultdict(list)
         for s, p, pr in zip(self.samples, self.prompts, preds):
-            by_q[question_of(s)].append(exact_match(pr, p["answer"]))
+            by_q[question_of(s)].append(plain_match(pr, p["answer"]))
         overall = sum(sum(v) for v in by_q.values()) / len(self.samples)
         return overall, {q: sum(v) / len(v) for q, v in by_q.items()}, preds
 
@@ -116,8 +118,8 @@ def prior_baseline(train_samples, eval_samples):
     for s in train_samples:
         conv = s["conversations"]
         for i in range(0, len(conv) - 1, 2):
-            answers[question_text(conv[i]["value"])][normalize_answer(conv[i + 1]["value"])] += 1
-    hits = [normalize_answer(s["conversations"][1]["value"]) == answers[question_of(s)].most_common(1)[0][0]
+            answers[question_text(conv[i]["value"])][plain_normalize(conv[i + 1]["value"])] += 1
+    hits = [plain_normalize(s["conversations"][1]["value"]) == answers[question_of(s)].most_common(1)[0][0]
             for s in eval_samples]
     return sum(hits) / len(hits)
 

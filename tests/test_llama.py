@@ -1,4 +1,4 @@
-"""Llama: logits against transformers (MHA, GQA, Llama-3 RoPE scaling, scanned layers), KV-cache greedy decoding."""
+"""Llama: logits against transformers (MHA, GQA, Llama-3 RoPE scaling, scanned layers), the KV cache."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,6 @@ import torch
 from tests.torch_helpers import rel_err, tiny_llama
 from tools.convert_torch.hf_configs import llm_from_hf
 from tools.convert_torch.importer import Source, import_checkpoint
-from uhd_jax.eval.generate import greedy_generate
 from uhd_jax.models.config import llm_config
 from uhd_jax.models.llama import Llama, init_cache, positions_from_mask
 
@@ -99,44 +98,3 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path):
         steps.append(step)
     assert int(cache.index) == 12
     assert rel_err(jnp.concatenate(steps, 1), full) <= 1e-5
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_greedy_generation_matches_torch_generate_on_left_padded_batch(scan, tmp_path):
-    ref = tiny_llama(seed=6, pad_token_id=0)
-    model, params, _ = convert(ref, tmp_path, scan=scan)
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(3, 128, size=n) for n in (5, 9, 7)]
-    t = max(len(p) for p in prompts)
-    ids = np.zeros((3, t), np.int64)
-    mask = np.zeros((3, t), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = p
-        mask[i, t - len(p):] = 1
-    new = 12
-    with torch.no_grad():
-        expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                ).numpy()[:, t:]
-    embeds = model.apply(params, jnp.asarray(ids), method=Llama.embed)
-    ours = greedy_generate(params, model.cfg, embeds, jnp.asarray(mask.astype(bool)), max_new_tokens=new)
-    np.testing.assert_array_equal(np.asarray(ours), expected)
-    # Each prompt alone decodes to the same tokens (padding is invisible).
-    for i, p in enumerate(prompts):
-        alone = greedy_generate(params, model.cfg, model.apply(params, jnp.asarray(p[None]), method=Llama.embed),
-                                jnp.ones((1, len(p)), bool), max_new_tokens=new)
-        np.testing.assert_array_equal(np.asarray(alone)[0], expected[i])
-
-
-def test_generation_stops_at_eos_and_pads(tmp_path):
-    ref = tiny_llama(seed=6, pad_token_id=0)
-    model, params, _ = convert(ref, tmp_path)
-    ids = jnp.asarray(np.random.default_rng(4).integers(3, 128, size=(1, 6)))
-    embeds = model.apply(params, ids, method=Llama.embed)
-    free = np.asarray(greedy_generate(params, model.cfg, embeds, jnp.ones((1, 6), bool), max_new_tokens=8))[0]
-    eos = int(free[2])  # pretend the third generated token is EOS
-    stopped = np.asarray(greedy_generate(params, model.cfg, embeds, jnp.ones((1, 6), bool), max_new_tokens=8,
-                                         eos_id=eos, pad_id=0))[0]
-    first = int(np.argmax(free == eos))
-    np.testing.assert_array_equal(stopped[:first + 1], free[:first + 1])
-    assert (stopped[first + 1:] == 0).all()

@@ -336,7 +336,8 @@ def test_window_boxes_round_to_the_compute_dtype():
 def test_uhd_generation_is_batch_invariant(synthetic_data):
     """Greedy answers of a UHD model do not depend on what else is in the batch (left padding, packed slices)."""
     from uhd_jax.data.dataset import SamplePreparer, read_samples
-    from uhd_jax.eval.vqa import answer_prompts
+    from uhd_jax.eval.decoding import GenerationConfig
+    from uhd_jax.eval.generate import Generator
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory, stage_sources
     from transformers.models.auto.tokenization_auto import AutoTokenizer
@@ -351,9 +352,14 @@ def test_uhd_generation_is_batch_invariant(synthetic_data):
     assert len({len(p["pixels"]) for p in prompts}) > 1 or len(prompts[0]["pixels"]) > 1
     tok = AutoTokenizer.from_pretrained(synthetic_data["tokenizer"])
     layout = packed_layout(c, cfg)
+    gen = GenerationConfig(max_new_tokens=4)
+    # one bucket for all three prompts, so they really share a batch
     length = max(len(p["ids"]) for p in prompts)
-    together = answer_prompts(cfg, params, prompts, tok, batch_size=3, max_new_tokens=4, packed_layout=layout,
-                              prompt_length=length)
-    alone = [answer_prompts(cfg, params, [p], tok, batch_size=1, max_new_tokens=4, packed_layout=layout,
-                            prompt_length=length)[0] for p in prompts]
-    assert together == alone and any(together)
+    batched = Generator(cfg, params, tok, gen, batch_size=3, packed_layout=layout, smallest_bucket=length)
+    together = batched.token_ids(prompts)
+    assert batched.compilations == 1
+    alone = [Generator(cfg, params, tok, gen, batch_size=1, packed_layout=layout, smallest_bucket=length
+                       ).token_ids([p])[0] for p in prompts]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
+    assert any(len(t) for t in together)

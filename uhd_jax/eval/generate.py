@@ -1,49 +1,146 @@
-"""Greedy decoding with a preallocated KV cache: one jitted prefill, then a `lax.while_loop` of one-token steps.
+"""Batched answers from a VLM: prompts (from `SamplePreparer.prompt`) sorted into length buckets, left-padded into
+fixed batches, images encoded and spliced, then decoded (`uhd_jax.eval.decoding`), all in one jitted program.
 
-Prompts are left-padded (B, T) with `token_valid`; positions count real tokens, as HF `generate()` does, so a padded
-batch decodes exactly like each prompt alone. Finished rows (EOS emitted) keep emitting `pad_id`.
+Static shapes: a batch is `batch_size` rows (short batches repeat their last prompt) of a bucketed length, and the
+images always fill the model's fixed slots (LLaVA-1.5 / LLaVAR / SliME) or its packed patch budget (UHD). So a whole
+benchmark compiles once per bucket it touches; `Generator.compilations` counts them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from uhd_jax.models.llama import Llama, LlamaConfig, init_cache, positions_from_mask
+from uhd_jax.data.uhd_images import fill_row
+from uhd_jax.eval.decoding import GenerationConfig, decode
+from uhd_jax.models.vlm import VLM, VLMConfig
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
-def greedy_generate(params, cfg: LlamaConfig, inputs_embeds, token_valid, *, max_new_tokens: int,
-                    eos_id: int | None = None, pad_id: int = 0):
-    """params: the LLM's variables; inputs_embeds (B, T, E) (text and image embeddings already spliced).
+def bucket_length(n: int, smallest: int = 64) -> int:
+    """The smallest of smallest * {1, 1.5} * 2^k that holds n tokens: at most a third of a batch is padding."""
+    size = smallest
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
 
-    Returns (B, max_new_tokens) int32 new tokens.
-    """
-    model = Llama(cfg)
-    b, t = token_valid.shape
-    cache = init_cache(cfg, b, t + max_new_tokens)
-    positions = positions_from_mask(token_valid)
-    logits, cache = model.apply(params, inputs_embeds, positions, token_valid, cache=cache)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = first == eos_id if eos_id is not None else jnp.zeros((b,), bool)
-    last_pos = jnp.max(positions, axis=-1)
 
-    def cond(state):
-        step, _, _, _, done = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+def left_pad(prompts: list[dict], length: int, image_slots: int, image_size: int, fixed_images: bool = True):
+    """Prompt ids, validity and image-row maps right-aligned in (B, length); fixed-size images in (B, slots, S, S, 3)."""
+    b = len(prompts)
+    ids = np.zeros((b, length), np.int32)
+    valid = np.zeros((b, length), bool)
+    image_map = np.full((b, length), -1, np.int32)
+    pixels = np.zeros((b, image_slots if fixed_images else 0, image_size, image_size, 3), np.float32)
+    for i, p in enumerate(prompts):
+        n = len(p["ids"])
+        ids[i, length - n:] = p["ids"]
+        valid[i, length - n:] = True
+        image_map[i, length - n:] = p["image_map"]
+        if fixed_images:
+            pixels[i, :len(p["pixels"])] = p["pixels"]
+    return ids, valid, image_map, pixels
 
-    def body(state):
-        step, tokens, cache, pos, done = state
-        prev = tokens[:, step - 1]
-        embeds = model.apply(params, prev[:, None], method=Llama.embed)
-        logits, cache = model.apply(params, embeds, (pos + 1)[:, None], jnp.ones((b, 1), bool), cache=cache)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad_id, nxt)
-        if eos_id is not None:
-            done = done | (nxt == eos_id)
-        return step + 1, tokens.at[:, step].set(nxt), cache, pos + 1, done
 
-    _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, last_pos, done))
-    return out
+def packed_pixels(prompts: list[dict], layout) -> dict:
+    """UHD prompts: each prompt's slices and overviews packed into its row (see `uhd_jax.data.uhd_images`)."""
+    out = layout.zeros(len(prompts))
+    for row, p in enumerate(prompts):
+        fill_row(out, row, list(p["pixels"]), layout)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen"))
+def generate_tokens(params, cfg: VLMConfig, input_ids, token_valid, pixel_values, image_token_map, row_keys,
+                    gen: GenerationConfig):
+    """Encode the images, splice them into the prompts and decode: (B, max_new_tokens) int32."""
+    embeds, token_valid, _ = VLM(cfg).apply({"params": params}, input_ids, token_valid, jnp.zeros_like(input_ids),
+                                            pixel_values, image_token_map, method=VLM.embed_image_and_text)
+    # SliME's router may drop image tokens: the decoder gets the routed mask (positions follow from it)
+    return decode({"params": params["llm"]}, cfg.llm, embeds, token_valid, row_keys, gen)
+
+
+class Generator:
+    """Answers for lists of prompts with one model and one `GenerationConfig`.
+
+    `stop_strings` end a row as soon as their tokens appear and are cut from the text (with what follows);
+    `packed_layout` is required for UHD models (`trainer.packed_layout(config, cfg)`); `max_prompt_length` bounds the
+    buckets (a longer prompt is an error naming it)."""
+
+    def __init__(self, cfg: VLMConfig, params, tokenizer, gen: GenerationConfig, *, batch_size: int = 8,
+                 packed_layout=None, max_images: int = 1, stop_strings: tuple[str, ...] = (),
+                 max_prompt_length: int | None = None, smallest_bucket: int = 64):
+        if cfg.packed_images and packed_layout is None:
+            raise ValueError("this model reads packed UHD slices: pass packed_layout=trainer.packed_layout(config, cfg)")
+        stops = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings)
+        eos = tokenizer.eos_token_id if gen.eos_id is None else gen.eos_id
+        self.gen = dataclasses.replace(gen, eos_id=eos, pad_id=eos if eos is not None else 0,
+                                       stop_sequences=gen.stop_sequences + tuple(s for s in stops if s))
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.batch_size, self.layout, self.max_images = batch_size, packed_layout, max_images
+        self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length, \
+            smallest_bucket
+        self.signatures: set[tuple[int, int]] = set()
+
+    @property
+    def compilations(self) -> int:
+        """Distinct (batch, length) programs run so far (each compiled once)."""
+        return len(self.signatures)
+
+    def bucket(self, prompt: dict, name: str = "prompt") -> int:
+        n = len(prompt["ids"])
+        length = bucket_length(n, self.smallest_bucket)
+        if self.max_prompt_length and length > self.max_prompt_length:
+            length = self.max_prompt_length
+            if n > length:
+                raise ValueError(f"{name} is {n} tokens (text and image tokens), over the generation budget of "
+                                 f"{length}: raise max_prompt_length or shorten it")
+        return length
+
+    def batches(self, prompts: list[dict]):
+        """(bucket length, indices) groups of at most batch_size prompts, shortest bucket first."""
+        lengths = [self.bucket(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+        groups: list[tuple[int, list[int]]] = []
+        for i in order:
+            if not groups or groups[-1][0] != lengths[i] or len(groups[-1][1]) == self.batch_size:
+                groups.append((lengths[i], []))
+            groups[-1][1].append(i)
+        return groups
+
+    def token_ids(self, prompts: list[dict], seeds: list[int] | None = None) -> list[np.ndarray]:
+        """New token ids per prompt (up to and excluding EOS). `seeds` (one per prompt) key the sampling."""
+        seeds = list(range(len(prompts))) if seeds is None else seeds
+        out: list[np.ndarray | None] = [None] * len(prompts)
+        for length, idx in self.batches(prompts):
+            rows = idx + [idx[-1]] * (self.batch_size - len(idx))   # static batch shape
+            chunk = [prompts[i] for i in rows]
+            ids, valid, image_map, pixels = left_pad(chunk, length, self.max_images * self.cfg.views_per_image,
+                                                     self.cfg.vision.image_size, fixed_images=not self.cfg.packed_images)
+            images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else jnp.asarray(pixels)
+            keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
+            self.signatures.add((self.batch_size, length))
+            tokens = np.asarray(generate_tokens(self.params, self.cfg, jnp.asarray(ids), jnp.asarray(valid), images,
+                                                jnp.asarray(image_map), keys, self.gen))
+            for i, row in zip(idx, tokens):
+                out[i] = self._trim(row)
+        return out
+
+    def _trim(self, row: np.ndarray) -> np.ndarray:
+        if self.gen.eos_id is not None and (row == self.gen.eos_id).any():
+            row = row[:int(np.argmax(row == self.gen.eos_id))]
+        return row
+
+    def text(self, token_ids) -> str:
+        text = self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)
+        for s in self.stop_strings:
+            if s in text:
+                text = text[:text.index(s)]
+        return text.strip()
+
+    def __call__(self, prompts: list[dict], seeds: list[int] | None = None) -> list[str]:
+        return [self.text(t) for t in self.token_ids(prompts, seeds)]

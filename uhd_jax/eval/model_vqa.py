@@ -1,0 +1,147 @@
+"""Answer a question file with a trained model, as the originals' `model_vqa_loader.py` does, but batched.
+
+The model comes from a checkpoint (its `config.json` holds the model config the stage trained, overrides included),
+the prompt format and image processing from the experiment config's last stage, and the benchmark's rule
+(`uhd_jax.eval.benchmarks`) sets the suffix, decoding and UHD pre-resizing. Questions whose image is missing or
+unreadable, or whose prompt does not fit, are reported (and retried by the next run), never answered with a guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import flax.linen as nn
+
+from uhd_jax.data.images import SampleError
+from uhd_jax.data.pipeline import Source
+from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
+from uhd_jax.eval.benchmarks import EvalRule, prompt_text
+from uhd_jax.eval.decoding import GenerationConfig
+from uhd_jax.eval.generate import Generator
+from uhd_jax.models.config import vlm_config
+from uhd_jax.models.vlm import init_fn
+from uhd_jax.train.checkpoints import load_meta, load_params
+from uhd_jax.train.param_tree import flatten
+from uhd_jax.train.trainer import packed_layout, preparer_factory, stage_tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: Any          # the experiment ConfigDict
+    cfg: Any             # VLMConfig
+    params: Any
+    tokenizer: Any
+    model_id: str
+
+
+def load_model(config, checkpoint: str) -> LoadedModel:
+    """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes."""
+    meta = load_meta(checkpoint)
+    cfg = vlm_config(meta["model"])
+    params = load_params(checkpoint)
+    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))["params"]))
+    got = flatten(params)
+    missing = sorted(set(expected) - set(got))
+    unknown = sorted(set(got) - set(expected))
+    misshaped = [f"{k}: {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+                 if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    if missing or unknown or misshaped:
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model in its config.json: missing {missing[:8]}, "
+                         f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
+                         f"checkpoint directory (a stage's final/ folder)")
+    return LoadedModel(config, cfg, params, stage_tokenizer(config), os.path.basename(os.path.normpath(checkpoint)))
+
+
+def eval_config(config, rule: EvalRule):
+    """The experiment config with the benchmark's slicing: no training augmentation, the rule's pre-resize and slice
+    count (an explicit patch budget grows with the slice count)."""
+    config = config.copy_and_resolve_references()
+    slicing = config.data.get("slicing")
+    if slicing is not None:
+        trained = int(slicing.get("max_slices", 7))
+        slicing.update(augment_prob=0.0, textvqa_long_side=0, pre_resize=rule.pre_resize,
+                       pre_resize_upscale_only=rule.pre_resize_upscale_only)
+        if rule.max_slices:
+            slicing.max_slices = rule.max_slices
+            if config.data.get("patch_budget"):
+                config.data.patch_budget = int(config.data.patch_budget) * (rule.max_slices + 1) // (trained + 1)
+    return config
+
+
+def question_sample(question: dict, rule: EvalRule) -> dict:
+    """A LLaVA-format sample whose first human turn is the benchmark prompt (the answer slot stays empty)."""
+    image = question.get("image")
+    human = prompt_text(question["text"], rule) if image else question["text"]
+    sample = {"id": str(question["question_id"]), "conversations": [{"from": "human", "value": human},
+                                                                     {"from": "gpt", "value": ""}]}
+    if image:
+        sample["image"] = image
+    return sample
+
+
+@dataclasses.dataclass
+class Answering:
+    """A model set up for one benchmark: `prompt(question)` -> prompt dict, `generator(prompts)` -> texts."""
+
+    model: LoadedModel
+    rule: EvalRule
+    generator: Generator
+    preparer: Any
+
+    def prompt(self, question: dict) -> dict:
+        return self.preparer.prompt(question_sample(question, self.rule))
+
+
+def setup(model: LoadedModel, rule: EvalRule, image_folder: str, *, batch_size: int = 8,
+          max_new_tokens: int | None = None, num_beams: int | None = None, temperature: float | None = None,
+          top_p: float = 1.0, max_prompt_length: int | None = None) -> Answering:
+    config = eval_config(model.config, rule)
+    stage = config.stages[list(config.stage_order)[-1]]
+    prep = preparer_factory(config, stage, model.cfg)(Source("", image_folder))
+    gen = GenerationConfig(max_new_tokens=max_new_tokens or rule.max_new_tokens,
+                           num_beams=num_beams or rule.num_beams,
+                           temperature=rule.temperature if temperature is None else temperature, top_p=top_p)
+    generator = Generator(model.cfg, model.params, model.tokenizer, gen, batch_size=batch_size,
+                          packed_layout=packed_layout(config, model.cfg, stage), max_images=int(config.data.max_images),
+                          max_prompt_length=max_prompt_length)
+    return Answering(model, rule, generator, prep)
+
+
+def answer_questions(answering: Answering, questions: list[dict], answers_path: str, *, num_chunks: int = 1,
+                     chunk_index: int = 0, seed: int = 0, group: int = 0, log=print) -> dict:
+    """Answer this chunk's questions not yet in `answers_path`, appending `group` answers at a time (default 4
+    batches). Returns counts, skipped questions with reasons, compilations and seconds."""
+    t0 = time.perf_counter()
+    mine = chunk(list(enumerate(questions)), num_chunks, chunk_index)
+    out = AnswerFile(answers_path)
+    todo = [(i, q) for i, q in mine if q["question_id"] not in out.done]
+    skipped = []
+    group = group or 4 * answering.generator.batch_size
+    answered = 0
+    for start in range(0, len(todo), group):
+        prompts, kept = [], []
+        for i, q in todo[start:start + group]:
+            try:
+                p = answering.prompt(q)
+                answering.generator.bucket(p, f"question {q['question_id']!r}")
+            except (SampleError, ValueError) as e:
+                skipped.append({"question_id": q["question_id"], "reason": str(e)})
+                continue
+            prompts.append(p)
+            kept.append((i, q))
+        if not prompts:
+            continue
+        # a question's sampling key is its place in the file: the same answer however the run is split or resumed
+        texts = answering.generator(prompts, seeds=[int(np.uint32(seed * 1_000_003 + i)) for i, _ in kept])
+        out.write([answer_record(q, t, answering.model.model_id) for (_, q), t in zip(kept, texts)])
+        answered += len(texts)
+        log(f"  {len(mine) - len(todo) + answered}/{len(mine)} answered ({len(skipped)} skipped)")
+    if skipped:
+        log(f"  {len(skipped)} question(s) skipped, first: {skipped[0]['question_id']}: {skipped[0]['reason']}")
+    return {"questions": len(mine), "answered_now": answered, "answered_before": len(mine) - len(todo),
+            "skipped": skipped, "compilations": answering.generator.compilations,
+            "seconds": time.perf_counter() - t0}
