@@ -30,7 +30,8 @@ def bucket_length(n: int, smallest: int = 64) -> int:
 
 
 def left_pad(prompts: list[dict], length: int, image_slots: int, image_size: int, fixed_images: bool = True):
-    """Prompt ids, validity and image-row maps right-aligned in (B, length); fixed-size images in (B, slots, S, S, 3)."""
+    """Prompt ids, validity and image-row maps right-aligned in (B, length); fixed-size images in
+    (B, slots, S, S, 3)."""
     b = len(prompts)
     ids = np.zeros((b, length), np.int32)
     valid = np.zeros((b, length), bool)
@@ -75,7 +76,8 @@ class Generator:
                  packed_layout=None, max_images: int = 1, stop_strings: tuple[str, ...] = (),
                  max_prompt_length: int | None = None, smallest_bucket: int = 64):
         if cfg.packed_images and packed_layout is None:
-            raise ValueError("this model reads packed UHD slices: pass packed_layout=trainer.packed_layout(config, cfg)")
+            raise ValueError("this model reads packed UHD slices: pass "
+                             "packed_layout=trainer.packed_layout(config, cfg)")
         stops = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings)
         eos = tokenizer.eos_token_id if gen.eos_id is None else gen.eos_id
         self.gen = dataclasses.replace(gen, eos_id=eos, pad_id=eos if eos is not None else 0,
@@ -119,8 +121,9 @@ class Generator:
         for length, idx in self.batches(prompts):
             rows = idx + [idx[-1]] * (self.batch_size - len(idx))   # static batch shape
             chunk = [prompts[i] for i in rows]
-            ids, valid, image_map, pixels = left_pad(chunk, length, self.max_images * self.cfg.views_per_image,
-                                                     self.cfg.vision.image_size, fixed_images=not self.cfg.packed_images)
+            slots = self.max_images * self.cfg.views_per_image
+            ids, valid, image_map, pixels = left_pad(chunk, length, slots, self.cfg.vision.image_size,
+                                                     fixed_images=not self.cfg.packed_images)
             images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else jnp.asarray(pixels)
             keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
             self.signatures.add((self.batch_size, length))

@@ -19,7 +19,7 @@ import flax.linen as nn
 from uhd_jax.data.images import SampleError
 from uhd_jax.data.pipeline import Source
 from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
-from uhd_jax.eval.benchmarks import EvalRule, prompt_text
+from uhd_jax.eval.benchmarks import EvalRule, eval_rule, prompt_text
 from uhd_jax.eval.decoding import GenerationConfig
 from uhd_jax.eval.generate import Generator
 from uhd_jax.models.config import vlm_config
@@ -54,6 +54,12 @@ def load_model(config, checkpoint: str) -> LoadedModel:
                          f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
                          f"checkpoint directory (a stage's final/ folder)")
     return LoadedModel(config, cfg, params, stage_tokenizer(config), os.path.basename(os.path.normpath(checkpoint)))
+
+
+def rule_for(config, benchmark: str) -> EvalRule:
+    """The benchmark rule of the config's family; toy variants (slices not at 336 px) keep their own slicing."""
+    slicing = dict(config.data.get("slicing") or {})
+    return eval_rule(config.family, benchmark, published_geometry=int(slicing.get("scale_resolution", 336)) == 336)
 
 
 def eval_config(config, rule: EvalRule):

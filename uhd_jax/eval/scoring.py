@@ -38,6 +38,8 @@ def load_records(path: str) -> list[dict]:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is neither JSON nor JSON lines: {e}") from None
+    if isinstance(data, dict) and "question_id" in data:   # JSON lines with a single record
+        return [data]
     if isinstance(data, dict):
         for key in ("data", "annotations", "questions"):
             if isinstance(data.get(key), list):

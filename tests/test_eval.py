@@ -1,0 +1,273 @@
+"""Evaluation plumbing: the benchmark rules, answer files (format, sharding, resume), question files answered by a
+saved checkpoint through the CLI, annotation formats and scoring, the synthetic reading benchmark, the slice picture,
+and the bounded number of compilations."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.config_helpers import on_synthetic_data
+from uhd_jax.eval import answers as answer_files
+from uhd_jax.eval import synthetic_bench
+from uhd_jax.eval.benchmarks import LETTER, SHORT, eval_rule, prompt_text
+from uhd_jax.eval.generate import bucket_length
+from uhd_jax.eval.scoring import score_answers, textvqa_question
+
+
+def test_rules_follow_the_originals_eval_scripts():
+    v2 = eval_rule("uhd_v2", "textvqa")
+    assert (v2.num_beams, v2.max_slices, v2.pre_resize, v2.pre_resize_upscale_only) == (3, 9, 1536, True)
+    assert (eval_rule("uhd_v2", "mme").pre_resize, eval_rule("uhd_v2", "mme").num_beams) == (0, 5)
+    assert (eval_rule("uhd_v2", "ai2d").pre_resize, eval_rule("uhd_v2", "docvqa").pre_resize) == (0, 1024)
+    v1 = eval_rule("uhd_v1", "mme")
+    assert (v1.max_slices, v1.pre_resize, v1.pre_resize_upscale_only, v1.num_beams) == (7, 1024, False, 5)
+    assert eval_rule("uhd_v1", "pope").num_beams == 1
+    assert (eval_rule("llava15", "textvqa").num_beams, eval_rule("llava15", "textvqa").max_new_tokens) == (1, 128)
+    assert eval_rule("slime", "gqa").max_new_tokens == 64
+    llavar = eval_rule("llavar", "textvqa")
+    assert (llavar.temperature, llavar.max_new_tokens, llavar.image_after_question) == (0.9, 256, True)
+    toy = eval_rule("uhd_v2", "textvqa", published_geometry=False)
+    assert (toy.max_slices, toy.pre_resize, toy.num_beams) == (0, 0, 3)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        eval_rule("uhd_v2", "mmmu")
+    # the suffix is added once; the question files that already carry it are left alone
+    assert prompt_text("What is it?", v1) == "<image>\nWhat is it?" + SHORT
+    assert prompt_text("What is it?" + SHORT, v1) == "<image>\nWhat is it?" + SHORT
+    assert prompt_text("Which?\nA. x\nB. y", eval_rule("uhd_v2", "ai2d")).endswith(LETTER)
+    assert prompt_text("Q?", llavar) == "Q?" + SHORT + "\n<image>"
+
+
+def test_bucket_lengths_bound_padding_and_compilations():
+    lengths = list(range(1, 3000))
+    buckets = [bucket_length(n) for n in lengths]
+    assert all(b >= n for b, n in zip(buckets, lengths))
+    assert max(b / n for b, n in zip(buckets, lengths) if n > 64) <= 1.5
+    assert len(set(buckets)) <= 13   # 64 .. 3072: two buckets per octave
+
+
+def test_answer_files_shard_resume_and_survive_a_torn_line(tmp_path):
+    qs = [{"question_id": i, "image": f"{i}.png", "text": f"q{i}"} for i in range(10)]
+    chunks = [answer_files.chunk(qs, 3, k) for k in range(3)]
+    assert [len(c) for c in chunks] == [4, 4, 2] and sum(chunks, []) == qs   # ceil-sized, contiguous, complete
+    path = str(tmp_path / "a.jsonl")
+    out = answer_files.AnswerFile(path)
+    out.write([answer_files.answer_record(q, f"a{q['question_id']}", "m") for q in qs[:3]])
+    with open(path, "a") as f:
+        f.write('{"question_id": 3, "prompt": "q3", "te')     # a crash mid-line
+    again = answer_files.AnswerFile(path)
+    assert again.done == {0, 1, 2}
+    rec = answer_files.read_answers(path)[0]
+    assert set(rec) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert len(rec["answer_id"]) == 22 and rec["prompt"] == "q0" and rec["text"] == "a0"
+    with open(path) as f:
+        assert f.read().endswith("\n")   # the torn line is gone before anything is appended
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n')
+    with pytest.raises(ValueError, match="q.jsonl:2: question_id 1 appears twice"):
+        answer_files.read_questions(str(bad))
+    bad.write_text('{"question_id": 1, "text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="q.jsonl:2: not valid JSON"):
+        answer_files.read_questions(str(bad))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synthetic_data, tmp_path_factory):
+    """A randomly initialised tiny LLaVA-1.5 saved as a checkpoint, with its config."""
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.train.checkpoints import save_params
+    from uhd_jax.train.trainer import model_for_stage
+
+    config = on_synthetic_data("configs/llava15.py:tiny", synthetic_data)
+    cfg = model_for_stage(config, config.stages.sft)
+    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(4))["params"])
+    directory = str(tmp_path_factory.mktemp("ckpt") / "final")
+    save_params(directory, params, {"model": config.model.to_dict()})
+    return config, directory
+
+
+def write_questions(path, images, broken=()):
+    lines = [{"question_id": f"q{i}", "image": img, "text": f"What is written on the sign number {i}?"}
+             for i, img in enumerate(images)]
+    lines += [{"question_id": f"bad{i}", "image": name, "text": "What?"} for i, name in enumerate(broken)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in lines)
+    return lines
+
+
+def test_question_file_answers_resume_and_skip_broken_images(synthetic_data, tiny_checkpoint, tmp_path):
+    from uhd_jax.eval.model_vqa import answer_questions, load_model, rule_for, setup
+
+    config, ckpt = tiny_checkpoint
+    images = sorted(os.listdir(os.path.join(synthetic_data["images"], "eval")))[:7]
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    folder = str(tmp_path / "imgs")
+    os.makedirs(folder)
+    for name in images:
+        os.symlink(os.path.join(synthetic_data["images"], "eval", name), os.path.join(folder, name))
+    os.symlink(tmp_path / "corrupt.png", os.path.join(folder, "corrupt.png"))
+    qpath = str(tmp_path / "q.jsonl")
+    questions = write_questions(qpath, images, broken=("missing.png", "corrupt.png"))
+    model = load_model(config, ckpt)
+    answering = setup(model, rule_for(config, "textvqa"), folder, batch_size=4, max_new_tokens=5)
+    full = str(tmp_path / "full.jsonl")
+    s = answer_questions(answering, questions, full, log=lambda *_: None)
+    assert s["answered_now"] == 7 and {x["question_id"] for x in s["skipped"]} == {"bad0", "bad1"}
+    reasons = " ".join(x["reason"] for x in s["skipped"])
+    assert "missing.png" in reasons and "corrupt.png" in reasons
+    # an interrupted run: the first chunk of 3 answered, then the whole file again
+    part = str(tmp_path / "part.jsonl")
+    answer_questions(answering, questions[:3], part, log=lambda *_: None)
+    s2 = answer_questions(answering, questions, part, log=lambda *_: None)
+    assert (s2["answered_before"], s2["answered_now"]) == (3, 4)
+    by_id = lambda p: {a["question_id"]: a["text"] for a in answer_files.read_answers(p)}  # noqa: E731
+    assert by_id(part) == by_id(full) and len(answer_files.read_answers(part)) == 7
+    assert s["compilations"] <= 2   # one length bucket, maybe two: never one per question
+    # two chunks (two hosts) together answer what one run answers
+    halves = [str(tmp_path / f"h{k}.jsonl") for k in range(2)]
+    for k in range(2):
+        answer_questions(answering, questions, halves[k], num_chunks=2, chunk_index=k, log=lambda *_: None)
+    assert {**by_id(halves[0]), **by_id(halves[1])} == by_id(full)
+
+
+def test_generate_cli_one_image_and_a_question_file(synthetic_data, tiny_checkpoint, tmp_path, capsys):
+    from launch import generate
+
+    config, ckpt = tiny_checkpoint
+    image = os.path.join(synthetic_data["images"], "eval", sorted(os.listdir(synthetic_data["images"] + "/eval"))[0])
+    common = ["--config", "configs/llava15.py:tiny", "--checkpoint", ckpt, "--data-root", synthetic_data["root"],
+              "--tokenizer", synthetic_data["tokenizer"], "--max-new-tokens", "4"]
+    assert generate.main(common + ["--image", image, "--prompt", "What does the sign say?"]) == 0
+    single = capsys.readouterr().out.rstrip("\n").split("\n")[-1].strip()
+    qpath = write_json(tmp_path / "q.jsonl", [{"question_id": "q0", "image": os.path.basename(image),
+                                                "text": "What does the sign say?"}], lines=True)
+    out = str(tmp_path / "a.jsonl")
+    common += ["--image-folder", os.path.dirname(image)]
+    assert generate.main(common + ["--questions", qpath, "--answers", out, "--benchmark", "open"]) == 0
+    (rec,) = answer_files.read_answers(out)
+    assert rec["question_id"] == "q0" and rec["model_id"] == "final" and isinstance(rec["text"], str)
+    assert single == rec["text"]
+
+
+def test_checkpoint_that_does_not_fit_is_named(tiny_checkpoint, tmp_path):
+    from uhd_jax.eval.model_vqa import load_model
+    from uhd_jax.train.checkpoints import load_params, save_params
+
+    config, ckpt = tiny_checkpoint
+    params = load_params(ckpt)
+    params["projector"] = {k: v for k, v in params["projector"].items() if k != "dense_1"}
+    model = dict(config.model.to_dict())
+    save_params(str(tmp_path / "broken"), params, {"model": model})
+    with pytest.raises(ValueError, match=r"missing \['projector/dense_1"):
+        load_model(config, str(tmp_path / "broken"))
+
+
+def write_json(path, obj, lines=False):
+    with open(path, "w") as f:
+        if lines:
+            f.writelines(json.dumps(o) + "\n" for o in obj)
+        else:
+            json.dump(obj, f)
+    return str(path)
+
+
+def answer(qid, prompt, text):
+    return {"question_id": qid, "prompt": prompt, "text": text}
+
+
+def test_textvqa_scoring_matches_annotations_as_llava_does(tmp_path):
+    ann = write_json(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
+        {"image_id": "img1", "question": "What brand is it?", "answers": ["coca cola"] * 3 + ["pepsi"] * 7},
+        {"image_id": "img2", "question": "What year?", "answers": ["1984"] * 10}]})
+    prompts = ["What brand is it?\nReference OCR token: COCA, Cola\n" + SHORT.strip(), "What year?" + SHORT]
+    result = score_answers("textvqa", [answer("img1", prompts[0], "Coca Cola."), answer("img2", prompts[1], "1985")],
+                           ann)
+    assert result["scored"] == 2 and result["score"] == pytest.approx(100 * (0.9 + 0) / 2)
+    assert textvqa_question("Reference OCR token: A\nWhy?\nAnswer") == "why?"
+
+
+def test_vqav2_gqa_docvqa_chartqa_ai2d_formats(tmp_path):
+    vqa = write_json(tmp_path / "v.json", {"annotations": [{"question_id": 5, "answers": [{"answer": "two"}] * 10}]})
+    assert score_answers("vqav2", [answer(5, "", "2")], vqa)["score"] == 100.0   # number words -> digits
+    gqa = write_json(tmp_path / "testdev_balanced_questions.json", {"201": {"answer": "left"}, "202": {"answer": "no"}})
+    r = score_answers("gqa", [answer("201", "", "Left."), answer("202", "", "yes"), answer("999", "", "x")], gqa)
+    assert (r["score"], r["scored"], r["unmatched_count"]) == (50.0, 2, 1)
+    doc = write_json(tmp_path / "doc.jsonl", [{"question_id": 1, "answer": "Invoice"}], lines=True)
+    assert score_answers("docvqa", [answer(1, "", "invoices")], doc)["score"] == pytest.approx(100 * (1 - 1 / 8))
+    chart = write_json(tmp_path / "c.jsonl", [{"question_id": 1, "answer": "3,000"}], lines=True)
+    assert score_answers("chartqa", [answer(1, "", "3000")], chart)["score"] == 100.0
+    ai2d = write_json(tmp_path / "a.jsonl", [{"question_id": 1, "answer": "B"}, {"question_id": 2, "answer": "C"}],
+                      lines=True)
+    assert score_answers("ai2d", [answer(1, "", " b "), answer(2, "", "C.")], ai2d)["score"] == 50.0
+
+
+def test_pope_per_category_and_mme_from_its_release_folder(tmp_path):
+    pope = write_json(tmp_path / "pope.jsonl", [
+        {"question_id": 1, "label": "yes", "category": "random"},
+        {"question_id": 2, "label": "no", "category": "random"},
+        {"question_id": 3, "label": "yes", "category": "popular"}, {"question_id": 4, "label": "no",
+                                                                     "category": "popular"}], lines=True)
+    r = score_answers("pope", [answer(1, "", "Yes, there is."), answer(2, "", "No."), answer(3, "", "There is not."),
+                               answer(4, "", "No")], pope)
+    assert r["metrics"]["random"]["f1"] == 1.0 and r["metrics"]["popular"]["TP"] == 0
+    assert r["metrics"]["accuracy"] == pytest.approx(75.0)
+    mme = tmp_path / "MME"
+    (mme / "OCR").mkdir(parents=True)
+    (mme / "OCR" / "0001.txt").write_text("Is the word STOP? Please answer yes or no.\tYes\n"
+                                          "Is the word GO? Please answer yes or no.\tNo\n")
+    (mme / "count" / "questions_answers_YN").mkdir(parents=True)
+    (mme / "count" / "questions_answers_YN" / "7.txt").write_text(
+        "Are there two dogs?  Please answer yes or no.\tYes\nAre there three dogs?  Please answer yes or no.\tNo\n")
+    answers = [answer("OCR/0001.jpg", "Is the word STOP?" + SHORT, "Yes"),
+               answer("OCR/0001.jpg", "Is the word GO?" + SHORT, "No"),
+               answer("count/7.jpg", "Are there two dogs?" + SHORT, "yes, two"),
+               answer("count/7.jpg", "Are there three dogs?" + SHORT, "Yes")]
+    r = score_answers("mme", answers, str(mme))
+    assert r["scored"] == 4
+    assert r["metrics"]["OCR"] == 200.0 and r["metrics"]["count"] == 50.0 and r["score"] == 250.0
+
+
+def test_synthetic_reading_benchmark_buckets_and_scores(tmp_path):
+    paths = synthetic_bench.build(str(tmp_path / "bench"), per_bucket=3, sides=(336, 1024))
+    questions = answer_files.read_questions(paths["questions"])
+    assert len(questions) == 6
+    for q in questions:
+        img = Image.open(os.path.join(paths["images"], q["image"]))
+        assert max(img.size) == q["bucket"] and q["text"].split("\n")[0] in synthetic_bench.READING_QUESTIONS
+    with open(paths["annotations"]) as f:
+        refs = {a["question_id"]: a["answer"] for a in json.load(f)["annotations"]}
+    right = [answer(q["question_id"], q["text"], refs[q["question_id"]] + ".") for q in questions]
+    wrong = [dict(a, text="zzz") if a["question_id"].startswith("1024") else a for a in right]
+    r = synthetic_bench.score(wrong, paths["annotations"])
+    assert r["buckets"][336]["exact"] == 100.0 and r["buckets"][1024]["exact"] == 0.0 and r["missing"] == 0
+    assert r["overall"]["exact"] == 50.0 and r["buckets"][336]["vqa"] == 100.0
+    png = synthetic_bench.bar_chart({"a": r, "b": synthetic_bench.score(right, paths["annotations"])},
+                                    str(tmp_path / "chart.png"))
+    assert Image.open(png).size == (120 + 110 * 2, 420)
+    assert synthetic_bench.build(str(tmp_path / "bench"), per_bucket=3, sides=(336, 1024)) == paths   # cached
+
+
+def test_slice_picture_shows_the_spec_worked_example(tmp_path):
+    """uhd.md §1.2: at evaluation v1 resizes a 336x336 image to 1024x1024 and slices it 3x2: 1014 tokens."""
+    from tools.show_slices import main, picture_size, slice_plan
+    from uhd_jax.config_loading import load_config
+
+    image = Image.new("RGB", (336, 336), (200, 120, 40))
+    plan = slice_plan(image, load_config("configs/uhd_v1.py"), "textvqa")
+    assert plan["input_size"] == (1024, 1024) and plan["grid"] == (3, 2) and plan["tokens"] == 1014
+    assert len(plan["cells"]) == 6 and plan["overview"].size == (336, 336)
+    path = str(tmp_path / "sq.png")
+    image.save(path)
+    out = str(tmp_path / "slices.png")
+    assert main([path, "--config", "configs/uhd_v1.py", "--out", out, "--display", "600"]) == 0
+    assert Image.open(out).size == picture_size((336, 336), (336, 336), 600) == (3 * 16 + 600 + 336, 40 + 600 + 16)
+    wide = Image.new("RGB", (1318, 454))
+    slime = slice_plan(wide, load_config("configs/slime.py"))
+    assert slime["grid"] == (3, 2) and slime["tokens"] == 576 + 1 + 6 * 144   # spec C.1/C.5
+    fixed = slice_plan(wide, load_config("configs/llava15.py"))
+    assert fixed["grid"] is None and fixed["tokens"] == 576 and fixed["canvas"].size == (1318, 1318)
+    assert np.asarray(fixed["canvas"])[0, 0].tolist() == [122, 116, 104]   # LLaVA's pad colour
