@@ -21,7 +21,7 @@ CORE = [
 ]
 # Conversion to/from PyTorch checkpoints and the parity tests. torch 2.13.0 is the CPU build.
 TORCH = ["torch==2.13.0", "safetensors==0.8.0"]
-# pytest-xdist: CI runs the suite in two worker processes (compile-bound: ~2x on 2 cores)
+# pytest-xdist: `make test` runs two worker processes (2-core CI: 249 tests in 16.5 min; 231 took 19.7 min in one)
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]
 
 setup(

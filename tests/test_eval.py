@@ -39,7 +39,7 @@ def test_rules_follow_the_originals_eval_scripts():
     assert prompt_text("What is it?", v1) == "<image>\nWhat is it?" + SHORT
     assert prompt_text("What is it?" + SHORT, v1) == "<image>\nWhat is it?" + SHORT
     assert prompt_text("Which?\nA. x\nB. y", eval_rule("uhd_v2", "ai2d")).endswith(LETTER)
-    assert prompt_text("Q?", llavar) == "Q?" + SHORT + "\n<image>"
+    assert prompt_text("Q?", llavar) == "Q?\n<image>"
 
 
 def test_bucket_lengths_bound_padding_and_compilations():
@@ -271,3 +271,31 @@ def test_slice_picture_shows_the_spec_worked_example(tmp_path):
     fixed = slice_plan(wide, load_config("configs/llava15.py"))
     assert fixed["grid"] is None and fixed["tokens"] == 576 and fixed["canvas"].size == (1318, 1318)
     assert np.asarray(fixed["canvas"])[0, 0].tolist() == [122, 116, 104]   # LLaVA's pad colour
+
+
+def test_slime_answers_do_not_depend_on_the_batch_while_the_router_drops_tokens(synthetic_data):
+    """SliME's router turns image slots invalid per sample: the decoder must see each row's own routed mask."""
+    import jax.numpy as jnp
+
+    from uhd_jax.data.dataset import read_samples
+    from uhd_jax.data.pipeline import Source
+    from uhd_jax.eval.decoding import GenerationConfig
+    from uhd_jax.eval.generate import Generator, left_pad
+    from uhd_jax.models.vlm import VLM, init_fn
+    from uhd_jax.train.trainer import model_for_stage, preparer_factory
+
+    c = on_synthetic_data("configs/slime.py:tiny", synthetic_data)
+    cfg = model_for_stage(c, c.stages.sft)
+    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(2))["params"])
+    prep = preparer_factory(c, c.stages.sft, cfg)(Source(synthetic_data["eval"]["sft"], synthetic_data["images"]))
+    prompts = [prep.prompt(s) for s in read_samples(synthetic_data["eval"]["sft"])[:3]]
+    length = max(len(p["ids"]) for p in prompts)
+    gen = GenerationConfig(max_new_tokens=4)
+    together = Generator(cfg, params, prep.tokenizer, gen, batch_size=3, smallest_bucket=length).token_ids(prompts)
+    for p, t in zip(prompts, together):
+        alone = Generator(cfg, params, prep.tokenizer, gen, batch_size=1, smallest_bucket=length).token_ids([p])[0]
+        np.testing.assert_array_equal(alone, t)
+    ids, valid, image_map, pixels = left_pad(prompts, length, cfg.views_per_image, cfg.vision.image_size)
+    _, routed, _ = VLM(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(valid), jnp.zeros_like(ids),
+                                  jnp.asarray(pixels), jnp.asarray(image_map), method=VLM.embed_image_and_text)
+    assert int(routed.sum()) < int(valid.sum()), "the router kept every token: the routed mask went untested"

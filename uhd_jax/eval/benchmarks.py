@@ -1,7 +1,7 @@
 """How each model family answers each benchmark: prompt suffix, decoding and image pre-resizing, in one table.
 
 Sources: LLaVA-1.5 (spec llava15_slime_llavar.md §B.1: greedy, 1 beam, 128 new tokens, image before the question),
-SliME (§C.8: greedy, 64 new tokens), LLaVAR (§D: the question then the image, sampling at T=0.9, 256 tokens),
+SliME (§C.8: greedy, 64 new tokens), LLaVAR (§D: the bare question then the image, sampling at T=0.9, 256 tokens),
 LLaVA-UHD v1 (uhd.md §1.2, §8: every image resized to a long side of 1024, then M=7 slices) and v2 (TextVQA 1536,
 MME and AI2D as given, others 1024, upscale-only as the dec2024 loader, M=9). Beams (uhd.md §8, v1 and v2 scripts):
 TextVQA, GQA, VQAv2 3; MME 5; POPE, DocVQA, ChartQA, AI2D 1.
@@ -50,6 +50,7 @@ class EvalRule:
     temperature: float = 0.0
     max_new_tokens: int = 128
     image_after_question: bool = False
+    add_suffix: bool = True         # LLaVAR's MultimodalOCR prompt is the bare question
     max_slices: int = 0             # UHD: slices per image at evaluation (0: the config's)
     pre_resize: int = 0             # UHD: long side before slicing (0: none)
     pre_resize_upscale_only: bool = False
@@ -67,7 +68,7 @@ def eval_rule(family: str, benchmark: str, published_geometry: bool = True) -> E
     if family == "slime":
         return EvalRule(b, max_new_tokens=64)
     if family == "llavar":
-        return EvalRule(b, temperature=0.9, max_new_tokens=256, image_after_question=True)
+        return EvalRule(b, temperature=0.9, max_new_tokens=256, image_after_question=True, add_suffix=False)
     if family not in ("uhd_v1", "uhd_v2"):
         raise ValueError(f"no evaluation rule for model family {family!r}")
     if benchmark == "synthetic_reading" or not published_geometry:
@@ -80,5 +81,6 @@ def eval_rule(family: str, benchmark: str, published_geometry: bool = True) -> E
 def prompt_text(question: str, rule: EvalRule) -> str:
     """The human turn for a question: the suffix added where the question file lacks it, and the image placeholder
     where the family puts it."""
-    text = question if question.rstrip().endswith(rule.benchmark.suffix.strip()) else question + rule.benchmark.suffix
+    suffix = rule.benchmark.suffix if rule.add_suffix else ""
+    text = question if question.rstrip().endswith(suffix.strip()) else question + suffix
     return f"{text}\n<image>" if rule.image_after_question else f"<image>\n{text}"
