@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -239,6 +240,53 @@ def _batch_to_device(arrays: dict, accum: int, mesh):
     return out
 
 
+@dataclasses.dataclass
+class TrainingSetup:
+    """A stage's sharded train state and what compiles its step (shared by training and launch/benchmark.py)."""
+
+    state: TrainState
+    state_sh: TrainState
+    tx: Any
+    split: Any
+    schedules: dict
+    labels: Any
+    mesh: Any
+
+    def step_fn(self, model, array_keys, dropout_seed: int | None):
+        """The jitted train step: batch arrays (A, B, ...) sharded on the batch axes, state donated."""
+        batch_sh = {k: NamedSharding(self.mesh, P(None, BATCH_AXES)) for k in array_keys}
+        return jax.jit(make_train_step(model, self.tx, self.split, dropout_seed),
+                       in_shardings=(self.state_sh, batch_sh),
+                       out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
+
+
+def build_training(config, stage, cfg, mesh, rules, seed: int, total: int, init_dirs=()) -> TrainingSetup:
+    """Initialise the model sharded (no unsharded copy), overlay `init_dirs`, and build the stage's optimizer and
+    its sharded state. Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
+    rng = jax.random.PRNGKey(seed)
+    boxed = jax.eval_shape(init_fn(cfg), rng)["params"]
+    p_sh = logical_shardings(boxed, mesh, rules)
+    params = jax.jit(lambda r: nn.meta.unbox(init_fn(cfg)(r)["params"]), out_shardings=p_sh)(rng)
+    params = overlay_checkpoints(params, p_sh, list(init_dirs), cfg.llm.scan_layers,
+                                 grow_vocab=bool(stage.get("grow_vocab", False)))
+    labels = opt.group_labels(params, [tuple(r) for r in stage.trainable])
+    t_labels = opt.trainable_labels(labels)
+    counts = collections.Counter()
+    jax.tree_util.tree_map(lambda p, g: counts.update({g: p.size}), params, labels)
+    _log0("  parameters: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())))
+    tx, schedules = opt.make_optimizer(t_labels, dict(stage.lrs), total, warmup_ratio=stage.warmup_ratio,
+                                       weight_decay=stage.weight_decay, grad_clip_norm=stage.get("grad_clip_norm"),
+                                       row_masks=token_row_masks(config, stage, params, labels))
+    split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
+    trainable_abs = split(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))[0]
+    o_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable_abs), split(p_sh)[0], mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(split(params)[0])
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
+    state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params, opt_state=opt_state)
+    return TrainingSetup(state, state_sh, tx, split, schedules, labels, mesh)
+
+
 def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None) -> StageResult:
     stage = config.stages[name]
     if stage.get("kind", "llava") == "jbu":
@@ -270,10 +318,6 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
           f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        rng = jax.random.PRNGKey(seed)
-        boxed = jax.eval_shape(init_fn(cfg), rng)["params"]
-        p_sh = logical_shardings(boxed, mesh, rules)
-        params = jax.jit(lambda r: nn.meta.unbox(init_fn(cfg)(r)["params"]), out_shardings=p_sh)(rng)
         inits = [_resolve(p, config) for p in stage.get("init_checkpoints", ())]
         if stage.get("init_from_stage"):
             prev = os.path.join(workdir, stage.init_from_stage, "final")
@@ -282,25 +326,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
                                         f"finished in {workdir}: run it first (--stages={stage.init_from_stage}) or "
                                         f"set --config.stages.{name}.init_from_stage=''")
             inits.append(prev)
-        params = overlay_checkpoints(params, p_sh, inits, cfg.llm.scan_layers,
-                                     grow_vocab=bool(stage.get("grow_vocab", False)))
-
-        labels = opt.group_labels(params, [tuple(r) for r in stage.trainable])
-        t_labels = opt.trainable_labels(labels)
-        counts = collections.Counter()
-        jax.tree_util.tree_map(lambda p, g: counts.update({g: p.size}), params, labels)
-        _log0("  parameters: " + ", ".join(f"{g} {n:,}" for g, n in sorted(counts.items())))
-        tx, schedules = opt.make_optimizer(t_labels, dict(stage.lrs), total, warmup_ratio=stage.warmup_ratio,
-                                           weight_decay=stage.weight_decay,
-                                           grad_clip_norm=stage.get("grad_clip_norm"),
-                                           row_masks=token_row_masks(config, stage, params, labels))
-        split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
-        trainable_abs = split(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))[0]
-        o_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable_abs), split(p_sh)[0], mesh)
-        opt_state = jax.jit(tx.init, out_shardings=o_sh)(split(params)[0])
-        replicated = NamedSharding(mesh, P())
-        state_sh = TrainState(step=replicated, params=p_sh, opt_state=o_sh)
-        state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params, opt_state=opt_state)
+        setup = build_training(config, stage, cfg, mesh, rules, seed, total, inits)
+        state, state_sh, schedules = setup.state, setup.state_sh, setup.schedules
 
         ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), save_every=int(stage.save_every),
                                  keep=int(stage.get("keep", 2)))
@@ -310,10 +337,7 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
         if start:
             _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
-        batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in shape.array_keys}
-        dropout_seed = seed if cfg.stochastic_training else None
-        step_fn = jax.jit(make_train_step(model, tx, split, dropout_seed), in_shardings=(state_sh, batch_sh),
-                          out_shardings=(state_sh, replicated), donate_argnums=0)
+        step_fn = setup.step_fn(model, shape.array_keys, seed if cfg.stochastic_training else None)
         result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
                        stop_after, schedules)
         if result is None:  # stopped early on request (tests, preemption drills)
