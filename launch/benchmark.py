@@ -1,0 +1,327 @@
+"""Measure speed: the train step, generation, the host data pipeline, and the paper's compute claim.
+
+  python launch/benchmark.py --config configs/uhd_v2.py:7b --stage sft --mode train --batch 8 --steps 20 \
+      --images 672x1088,1920x1080,336x336 [--seq-len 2048] [--peak-tflops 989]
+  python launch/benchmark.py --config configs/uhd_v2.py:7b --mode generate [--new-tokens 64]
+  python launch/benchmark.py --config configs/uhd_v2.py:7b --stage sft --mode data [--workers 0,1,4]
+  python launch/benchmark.py --compare-compute
+
+The model is built from the config with random weights (abstract init, sharded over `config.mesh`; no checkpoint).
+Train mode compiles, warms up, then times each step with device synchronisation and reports step time (median, min,
+max), tokens/s, images/s, model TFLOP/s and MFU (model FLOPs by formula, `uhd_jax/perf/flops.py`, against the peak
+given or detected), XLA's own FLOP count of the step for comparison, peak device memory, compile time and the
+number of compilations. Results append to a JSON-lines file (`--out`, default benchmarks/results.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags, logging  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.WARNING)
+
+# dense bf16 peak TFLOP/s by device kind (vendor datasheets, no sparsity)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0, "TPU v5 lite": 197.0}
+
+
+def detected_peak(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def peak_memory(device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def load(a):
+    from uhd_jax.config_loading import load_config
+
+    config = load_config(a.config)
+    stage = config.stages[a.stage or list(config.stage_order)[-1]]
+    if stage.get("kind", "llava") == "jbu":
+        raise SystemExit(f"stage {a.stage} trains the JBU alone; benchmark a LLaVA stage")
+    stage.batch_size, stage.grad_accum = a.batch, 1
+    if a.seq_len:
+        stage.max_length = a.seq_len
+    if a.mesh:
+        config.mesh = dict(zip(("data", "fsdp", "tensor"), (int(x) for x in a.mesh.split(","))))
+    return config, stage
+
+
+def vocab(config) -> int:
+    return min(512, int(config.model.llm.vocab_size))
+
+
+def workload(a, config, stage, n_batches):
+    from uhd_jax.perf.workload import parse_sizes, prepared_batches, write_workload
+    from uhd_jax.train.trainer import model_for_stage
+
+    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark")
+    words = max(8, int(stage.max_length))   # more than fits: every sequence is filled to the budget
+    paths = write_workload(root, parse_sizes(a.images), max(a.batch, 8), words, vocab_size=vocab(config))
+    config.tokenizer = os.path.abspath(paths["tokenizer"])
+    config.data_root = ""
+    cfg = model_for_stage(config, stage)
+    batches, shape = prepared_batches(config, stage, cfg, paths, a.batch, n_batches)
+    return cfg, batches, shape, paths
+
+
+def train_mode(a) -> dict:
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from uhd_jax.models.vlm import VLM
+    from uhd_jax.parallel.mesh import make_mesh
+    from uhd_jax.parallel.sharding import rules_from_config
+    from uhd_jax.perf import flops
+    from uhd_jax.train import optimizer as opt
+    from uhd_jax.train.trainer import _batch_to_device, build_training
+
+    config, stage = load(a)
+    cfg, batches, shape, _ = workload(a, config, stage, n_batches=2)
+    mesh = make_mesh(dict(config.mesh))
+    rules = rules_from_config(config.get("axis_rules"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        setup = build_training(config, stage, cfg, mesh, rules, int(config.seed), a.steps + a.warmup)
+        step_fn = setup.step_fn(VLM(cfg), shape.array_keys, int(config.seed) if cfg.stochastic_training else None)
+        device_batches = [_batch_to_device(b, 1, mesh) for b in batches]
+        lowered = step_fn.lower(setup.state, device_batches[0])
+        xla_step_flops = flops.xla_flops(lowered)
+        state = setup.state
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, device_batches[0])
+        jax.block_until_ready(metrics)
+        first = time.perf_counter() - t0
+        for i in range(a.warmup):
+            state, metrics = step_fn(state, device_batches[(i + 1) % 2])
+        jax.block_until_ready(metrics)
+        times = []
+        for i in range(a.steps):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, device_batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        compilations = step_fn._cache_size()
+
+    labels = jax.tree_util.tree_flatten_with_path(setup.labels)[0]
+    trains = {part: any(str(path[0].key) == part and g != opt.FROZEN for path, g in labels)
+              for part in ("vision", "projector", "llm")}
+    b0 = batches[0]
+    if cfg.packed_images:
+        seg = b0["patch_segment_ids"]
+        per_image = [int((row == k).sum()) for row in seg for k in range(1, int(row.max()) + 1)]
+    else:
+        n_img = int(b0["image_valid"].sum())
+        per_image = [cfg.vision.grid ** 2 + 1] * n_img
+    model_flops = flops.StepFlops(
+        vision=flops.vit_forward_flops(cfg.vision, per_image),
+        projector=flops.projector_flops(cfg, b0),
+        llm=flops.llm_forward_flops(cfg.llm, shape.max_length, a.batch),
+        multipliers=flops.multipliers(trains["vision"], trains["projector"], trains["llm"]))
+    median = statistics.median(times)
+    n_images = int((b0["image_token_map"] >= 0).any(axis=1).sum())   # samples' images (UHD: not slices)
+    device = jax.devices()[0]
+    peak = a.peak_tflops or detected_peak(device)
+    tflops = model_flops.train / median / 1e12
+    n_devices = len(jax.devices())
+    return {
+        "mode": "train", "config": a.config, "stage": a.stage or list(config.stage_order)[-1], "batch": a.batch,
+        "seq_len": shape.max_length, "images": a.images, "images_per_step": n_images,
+        "vision_inputs_per_step": len(per_image),
+        "tokens_per_step": int(np.sum(b0["token_valid"])), "trains": trains,
+        "step_s": {"median": median, "min": min(times), "max": max(times)},
+        "tokens_per_s": int(np.sum(b0["token_valid"])) / median, "images_per_s": n_images / median,
+        "model_tflop_per_step": model_flops.train / 1e12, "forward_tflop": model_flops.forward / 1e12,
+        "components_forward_tflop": {"vision": model_flops.vision / 1e12, "projector": model_flops.projector / 1e12,
+                                     "llm": model_flops.llm / 1e12},
+        "xla_tflop_per_step": xla_step_flops / 1e12, "xla_counts_scanned_layers_once": cfg.llm.scan_layers,
+        "model_tflops_per_s": tflops,
+        "mfu": tflops / (peak * n_devices) if peak else None, "peak_tflops_per_device": peak,
+        "first_step_s": first, "compile_s_estimate": first - median, "compilations": compilations,
+        "peak_memory_bytes": peak_memory(device), "devices": n_devices,
+        "device": getattr(device, "device_kind", str(device)), "dtype": str(cfg.dtype.__name__),
+        "remat": cfg.llm.remat_policy, "attention": cfg.llm.attention_impl}
+
+
+def generate_mode(a) -> dict:
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from uhd_jax.eval.decoding import GenerationConfig
+    from uhd_jax.eval.generate import Generator
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.perf.workload import parse_sizes, write_workload
+    from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory
+    from uhd_jax.data.pipeline import Source
+    from uhd_jax.data.dataset import load_tokenizer
+
+    config, stage = load(a)
+    size = parse_sizes(a.images)[0]
+    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-generate")
+    paths = write_workload(root, [size], 1, a.prompt_words, vocab_size=vocab(config))
+    config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+    cfg = model_for_stage(config, stage)
+    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(0))["params"])
+    prep = preparer_factory(config, stage, cfg)(Source(paths["json"], paths["images"]))
+    sample = json.load(open(paths["json"]))[0]
+    sample["conversations"][0]["value"] = "<image>\n" + sample["conversations"][1]["value"]   # the prompt words
+    prompt = prep.prompt(sample)
+    tok = load_tokenizer(paths["tokenizer"])
+    out = {"mode": "generate", "config": a.config, "image": f"{size[0]}x{size[1]}", "prompt_tokens": len(prompt["ids"]),
+           "prompt_words": a.prompt_words, "new_tokens": a.new_tokens}
+    layout = packed_layout(config, cfg, stage)
+    for batch in (1, 32):
+        timings = {}
+        for n in (1, a.new_tokens):
+            # no EOS: every row decodes exactly n tokens
+            gen = Generator(cfg, params, tok, GenerationConfig(max_new_tokens=n, eos_id=-1), batch_size=batch,
+                            packed_layout=layout)
+            gen([prompt] * batch)   # compile
+            runs = []
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                gen([prompt] * batch)
+                runs.append(time.perf_counter() - t0)
+            timings[n] = statistics.median(runs)
+        decode_s = (timings[a.new_tokens] - timings[1]) / max(a.new_tokens - 1, 1)
+        # None: decoding a few tokens took less than the timing noise of the prefill (tiny models)
+        out[f"batch{batch}"] = {"prefill_s": timings[1], "decode_tokens_per_s": batch / decode_s if decode_s > 0
+                                else None}
+    weight_bytes = sum(np.dtype(cfg.dtype).itemsize * x.size for x in jax.tree_util.tree_leaves(params["llm"]))
+    out["llm_weight_bytes"] = int(weight_bytes)
+    if a.bandwidth_gbs:
+        out["bandwidth_bound_tokens_per_s_batch1"] = a.bandwidth_gbs * 1e9 / weight_bytes
+    return out
+
+
+def data_mode(a) -> dict:
+    from uhd_jax.data.pipeline import make_iterator
+    from uhd_jax.perf.workload import parse_sizes, write_workload
+    from uhd_jax.train.trainer import model_for_stage, preparer_factory
+    from uhd_jax.data.pipeline import Source
+    from uhd_jax.data.batch import BatchShape
+    from uhd_jax.train.trainer import packed_layout
+
+    config, stage = load(a)
+    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-data")
+    paths = write_workload(root, parse_sizes(a.images), max(4 * a.batch, 16), 64, vocab_size=vocab(config))
+    config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+    cfg = model_for_stage(config, stage)
+    shape = BatchShape(a.batch, stage.max_length, config.data.max_images * cfg.views_per_image, cfg.vision.image_size,
+                       packed_layout(config, cfg, stage))
+    out = {"mode": "data", "config": a.config, "images": a.images, "batch": a.batch, "images_per_s": {}}
+    for workers in (int(w) for w in a.workers.split(",")):
+        it = make_iterator([Source(paths["json"], paths["images"])], preparer_factory(config, stage, cfg), shape,
+                           seed=0, num_workers=workers)
+        next(it)   # start-up (worker processes) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            next(it)
+        out["images_per_s"][workers] = a.steps * a.batch / (time.perf_counter() - t0)
+    return out
+
+
+def compare_compute(a) -> dict:
+    """Forward FLOPs (XLA cost analysis of the lowered model, abstract weights) of UHD v1 on a 672x1088 image vs
+    LLaVA-1.5 on 336x336, same LLM, and the text the paper's 94% claim compares."""
+    import jax
+    import flax.linen as nn
+
+    from uhd_jax.config_loading import load_config
+    from uhd_jax.models.vlm import VLM, init_fn
+    from uhd_jax.perf import flops
+    from uhd_jax.perf.workload import prepared_batches, write_workload
+    from uhd_jax.train.step import model_inputs
+    from uhd_jax.train.trainer import model_for_stage
+
+    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-compute")
+    size = a.compute_size
+    paths = write_workload(root, [size], 1, 4, vocab_size=vocab(load_config(f"configs/llava15.py:{a.compute_llm}")))
+    out = {"mode": "compare_compute", "image": f"{size[0]}x{size[1]}",
+           "prompt": "one image, a 7-word request, a 4-word answer"}
+    llm = a.compute_llm
+    for name, spec in ((f"llava15:{llm}", f"configs/llava15.py:{llm}"), (f"uhd_v1:{llm}", f"configs/uhd_v1.py:{llm}"),
+                       ("uhd_v1:arxiv64", "configs/uhd_v1.py:arxiv64")):
+        if name.endswith("arxiv64") and llm != "13b":
+            continue
+        config = load_config(spec)
+        config.model.scan_layers = False   # XLA's cost analysis counts a loop body once: unroll the layers
+        if config.data.get("slicing"):     # the image as given: no training augmentation
+            config.data.slicing.update(augment_prob=0.0, textvqa_long_side=0)
+        stage = config.stages[list(config.stage_order)[-1]]
+        config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+        cfg = model_for_stage(config, stage)
+        # the sequence holds exactly the prompt: no padding counted
+        stage.max_length = 4096
+        (batch,), _ = prepared_batches(config, stage, cfg, paths, 1, 1)
+        n = int(batch["token_valid"].sum())
+        batch = {k: (v[:, :n] if v.ndim >= 2 and v.shape[1] == 4096 else v) for k, v in batch.items()}
+        model = VLM(cfg)
+        params = jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        lowered = jax.jit(lambda p, b: model.apply(nn.meta.unbox(p), *model_inputs(b))[0]).lower(params, abstract)
+        out[name] = {"tokens": n, "forward_tflop_xla": flops.xla_flops(lowered) / 1e12}
+    base = out[f"llava15:{llm}"]["forward_tflop_xla"]
+    for name in list(out):
+        if isinstance(out[name], dict) and name.startswith("uhd_v1"):
+            out[name]["relative_to_llava15"] = out[name]["forward_tflop_xla"] / base
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--stage", default=None, help="default: the config's last stage")
+    p.add_argument("--mode", choices=("train", "generate", "data"), default="train")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=0, help="default: the stage's max_length")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--images", default="672x1088,1920x1080,336x336", help="image sizes WxH, cycled over samples")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: the config's)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per device (default: detected)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="generate mode: timed runs per measurement (median)")
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth for the decode bound")
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--compare-compute", action="store_true")
+    p.add_argument("--compute-llm", default="13b", help="LLM size for --compare-compute (13b: the paper's)")
+    p.add_argument("--compute-size", default="672x1088")
+    p.add_argument("--workdir", default=None, help="workload cache (default: a temp folder)")
+    p.add_argument("--out", default="benchmarks/results.jsonl")
+    a = p.parse_args(argv)
+    import jax
+
+    if a.compare_compute:
+        from uhd_jax.perf.workload import parse_sizes
+
+        a.compute_size = parse_sizes(a.compute_size)[0]
+        result = compare_compute(a)
+    else:
+        if not a.config:
+            p.error("--config is required (except with --compare-compute)")
+        result = {"train": train_mode, "generate": generate_mode, "data": data_mode}[a.mode](a)
+    result.update(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, backend=jax.default_backend())
+    print(json.dumps(result, indent=2))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

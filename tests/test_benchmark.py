@@ -1,0 +1,86 @@
+"""The FLOP formulas against XLA's own count, the training multipliers, and a CPU smoke run of every benchmark mode
+(speed itself is measured by launch/benchmark.py, never asserted here)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uhd_jax.models.llama import Llama, LlamaConfig
+from uhd_jax.models.vit import ViTConfig, VisionTransformer
+from uhd_jax.perf import flops
+
+
+def test_llm_formula_matches_xla_forward_and_gradient():
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4,
+                      num_kv_heads=2)
+    model, t, b = Llama(cfg), 256, 2
+    x, pos, valid = jnp.zeros((b, t, 256)), jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, pos, valid)
+    forward = flops.xla_flops(jax.jit(lambda p, x: model.apply(p, x, pos, valid)[0]).lower(params, x))
+    formula = flops.llm_forward_flops(cfg, t, b)
+    assert abs(forward / formula - 1) < 0.02, (forward, formula)   # the rest is elementwise work
+    # training the weights: XLA's backward is ~2x its forward (the first layer's input gradient is not needed)
+    grad = jax.jit(jax.grad(lambda p, x: model.apply(p, x, pos, valid)[0].sum()))
+    assert abs(flops.xla_flops(grad.lower(params, x)) / (flops.multipliers(False, False, True)[2] * formula) - 1) < 0.06
+
+
+def test_vit_formula_matches_xla():
+    cfg = ViTConfig(hidden_size=128, intermediate_size=512, num_layers=3, num_heads=4, patch_size=14, image_size=224,
+                    select_layer=-2)
+    model = VisionTransformer(cfg)
+    x = jnp.zeros((2, 224, 224, 3))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    xla = flops.xla_flops(jax.jit(model.apply).lower(params, x))
+    formula = flops.vit_forward_flops(cfg, [16 * 16 + 1] * 2)
+    assert cfg.num_computed_layers == 2
+    assert abs(xla / formula - 1) < 0.05, (xla, formula)
+
+
+def test_training_multipliers():
+    assert flops.multipliers(False, True, False) == (1.0, 3.0, 2.0)   # stage 1: frozen ViT and LLM
+    assert flops.multipliers(False, True, True) == (1.0, 3.0, 3.0)    # LLaVA SFT
+    assert flops.multipliers(True, True, True) == (3.0, 3.0, 3.0)     # UHD v2 SFT trains the ViT too
+    assert flops.multipliers(False, False, False) == (1.0, 1.0, 1.0)
+    step = flops.StepFlops(vision=1.0, projector=2.0, llm=10.0, multipliers=(1.0, 3.0, 2.0))
+    assert (step.forward, step.train) == (13.0, 27.0)
+
+
+def run_benchmark(tmp_path, *args):
+    from launch import benchmark
+
+    out = tmp_path / "results.jsonl"
+    assert benchmark.main([*args, "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()][-1]
+
+
+def test_train_mode_reports_a_consistent_step(tmp_path):
+    r = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--stage", "sft", "--mode", "train",
+                      "--batch", "4", "--steps", "2", "--warmup", "1", "--seq-len", "256", "--mesh", "2,2,2",
+                      "--images", "336x336,672x1088", "--peak-tflops", "1")
+    assert r["compilations"] == 1 and r["trains"] == {"vision": False, "projector": True, "llm": True}
+    assert r["tokens_per_step"] == 4 * 256 and r["images_per_step"] == 4   # sequences filled to the budget
+    assert r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
+    parts = r["components_forward_tflop"]
+    assert r["model_tflop_per_step"] == pytest.approx(parts["vision"] + 3 * parts["projector"] + 3 * parts["llm"])
+    # the model count is what XLA counts minus elementwise, loss and optimizer work
+    assert 0.7 < r["model_tflop_per_step"] / r["xla_tflop_per_step"] < 1.0
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 8)   # 8 devices at the given 1 TFLOP/s peak
+
+
+def test_generate_data_and_compute_modes_run(tmp_path):
+    g = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "generate", "--new-tokens", "4",
+                      "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10")
+    assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes"}
+    assert g["bandwidth_bound_tokens_per_s_batch1"] == pytest.approx(10e9 / g["llm_weight_bytes"])
+    d = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "data", "--batch", "2", "--steps",
+                      "2", "--workers", "0", "--images", "336x336", "--seq-len", "256")
+    assert d["images_per_s"]["0"] > 0
+    c = run_benchmark(tmp_path, "--compare-compute", "--compute-llm", "tiny", "--compute-size", "672x1088")
+    # more image tokens, more compute: the ratio is XLA's, the token counts are the data path's
+    assert c["uhd_v1:tiny"]["tokens"] > c["llava15:tiny"]["tokens"]
+    assert c["uhd_v1:tiny"]["relative_to_llava15"] == pytest.approx(
+        c["uhd_v1:tiny"]["forward_tflop_xla"] / c["llava15:tiny"]["forward_tflop_xla"])
+    assert np.isfinite(c["uhd_v1:tiny"]["forward_tflop_xla"])
