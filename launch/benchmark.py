@@ -135,7 +135,7 @@ def train_mode(a) -> dict:
     peak = a.peak_tflops or detected_peak(device)
     tflops = model_flops.train / median / 1e12
     n_devices = len(jax.devices())
-    return {
+    result = {
         "mode": "train", "config": a.config, "stage": a.stage or list(config.stage_order)[-1], "batch": a.batch,
         "seq_len": shape.max_length, "images": a.images, "images_per_step": n_images,
         "vision_inputs_per_step": len(per_image),
@@ -152,6 +152,14 @@ def train_mode(a) -> dict:
         "peak_memory_bytes": peak_memory(device), "devices": n_devices,
         "device": getattr(device, "device_kind", str(device)), "dtype": str(cfg.dtype.__name__),
         "remat": cfg.llm.remat_policy, "attention": cfg.llm.attention_impl}
+    if a.compare == "torch":
+        from uhd_jax.perf.torch_reference import torch_train_step
+        from uhd_jax.train.trainer import stage_model
+
+        theirs = torch_train_step(stage_model(config, stage), trains, a.batch, shape.max_length, a.steps, a.warmup)
+        result["torch"] = theirs
+        result["speedup_vs_torch"] = result["tokens_per_s"] / theirs["tokens_per_s"]
+    return result
 
 
 def generate_mode(a) -> dict:
@@ -297,6 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth for the decode bound")
     p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--compare", choices=("torch",), default=None,
+                   help="train mode: also time transformers' LLaVA (same towers, MLP projector) in PyTorch")
     p.add_argument("--compare-compute", action="store_true")
     p.add_argument("--compute-llm", default="13b", help="LLM size for --compare-compute (13b: the paper's)")
     p.add_argument("--compute-size", default="672x1088")

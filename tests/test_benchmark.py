@@ -59,7 +59,7 @@ def run_benchmark(tmp_path, *args):
 def test_train_mode_reports_a_consistent_step(tmp_path):
     r = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--stage", "sft", "--mode", "train",
                       "--batch", "4", "--steps", "2", "--warmup", "1", "--seq-len", "256", "--mesh", "2,2,2",
-                      "--images", "336x336,672x1088", "--peak-tflops", "1")
+                      "--images", "336x336,672x1088", "--peak-tflops", "1", "--compare", "torch")
     assert r["compilations"] == 1 and r["trains"] == {"vision": False, "projector": True, "llm": True}
     assert r["tokens_per_step"] == 4 * 256 and r["images_per_step"] == 4   # sequences filled to the budget
     assert r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
@@ -68,6 +68,9 @@ def test_train_mode_reports_a_consistent_step(tmp_path):
     # the model count is what XLA counts minus elementwise, loss and optimizer work
     assert 0.7 < r["model_tflop_per_step"] / r["xla_tflop_per_step"] < 1.0
     assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 8)   # 8 devices at the given 1 TFLOP/s peak
+    # the same towers in transformers' LLaVA, timed in the same run
+    assert r["torch"]["tokens_per_s"] > 0 and r["torch"]["dtype"] == "float32"
+    assert r["speedup_vs_torch"] == pytest.approx(r["tokens_per_s"] / r["torch"]["tokens_per_s"])
 
 
 def test_generate_data_and_compute_modes_run(tmp_path):
