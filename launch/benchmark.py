@@ -207,11 +207,34 @@ def generate_mode(a) -> dict:
         # None: decoding a few tokens took less than the timing noise of the prefill (tiny models)
         out[f"batch{batch}"] = {"prefill_s": timings[1], "decode_tokens_per_s": batch / decode_s if decode_s > 0
                                 else None}
-    weight_bytes = sum(np.dtype(cfg.dtype).itemsize * x.size for x in jax.tree_util.tree_leaves(params["llm"]))
-    out["llm_weight_bytes"] = int(weight_bytes)
-    if a.bandwidth_gbs:
-        out["bandwidth_bound_tokens_per_s_batch1"] = a.bandwidth_gbs * 1e9 / weight_bytes
+    item = np.dtype(cfg.dtype).itemsize
+    weight_bytes = sum(item * x.size for x in jax.tree_util.tree_leaves(params["llm"]))
+    # a decode step reads every weight once and, per row, the K and V of its context (mid-generation on average)
+    context = len(prompt["ids"]) + a.new_tokens // 2
+    kv_bytes = 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.dim_per_head * item * context
+    bandwidth = a.bandwidth_gbs or measured_bandwidth_gbs()
+    out.update(llm_weight_bytes=int(weight_bytes), kv_bytes_per_row=int(kv_bytes), bandwidth_gbs=bandwidth,
+               bandwidth_measured=not a.bandwidth_gbs)
+    for batch in (1, 32):
+        read = weight_bytes + batch * kv_bytes
+        out[f"batch{batch}"]["bandwidth_bound_tokens_per_s"] = batch * bandwidth * 1e9 / read
     return out
+
+
+def measured_bandwidth_gbs(mbytes: int = 256) -> float:
+    """Device memory bandwidth: a jitted elementwise pass reads and writes an array of `mbytes`, median of 5."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mbytes * 2 ** 20 // 4,), jnp.float32)
+    f = jax.jit(lambda v: v * 1.0001)
+    jax.block_until_ready(f(x))
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        runs.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / statistics.median(runs) / 1e9
 
 
 def data_mode(a) -> dict:
@@ -280,7 +303,16 @@ def compare_compute(a) -> dict:
         params = jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
         lowered = jax.jit(lambda p, b: model.apply(nn.meta.unbox(p), *model_inputs(b))[0]).lower(params, abstract)
-        out[name] = {"tokens": n, "forward_tflop_xla": flops.xla_flops(lowered) / 1e12}
+        if cfg.packed_images:
+            seg = batch["patch_segment_ids"][0]
+            per_image = [int((seg == k).sum()) for k in range(1, int(seg.max()) + 1)]
+        else:
+            per_image = [cfg.vision.grid ** 2 + 1]
+        total = flops.xla_flops(lowered)
+        vit, llm_f = flops.vit_forward_flops(cfg.vision, per_image), flops.llm_forward_flops(cfg.llm, n)
+        out[name] = {"tokens": n, "vision_inputs": len(per_image), "vision_tokens": sum(per_image),
+                     "forward_tflop_xla": total / 1e12, "vision_tflop_formula": vit / 1e12,
+                     "llm_tflop_formula": llm_f / 1e12, "rest_tflop": (total - vit - llm_f) / 1e12}
     base = out[f"llava15:{llm}"]["forward_tflop_xla"]
     for name in list(out):
         if isinstance(out[name], dict) and name.startswith("uhd_v1"):
