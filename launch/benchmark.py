@@ -86,7 +86,7 @@ def train_mode(a) -> dict:
     from uhd_jax.parallel.sharding import rules_from_config
     from uhd_jax.perf import flops
     from uhd_jax.train import optimizer as opt
-    from uhd_jax.train.trainer import _batch_to_device, build_training
+    from uhd_jax.train.trainer import batch_to_device, build_training
 
     config, stage = load(a)
     cfg, batches, shape, _ = workload(a, config, stage, n_batches=2)
@@ -95,7 +95,7 @@ def train_mode(a) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         setup = build_training(config, stage, cfg, mesh, rules, int(config.seed), a.steps + a.warmup)
         step_fn = setup.step_fn(VLM(cfg), shape.array_keys, int(config.seed) if cfg.stochastic_training else None)
-        device_batches = [_batch_to_device(b, 1, mesh) for b in batches]
+        device_batches = [batch_to_device(b, 1, mesh) for b in batches]
         lowered = step_fn.lower(setup.state, device_batches[0])
         xla_step_flops = flops.xla_flops(lowered)
         state = setup.state

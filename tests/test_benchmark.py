@@ -76,8 +76,10 @@ def test_train_mode_reports_a_consistent_step(tmp_path):
 def test_generate_data_and_compute_modes_run(tmp_path):
     g = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "generate", "--new-tokens", "4",
                       "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10")
-    assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes"}
-    assert g["bandwidth_bound_tokens_per_s_batch1"] == pytest.approx(10e9 / g["llm_weight_bytes"])
+    assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes", "kv_bytes_per_row"}
+    bound = lambda b: b * 10e9 / (g["llm_weight_bytes"] + b * g["kv_bytes_per_row"])  # noqa: E731
+    assert g["batch1"]["bandwidth_bound_tokens_per_s"] == pytest.approx(bound(1))
+    assert g["batch32"]["bandwidth_bound_tokens_per_s"] == pytest.approx(bound(32))
     d = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "data", "--batch", "2", "--steps",
                       "2", "--workers", "0", "--images", "336x336", "--seq-len", "256")
     assert d["images_per_s"]["0"] > 0

@@ -231,7 +231,8 @@ def token_row_masks(config, stage, params, labels) -> dict:
     return {key: mask}
 
 
-def _batch_to_device(arrays: dict, accum: int, mesh):
+def batch_to_device(arrays: dict, accum: int, mesh):
+    """Host batch arrays (B, ...) -> global arrays (accum, B / accum, ...) sharded over the batch axes."""
     out = {}
     for k, x in arrays.items():
         x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
@@ -416,7 +417,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
             arrays = batch["arrays"]
             window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
             window["images"] += int(arrays["image_valid"].sum()) * jax.process_count()
-            state, metrics = step_fn(state, _batch_to_device(arrays, accum, mesh))
+            state, metrics = step_fn(state, batch_to_device(arrays, accum, mesh))
             if pending is not None:
                 finish(pending)
             pending = (step, metrics, meta["ids"])
