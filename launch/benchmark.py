@@ -29,6 +29,27 @@ from absl import flags, logging  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from uhd_jax.config_loading import load_config  # noqa: E402
+from uhd_jax.data.batch import BatchShape  # noqa: E402
+from uhd_jax.data.dataset import load_tokenizer  # noqa: E402
+from uhd_jax.data.pipeline import Source, make_iterator  # noqa: E402
+from uhd_jax.eval.decoding import GenerationConfig  # noqa: E402
+from uhd_jax.eval.generate import Generator  # noqa: E402
+from uhd_jax.models.vlm import VLM, init_fn  # noqa: E402
+from uhd_jax.parallel.mesh import make_mesh  # noqa: E402
+from uhd_jax.parallel.sharding import rules_from_config  # noqa: E402
+from uhd_jax.perf import flops  # noqa: E402
+from uhd_jax.perf.workload import parse_sizes, prepared_batches, write_workload  # noqa: E402
+from uhd_jax.train import optimizer as opt  # noqa: E402
+from uhd_jax.train.step import model_inputs  # noqa: E402
+from uhd_jax.train.trainer import (batch_to_device, build_training, model_for_stage, packed_layout,  # noqa: E402
+                                   preparer_factory, stage_model)
+
 # dense bf16 peak TFLOP/s by device kind (vendor datasheets, no sparsity)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0, "TPU v5 lite": 197.0}
 
@@ -44,7 +65,6 @@ def peak_memory(device) -> int | None:
 
 
 def load(a):
-    from uhd_jax.config_loading import load_config
 
     config = load_config(a.config)
     stage = config.stages[a.stage or list(config.stage_order)[-1]]
@@ -63,8 +83,6 @@ def vocab(config) -> int:
 
 
 def workload(a, config, stage, n_batches):
-    from uhd_jax.perf.workload import parse_sizes, prepared_batches, write_workload
-    from uhd_jax.train.trainer import model_for_stage
 
     root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark")
     words = max(8, int(stage.max_length))   # more than fits: every sequence is filled to the budget
@@ -77,16 +95,7 @@ def workload(a, config, stage, n_batches):
 
 
 def train_mode(a) -> dict:
-    import flax.linen as nn
-    import jax
-    import numpy as np
 
-    from uhd_jax.models.vlm import VLM
-    from uhd_jax.parallel.mesh import make_mesh
-    from uhd_jax.parallel.sharding import rules_from_config
-    from uhd_jax.perf import flops
-    from uhd_jax.train import optimizer as opt
-    from uhd_jax.train.trainer import batch_to_device, build_training
 
     config, stage = load(a)
     cfg, batches, shape, _ = workload(a, config, stage, n_batches=2)
@@ -153,8 +162,7 @@ def train_mode(a) -> dict:
         "device": getattr(device, "device_kind", str(device)), "dtype": str(cfg.dtype.__name__),
         "remat": cfg.llm.remat_policy, "attention": cfg.llm.attention_impl}
     if a.compare == "torch":
-        from uhd_jax.perf.torch_reference import torch_train_step
-        from uhd_jax.train.trainer import stage_model
+        from uhd_jax.perf.torch_reference import torch_train_step   # torch only when asked for
 
         theirs = torch_train_step(stage_model(config, stage), trains, a.batch, shape.max_length, a.steps, a.warmup)
         result["torch"] = theirs
@@ -163,17 +171,7 @@ def train_mode(a) -> dict:
 
 
 def generate_mode(a) -> dict:
-    import flax.linen as nn
-    import jax
-    import numpy as np
 
-    from uhd_jax.eval.decoding import GenerationConfig
-    from uhd_jax.eval.generate import Generator
-    from uhd_jax.models.vlm import init_fn
-    from uhd_jax.perf.workload import parse_sizes, write_workload
-    from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory
-    from uhd_jax.data.pipeline import Source
-    from uhd_jax.data.dataset import load_tokenizer
 
     config, stage = load(a)
     size = parse_sizes(a.images)[0]
@@ -223,8 +221,6 @@ def generate_mode(a) -> dict:
 
 def measured_bandwidth_gbs(mbytes: int = 256) -> float:
     """Device memory bandwidth: a jitted elementwise pass reads and writes an array of `mbytes`, median of 5."""
-    import jax
-    import jax.numpy as jnp
 
     x = jnp.ones((mbytes * 2 ** 20 // 4,), jnp.float32)
     f = jax.jit(lambda v: v * 1.0001)
@@ -238,12 +234,6 @@ def measured_bandwidth_gbs(mbytes: int = 256) -> float:
 
 
 def data_mode(a) -> dict:
-    from uhd_jax.data.pipeline import make_iterator
-    from uhd_jax.perf.workload import parse_sizes, write_workload
-    from uhd_jax.train.trainer import model_for_stage, preparer_factory
-    from uhd_jax.data.pipeline import Source
-    from uhd_jax.data.batch import BatchShape
-    from uhd_jax.train.trainer import packed_layout
 
     config, stage = load(a)
     root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-data")
@@ -267,15 +257,7 @@ def data_mode(a) -> dict:
 def compare_compute(a) -> dict:
     """Forward FLOPs (XLA cost analysis of the lowered model, abstract weights) of UHD v1 on a 672x1088 image vs
     LLaVA-1.5 on 336x336, same LLM, and the text the paper's 94% claim compares."""
-    import jax
-    import flax.linen as nn
 
-    from uhd_jax.config_loading import load_config
-    from uhd_jax.models.vlm import VLM, init_fn
-    from uhd_jax.perf import flops
-    from uhd_jax.perf.workload import prepared_batches, write_workload
-    from uhd_jax.train.step import model_inputs
-    from uhd_jax.train.trainer import model_for_stage
 
     root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-compute")
     size = a.compute_size
@@ -345,10 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="workload cache (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results.jsonl")
     a = p.parse_args(argv)
-    import jax
 
     if a.compare_compute:
-        from uhd_jax.perf.workload import parse_sizes
 
         a.compute_size = parse_sizes(a.compute_size)[0]
         result = compare_compute(a)
