@@ -10,6 +10,9 @@ VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  num_kv_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
 VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
                   num_kv_heads=40)
+# TinyLlama-1.1B (Llama-2 tokenizer and layout, GQA 32/4): the "1B-class LLM" of the speed targets (benchmarks/)
+TINYLLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                    num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048)
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
 # Tiny sizes for tests and CPU demos: every dimension divisible by the 8-device test mesh axes.
@@ -24,8 +27,8 @@ TINY_LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 
 
-LLMS = {"7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM, "demo": DEMO_LLM}
-VISIONS = {"7b": CLIP_L_336, "13b": CLIP_L_336, "tiny": TINY_VISION, "demo": DEMO_VISION}
+LLMS = {"1b": TINYLLAMA_1B, "7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM, "demo": DEMO_LLM}
+VISIONS = {"1b": CLIP_L_336, "7b": CLIP_L_336, "13b": CLIP_L_336, "tiny": TINY_VISION, "demo": DEMO_VISION}
 
 
 def choose_llm(config_file: str, variant: str) -> dict:

@@ -2,7 +2,8 @@
 
 Stages (spec A.8): `pretrain` (LCS-558K captions, `plain`, projector only, lr 1e-3, batch 256, images center-cropped)
 then `sft` (mix665k, `vicuna_v1`, projector + LLM at 2e-5, batch 128, `pad`); vision frozen throughout.
-Variants: `7b` (default), `13b`, `tiny` (tests), `demo` (the CPU demo on the synthetic dataset).
+Variants: `7b` (default), `13b`, `1b` (TinyLlama-1.1B: the 1B-class speed comparison, benchmarks/README.md),
+`tiny` (tests), `demo` (the CPU demo on the synthetic dataset).
 
   python -m tools.convert_torch import --src vicuna-7b-v1.5/ --vision clip-vit-large-patch14-336/ \
       --config configs/llava15.py:7b --out checkpoints/llava15-7b-init
@@ -23,7 +24,8 @@ def get_config(arg: str | None = None):
     c = common.base_config(common.VISIONS[variant], llm, projector_type="mlp2x_gelu", tiny=small)
     c.family = "llava15"
     c.variant = variant
-    c.tokenizer = "checkpoints/vicuna-7b-v1.5" if not small else "synthetic/tokenizer"
+    c.tokenizer = {"1b": "checkpoints/TinyLlama-1.1B"}.get(variant, "checkpoints/vicuna-7b-v1.5") if not small \
+        else "synthetic/tokenizer"
     init = [f"checkpoints/llava15-{variant}-init"] if not small else []
     c.stage_order = ("pretrain", "sft")
     c.stages = {

@@ -5,7 +5,8 @@ Stages (spec uhd.md §6): `pretrain` (LCS-558K captions, `plain`, overview image
 batch 256) then `sft` (mix665k, `vicuna_v1`, M=7 slices with 10% 6-slice rescaling and TextVQA at 1024, LLM +
 resampler at 2e-5, ViT frozen, batch 128 = 4/GPU x 8 x accum 4, max length 2048).
 Variants: `13b` (default; HF guozonghao96/llava-uhd-144-13b), `7b`, `arxiv64` (the March-2024 64-query resampler with
-one full cross-attention, 8 heads, for the paper's compute comparison), `tiny` (tests), `demo` (CPU demo sizes).
+one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
+1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes).
 
   python -m tools.convert_torch import --src vicuna-13b-v1.5/ --vision clip-vit-large-patch14-336/ \\
       --config configs/uhd_v1.py:13b --out checkpoints/uhd_v1-13b-init
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from configs import common
 
-LLM_OF = {"13b": "13b", "7b": "7b", "arxiv64": "13b", "tiny": "tiny", "demo": "demo"}
+LLM_OF = {"13b": "13b", "7b": "7b", "1b": "1b", "arxiv64": "13b", "tiny": "tiny", "demo": "demo"}
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +31,8 @@ def get_config(arg: str | None = None):
     c = common.base_config(common.VISIONS[LLM_OF[variant]], llm, projector_type=projector, tiny=small)
     c.family = "uhd_v1"
     c.variant = variant
-    c.tokenizer = "synthetic/tokenizer" if small else f"checkpoints/vicuna-{LLM_OF[variant]}-v1.5"
+    c.tokenizer = "synthetic/tokenizer" if small else {"1b": "checkpoints/TinyLlama-1.1B"}.get(
+        variant, f"checkpoints/vicuna-{LLM_OF[variant]}-v1.5")
     c.data.update(dict(
         # slices: spec §1.1; 10% rescaled to ~6 slices in training; TextVQA images pre-resized to 1024
         slicing=dict(max_slices=7, scale_resolution=336, patch_size=14, augment_prob=0.1, augment_slices=6,
