@@ -82,13 +82,17 @@ def vocab(config) -> int:
     return min(512, int(config.model.llm.vocab_size))
 
 
-def workload(a, config, stage, n_batches):
+def use_workload(a, config, name: str, sizes, n_samples: int, words: int, vocab_size: int | None = None) -> dict:
+    """Write (or reuse) the workload under `--workdir` or a temp folder and point `config` at its tokenizer."""
+    root = a.workdir or os.path.join(tempfile.gettempdir(), f"uhd-jax-benchmark-{name}")
+    paths = write_workload(root, sizes, n_samples, words, vocab_size=vocab_size or vocab(config))
+    config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+    return paths
 
-    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark")
+
+def workload(a, config, stage, n_batches):
     words = max(8, int(stage.max_length))   # more than fits: every sequence is filled to the budget
-    paths = write_workload(root, parse_sizes(a.images), max(a.batch, 8), words, vocab_size=vocab(config))
-    config.tokenizer = os.path.abspath(paths["tokenizer"])
-    config.data_root = ""
+    paths = use_workload(a, config, "train", parse_sizes(a.images), max(a.batch, 8), words)
     cfg = model_for_stage(config, stage)
     batches, shape = prepared_batches(config, stage, cfg, paths, a.batch, n_batches)
     return cfg, batches, shape, paths
@@ -175,9 +179,7 @@ def generate_mode(a) -> dict:
 
     config, stage = load(a)
     size = parse_sizes(a.images)[0]
-    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-generate")
-    paths = write_workload(root, [size], 1, a.prompt_words, vocab_size=vocab(config))
-    config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+    paths = use_workload(a, config, "generate", [size], 1, a.prompt_words)
     cfg = model_for_stage(config, stage)
     params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(0))["params"])
     prep = preparer_factory(config, stage, cfg)(Source(paths["json"], paths["images"]))
@@ -236,9 +238,7 @@ def measured_bandwidth_gbs(mbytes: int = 256) -> float:
 def data_mode(a) -> dict:
 
     config, stage = load(a)
-    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-data")
-    paths = write_workload(root, parse_sizes(a.images), max(4 * a.batch, 16), 64, vocab_size=vocab(config))
-    config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+    paths = use_workload(a, config, "data", parse_sizes(a.images), max(4 * a.batch, 16), 64)
     cfg = model_for_stage(config, stage)
     shape = BatchShape(a.batch, stage.max_length, config.data.max_images * cfg.views_per_image, cfg.vision.image_size,
                        packed_layout(config, cfg, stage))
@@ -259,9 +259,8 @@ def compare_compute(a) -> dict:
     LLaVA-1.5 on 336x336, same LLM, and the text the paper's 94% claim compares."""
 
 
-    root = a.workdir or os.path.join(tempfile.gettempdir(), "uhd-jax-benchmark-compute")
     size = a.compute_size
-    paths = write_workload(root, [size], 1, 4, vocab_size=vocab(load_config(f"configs/llava15.py:{a.compute_llm}")))
+    small = vocab(load_config(f"configs/llava15.py:{a.compute_llm}"))   # one tokenizer every compared model reads
     out = {"mode": "compare_compute", "image": f"{size[0]}x{size[1]}",
            "prompt": "one image, a 7-word request, a 4-word answer"}
     llm = a.compute_llm
@@ -274,7 +273,7 @@ def compare_compute(a) -> dict:
         if config.data.get("slicing"):     # the image as given: no training augmentation
             config.data.slicing.update(augment_prob=0.0, textvqa_long_side=0)
         stage = config.stages[list(config.stage_order)[-1]]
-        config.tokenizer, config.data_root = os.path.abspath(paths["tokenizer"]), ""
+        paths = use_workload(a, config, "compute", [size], 1, 4, vocab_size=small)
         cfg = model_for_stage(config, stage)
         # the sequence holds exactly the prompt: no padding counted
         stage.max_length = 4096
