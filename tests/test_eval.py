@@ -132,6 +132,9 @@ def test_question_file_answers_resume_and_skip_broken_images(synthetic_data, tin
     for k in range(2):
         answer_questions(answering, questions, halves[k], num_chunks=2, chunk_index=k, log=lambda *_: None)
     assert {**by_id(halves[0]), **by_id(halves[1])} == by_id(full)
+    # a large sampling seed is folded into the key range, not an overflow
+    big = answer_questions(answering, questions[:1], str(tmp_path / "big.jsonl"), seed=5000, log=lambda *_: None)
+    assert big["answered_now"] == 1
 
 
 def test_generate_cli_one_image_and_a_question_file(synthetic_data, tiny_checkpoint, tmp_path, capsys):

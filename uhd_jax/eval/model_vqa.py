@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 import flax.linen as nn
 
 from uhd_jax.data.images import SampleError
@@ -142,7 +141,7 @@ def answer_questions(answering: Answering, questions: list[dict], answers_path: 
         if not prompts:
             continue
         # a question's sampling key is its place in the file: the same answer however the run is split or resumed
-        texts = answering.generator(prompts, seeds=[int(np.uint32(seed * 1_000_003 + i)) for i, _ in kept])
+        texts = answering.generator(prompts, seeds=[(seed * 1_000_003 + i) % 2 ** 32 for i, _ in kept])
         out.write([answer_record(q, t, answering.model.model_id) for (_, q), t in zip(kept, texts)])
         answered += len(texts)
         log(f"  {len(mine) - len(todo) + answered}/{len(mine)} answered ({len(skipped)} skipped)")
