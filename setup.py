@@ -23,6 +23,9 @@ CORE = [
 TORCH = ["torch==2.13.0", "safetensors==0.8.0"]
 # pytest-xdist: `make test` runs two worker processes (2-core CI: 249 tests in 16.5 min; 231 took 19.7 min in one)
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]
+# Accelerators: jax's own extras pull the PJRT plugin built for the pinned jaxlib (CUDA 12 wheels with cuDNN and NCCL;
+# libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
+ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
 
 setup(
     name="uhd-jax",
@@ -31,5 +34,5 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["uhd_jax", "uhd_jax.*"]),
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TORCH + TEST},
+    extras_require={"torch": TORCH, "test": TORCH + TEST, **ACCELERATORS},
 )
