@@ -85,7 +85,7 @@ def test_pooled_sizes_follow_the_aspect_ratio():
     assert pooled_size(1, 714) == (2, 4)
 
 
-@pytest.mark.parametrize("h, w", [(24, 24), (22, 26), (17, 31), (7, 80), (1, 40), (30, 9)])
+@pytest.mark.parametrize("h, w", [(24, 24), (22, 26), (17, 31), (7, 80), (1, 40), (30, 9), (10, 14), (14, 10), (10, 6)])
 def test_roi_taps_equal_torchvision_semantics(h, w):
     fmap = np.random.default_rng(h * 100 + w).normal(size=(5, h, w)).astype(np.float32)
     index, weight, key_valid, (ph, pw) = roi_taps(h, w, 12, max_taps=16)
@@ -93,6 +93,37 @@ def test_roi_taps_equal_torchvision_semantics(h, w):
     ours = (flat[index] * weight[..., None]).sum(2)[:, :ph * pw]          # (144, ph*pw, C)
     assert key_valid.sum() == ph * pw
     np.testing.assert_allclose(ours, windows_reference(fmap), rtol=1e-6, atol=1e-6)
+
+
+def test_window_edges_are_the_originals_float64_boxes_cast_once():
+    """Every map up to 119 x 119: the edges equal the spec's Python-float boxes cast to float32 once (float32
+    arithmetic puts e.g. the 10-row map's last end at 9.999999 instead of 10.0)."""
+    from tests.uhd_helpers import window_edges_reference
+    from uhd_jax.models.projectors.windows import window_edges
+
+    ref = {n: window_edges_reference(n) for n in range(1, 120)}
+    assert ref[10][1][-1] == np.float32(10.0)
+    for h in range(1, 120):
+        for w in range(1, 120):
+            y0, y1, x0, x1 = window_edges(h, w)
+            for got, want in zip((y0, y1, x0, x1), ref[h] + ref[w]):
+                assert got.dtype == np.float32 and np.array_equal(got, want), (h, w)
+
+
+@pytest.mark.parametrize("h, w, axis", [(10, 14, 0), (14, 10, 1)])
+def test_last_samples_of_a_10_pixel_side_fall_outside_the_map(h, w, axis):
+    """10 pixels in 12 windows of 3 pooled bins: a window is 5/6 px, stretched to 1 px, one sample per bin at 1/6,
+    1/2 and 5/6 of it. The last window starts at 55/6 = 9.1667, so its third sample sits at 10.0 + float32 rounding,
+    beyond the edge: those keys are all-zero (torchvision counts the sample in the mean, contributing 0). The second
+    sample (9.67) reads the last row with its full weight."""
+    _, weight, _, (ph, pw) = roi_taps(h, w, 12, max_taps=16)
+    assert (ph, pw) == ((3, 4) if axis == 0 else (4, 3))
+    keys = weight.reshape(12, 12, ph, pw, -1)
+    last = keys[11] if axis == 0 else keys[:, 11]                          # (12 windows, ph, pw, taps)
+    third = last[:, 2] if axis == 0 else last[:, :, 2]
+    second = last[:, 1] if axis == 0 else last[:, :, 1]
+    assert np.all(third == 0)
+    assert np.all(second.sum(-1) > 0.99)
 
 
 def test_roi_taps_refuse_shapes_beyond_the_tap_budget():
@@ -158,7 +189,7 @@ def test_resampler_matches_torch_reference(windowed, grid, heads):
     d, kv_dim = 64, 24
     torch.manual_seed(0)
     ref = TorchResampler(d, heads, kv_dim, grid, windowed).eval()
-    sizes = [(24, 24), (22, 26), (7, 80)] if windowed else [(24, 24), (9, 20)]
+    sizes = [(24, 24), (22, 26), (7, 80), (10, 14)] if windowed else [(24, 24), (9, 20)]
     layout = PackedLayout(patch_budget=sum(1 + h * w for h, w in sizes) + 5, max_images=len(sizes) + 1,
                           query_grid=grid, windowed=windowed)
     maps, feats, geom = packed_inputs(sizes, kv_dim, layout)
@@ -326,9 +357,9 @@ def test_configs_build_abstractly(variant, projector_params):
 def test_window_boxes_round_to_the_compute_dtype():
     from uhd_jax.models.projectors.windows import window_edges
 
-    start, end = window_edges(80, 12)
+    start, end = window_edges(7, 80, 12)[2:]
     assert np.isclose(end[0], 80 / 12)
-    s16, e16 = window_edges(80, 12, "bfloat16")
+    s16, e16 = window_edges(7, 80, 12, "bfloat16")[2:]
     assert e16[0] == 6.65625 and s16[5] == np.float32(33.25)  # 6.6667 and 33.333 rounded to 8-bit mantissas
     assert not np.array_equal(roi_taps(7, 80, 12, 16, None)[1], roi_taps(7, 80, 12, 16, "bfloat16")[1])
 

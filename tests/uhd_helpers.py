@@ -46,17 +46,24 @@ def roi_align_reference(fmap, box, ph, pw):
     return out
 
 
+def window_edges_reference(length, grid=12):
+    """Spec §2.2: window size length/12 as a Python float, start = i * size, end = start + size, one float32 cast of
+    the finished values (torch.tensor(..., float32))."""
+    size = length / grid
+    starts = [i * size for i in range(grid)]
+    return np.array(starts, np.float32), np.array([s + size for s in starts], np.float32)
+
+
 def windows_reference(fmap, grid=12):
-    """All grid x grid windows of a map: (grid^2, ph*pw, C), boxes in float32 as the original builds them."""
+    """All grid x grid windows of a map: (grid^2, ph*pw, C), boxes built as the original builds them."""
     c, h, w = fmap.shape
     ph, pw = pooled_size(h, w)
-    wh, ww = np.float32(h / grid), np.float32(w / grid)
+    y0, y1 = window_edges_reference(h, grid)
+    x0, x1 = window_edges_reference(w, grid)
     out = []
     for i in range(grid):
         for j in range(grid):
-            x1, y1 = np.float32(j * ww), np.float32(i * wh)
-            out.append(roi_align_reference(fmap, (x1, y1, np.float32(x1 + ww), np.float32(y1 + wh)), ph, pw)
-                       .reshape(c, -1).T)
+            out.append(roi_align_reference(fmap, (x0[j], y0[i], x1[j], y1[i]), ph, pw).reshape(c, -1).T)
     return np.stack(out)
 
 

@@ -4,8 +4,8 @@ size chosen from its aspect ratio, and torchvision `roi_align` (aligned=False, s
 RoIAlign is linear in the feature map and, for axis-aligned boxes, separable: a sample's bilinear weight is a row
 weight times a column weight, its "outside the map contributes 0" rule is a row test AND a column test, and the bin
 average is a mean over rows times a mean over columns. So each output key of window t and bin (r, c) is a weighted
-sum of at most T feature pixels, computed here once per map size, with torchvision's float32 sample positions.
-The device then does gathers and a weighted sum (no Python loop over windows in jit).
+sum of at most T feature pixels, computed here once per map size, with torchvision's float32 sample positions on
+the original's boxes. The device then does gathers and a weighted sum (no Python loop over windows in jit).
 """
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def pooled_size(h: int, w: int) -> tuple[int, int]:
 
 
 def _round_to(x: np.ndarray, box_dtype: str | None) -> np.ndarray:
-    if box_dtype is None or box_dtype == "float32":
-        return x.astype(np.float32)
+    # float32 first even when x is float64: the original rounds its float32 box tensor to the compute dtype
+    # (`region_boxes.to(dtype)`), and a direct float64 -> bf16 rounding differs from that double rounding on ties.
+    x = np.asarray(x).astype(np.float32)
+    if box_dtype is None or box_dtype in ("", "float32"):
+        return x
     if box_dtype == "bfloat16":
         import ml_dtypes
 
@@ -40,13 +43,21 @@ def _round_to(x: np.ndarray, box_dtype: str | None) -> np.ndarray:
     return x.astype(np.dtype(box_dtype)).astype(np.float32)
 
 
-def window_edges(length: int, grid: int, box_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end of the `grid` windows along an axis of `length` feature pixels (float32, optionally rounded
-    to the compute dtype as the original does before calling roi_align)."""
-    size = np.float32(length / grid)
-    start = (np.arange(grid, dtype=np.float32) * size).astype(np.float32)
-    end = (start + size).astype(np.float32)
-    return _round_to(start, box_dtype), _round_to(end, box_dtype)
+def window_edges(h: int, w: int, grid: int = 12, box_dtype: str | None = None):
+    """(row starts, row ends, column starts, column ends) of the grid x grid windows over an h x w map, as float32
+    (optionally rounded to the compute dtype as the original does before calling roi_align).
+
+    The original (`slice_process.py::slice_image_feature_minicpm` / `generate_subimage_coordinates`) works in Python
+    floats: the window size is sqrt((h*w/grid^2) / (w/h)) and that times w/h (h/grid and w/grid up to the last
+    float64 bit), start = i * size, end = start + size, and only the finished boxes become one float32 tensor.
+    Float32 arithmetic instead lands ends one float32 step below the map's edge (9.999999 for a 10-row map), where
+    a RoIAlign sample then reads the last row instead of counting as outside."""
+    crop_h = math.sqrt(h * w / (grid * grid) / (w / h))
+    crop_w = crop_h * (w / h)
+    ys = [i * crop_h for i in range(grid)]
+    xs = [j * crop_w for j in range(grid)]
+    edges = (ys, [y + crop_h for y in ys], xs, [x + crop_w for x in xs])
+    return tuple(_round_to(np.array(e, np.float64), box_dtype) for e in edges)
 
 
 def axis_weights(start: np.float32, end: np.float32, pooled: int, length: int) -> np.ndarray:
@@ -82,8 +93,7 @@ def roi_taps(h: int, w: int, grid: int = 12, max_taps: int = 16, box_dtype: str 
 
     Raises ValueError if a key needs more than `max_taps` pixels (raise data.roi_taps for such shapes)."""
     ph, pw = pooled_size(h, w)
-    y0, y1 = window_edges(h, grid, box_dtype)
-    x0, x1 = window_edges(w, grid, box_dtype)
+    y0, y1, x0, x1 = window_edges(h, w, grid, box_dtype)
     wy = [axis_weights(y0[i], y1[i], ph, h) for i in range(grid)]
     wx = [axis_weights(x0[j], x1[j], pw, w) for j in range(grid)]
     index = np.zeros((grid * grid, MAX_KEYS, max_taps), np.int32)
