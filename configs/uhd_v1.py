@@ -4,8 +4,9 @@ resampler (144 queries in 12x12 windows), the v1 spatial schema (',' / '\\n' aft
 Stages (spec uhd.md §6): `pretrain` (LCS-558K captions, `plain`, overview image only, resampler trainable, lr 1e-3,
 batch 256) then `sft` (mix665k, `vicuna_v1`, M=7 slices with 10% 6-slice rescaling and TextVQA at 1024, LLM +
 resampler at 2e-5, ViT frozen, batch 128 = 4/GPU x 8 x accum 4, max length 2048).
-Variants: `13b` (default; HF guozonghao96/llava-uhd-144-13b), `7b`, `arxiv64` (the March-2024 64-query resampler with
-one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
+Variants: `13b` (default; HF guozonghao96/llava-uhd-144-13b), `7b`, `qwen2_7b` (Qwen2-7B-Instruct with the `qwen_1_5`
+template: the v2-head code's `adapt_spatial_resampler_v1` on Qwen2), `arxiv64` (the March-2024 64-query resampler
+with one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
 1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes).
 
   python -m tools.convert_torch import --src vicuna-13b-v1.5/ --vision clip-vit-large-patch14-336/ \\
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from configs import common
 
-LLM_OF = {"13b": "13b", "7b": "7b", "1b": "1b", "arxiv64": "13b", "tiny": "tiny", "demo": "demo"}
+LLM_OF = {"13b": "13b", "7b": "7b", "qwen2_7b": "7b", "1b": "1b", "arxiv64": "13b", "tiny": "tiny", "demo": "demo"}
 
 
 def get_config(arg: str | None = None):
@@ -27,22 +28,29 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/uhd_v1.py: unknown variant {variant!r}; choose one of {sorted(LLM_OF)}")
     small = variant in ("tiny", "demo")
     llm = common.choose_llm("configs/uhd_v1.py", LLM_OF[variant])
+    if variant == "qwen2_7b":
+        from configs.uhd_v2 import QWEN2_7B  # one copy of the Qwen2 sizes (uhd_v2 imports this module at load time)
+
+        llm = dict(QWEN2_7B)
     projector = {"arxiv64": "arxiv_resampler", "demo": "uhd_v1_query64"}.get(variant, "adapt_spatial_resampler")
     c = common.base_config(common.VISIONS[LLM_OF[variant]], llm, projector_type=projector, tiny=small)
     c.family = "uhd_v1"
     c.variant = variant
-    c.tokenizer = "synthetic/tokenizer" if small else {"1b": "checkpoints/TinyLlama-1.1B"}.get(
+    c.tokenizer = "synthetic/tokenizer" if small else {
+        "1b": "checkpoints/TinyLlama-1.1B", "qwen2_7b": "checkpoints/Qwen2-7B-Instruct"}.get(
         variant, f"checkpoints/vicuna-{LLM_OF[variant]}-v1.5")
     c.data.update(dict(
         # slices: spec §1.1; 10% rescaled to ~6 slices in training; TextVQA images pre-resized to 1024
         slicing=dict(max_slices=7, scale_resolution=336, patch_size=14, augment_prob=0.1, augment_slices=6,
                      textvqa_long_side=1024),
+        # LLaMA's ids of ',' and '\n' for every LLM: the v2-head code keeps them with Qwen2 too (spec §1.1)
         schema="v1", separator_ids={",": 29892, "\n": 13}, separator_tokens=(),
         patch_budget=0,        # 0: (max_slices + 1) x 577 slots per sample, see uhd_jax/data/uhd_images.py
         # the original casts window boxes to the compute dtype before roi_align: bf16 in training (fp16 in its v1 eval)
         roi_taps=16, box_dtype="" if small else "bfloat16",
     ))
-    init = [] if small else [f"checkpoints/uhd_v1-{LLM_OF[variant]}-init"]
+    base = "qwen2_7b" if variant == "qwen2_7b" else LLM_OF[variant]   # arxiv64 starts from the 13b init
+    init = [] if small else [f"checkpoints/uhd_v1-{base}-init"]
     # pos_embed is the fixed sin-cos table (requires_grad False in the original): never trained.
     resampler = [("projector/pos_embed", "frozen"), ("projector/.*", "projector")]
     c.stage_order = ("pretrain", "sft")
@@ -52,7 +60,7 @@ def get_config(arg: str | None = None):
             sources=[dict(json="LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="LLaVA-Pretrain/images")],
             trainable=resampler + [(".*", "frozen")], lrs={"projector": 1e-3}, batch_size=256, max_length=2048),
         "sft": common.stage(
-            template="vicuna_v1", init_from_stage="pretrain",
+            template="qwen_1_5" if variant == "qwen2_7b" else "vicuna_v1", init_from_stage="pretrain",
             sources=[dict(json="llava_v1_5_mix665k.json", image_folder=".")],
             trainable=[("vision/.*", "frozen")] + resampler + [("llm/.*", "llm")],
             lrs={"projector": 2e-5, "llm": 2e-5}, batch_size=128, grad_accum=4, max_length=2048),

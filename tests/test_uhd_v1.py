@@ -331,7 +331,7 @@ def test_resampler_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("variant, projector_params", [("7b", 89.3e6), ("13b", None), ("arxiv64", None),
-                                                       ("tiny", None), ("demo", None)])
+                                                       ("qwen2_7b", None), ("tiny", None), ("demo", None)])
 def test_configs_build_abstractly(variant, projector_params):
     """Every variant builds without materialising weights; the 7B resampler has the spec's 89.3M parameters."""
     from uhd_jax.config_loading import load_config
@@ -346,6 +346,15 @@ def test_configs_build_abstractly(variant, projector_params):
         assert abs(n - projector_params) < 0.05e6, n
     if variant == "arxiv64":
         assert shapes["projector/query"].shape == (64, 5120) and shapes["projector/in_proj/kernel"].shape[2] == 8
+    if variant == "qwen2_7b":   # spec §2.2, §7: D 3584, 28 heads of 128; Qwen2-7B: 28 layers, GQA 28/4, q/k/v biases
+        assert shapes["projector/query"].shape == (144, 3584)
+        assert shapes["projector/in_proj/kernel"].shape == (3584, 3, 28, 128)
+        assert shapes["llm/embed_tokens/embedding"].shape == (152064, 3584)
+        assert shapes["llm/layers/attn/q/bias"].shape == (28, 28, 128)     # scanned: (layers, heads, head_dim)
+        assert shapes["llm/layers/attn/k/bias"].shape == (28, 4, 128)
+        assert c.stages.sft.template == "qwen_1_5" and c.stages.pretrain.template == "plain"
+        assert c.tokenizer.endswith("Qwen2-7B-Instruct") and c.stages.pretrain.init_checkpoints == [
+            "checkpoints/uhd_v1-qwen2_7b-init"]
     from uhd_jax.train.trainer import packed_layout
 
     layout = packed_layout(c, cfg)
