@@ -53,10 +53,23 @@ def test_plain_is_image_then_caption_and_newline():
     for bad in (conv("no image", "x"), conv("<image>", "x", "y", "z"), conv("<image>")):
         with pytest.raises(TemplateError, match="plain"):
             t.segments(bad)
-    # A stage-1 model is prompted with the image alone; its caption is the continuation.
-    assert t.segments(conv("<image>\nDescribe."), add_generation_prompt=True) == [("<image>", False)]
+    # Training drops the human text whatever it says (preprocess_plain): the question never reaches the labels.
+    assert t.segments(conv("<image>\nWhat is written?", "EXIT")) == [("<image>", False), ("EXIT\n", True)]
+    # A stage-1 model with no question is prompted with the image alone; its caption is the continuation.
+    assert t.segments(conv("<image>"), add_generation_prompt=True) == [("<image>", False)]
+    assert t.segments(conv("<image>\n"), add_generation_prompt=True) == [("<image>", False)]
     with pytest.raises(TemplateError, match="plain"):
         t.segments(conv("Describe."), add_generation_prompt=True)
+
+
+def test_plain_inference_prompt_keeps_the_question_like_conv_llava_plain():
+    """model_vqa with conv_llava_plain: qs = '<image>\\n' + question, appended with the assistant's None; PLAIN's
+    get_prompt writes system '' + qs + sep '\\n' and nothing for None."""
+    t = get_template("plain")
+    assert t.prompt(conv("<image>\nWhat is the total?"), add_generation_prompt=True) == "<image>\nWhat is the total?\n"
+    assert t.segments(conv("<image>\nDescribe."), add_generation_prompt=True) == [("<image>\nDescribe.\n", False)]
+    # a question placed before the image (a benchmark rule's image_after_question) is kept where it is, as qs is
+    assert t.prompt(conv("What is the total?\n<image>"), add_generation_prompt=True) == "What is the total?\n<image>\n"
 
 
 def test_llama3_strings_and_spans():

@@ -6,7 +6,8 @@ Labels are derived later from the token spans of the learned segments (`uhd_jax.
 lengths, so masking cannot drift from tokenization.
 
 What is learned (spec A.7): for the chat templates, each assistant answer with its end token (`" {answer}</s>"`,
-`"{answer}<|eot_id|>"`, `"{answer}<|im_end|>"`); for `plain` (pretraining), the caption and its trailing newline.
+`"{answer}<|eot_id|>"`, `"{answer}<|im_end|>"`); for `plain` (pretraining), the caption and its trailing newline
+(the human turn is replaced by the image alone, as preprocess_plain does; at inference a question is kept).
 """
 from __future__ import annotations
 
@@ -96,7 +97,12 @@ class Template:
 
     def _plain(self, turns, add_generation_prompt=False):
         if add_generation_prompt and len(turns) == 1 and turns[0][0] == USER and IMAGE_TOKEN in turns[0][1]:
-            return [(IMAGE_TOKEN, False)]  # captioning prompt of a stage-1 model: the image alone
+            text = turns[0][1]
+            if not text.replace(IMAGE_TOKEN, "").strip():
+                return [(IMAGE_TOKEN, False)]  # captioning prompt of a stage-1 model: the image alone
+            # With a question, the original's inference prompt (conv_llava_plain, SeparatorStyle.PLAIN) is the turn
+            # verbatim + sep '\n', e.g. '<image>\n' + question + '\n'; the assistant's None adds nothing.
+            return [(text + self.sep, False)]
         if len(turns) != 2 or IMAGE_TOKEN not in turns[0][1] or turns[0][0] != USER or turns[1][0] != ASSISTANT:
             raise TemplateError("plain (pretraining) samples need exactly [human with <image>, gpt caption]")
         # The human text is discarded: the sample is <image> + caption + '\n'.
