@@ -17,6 +17,14 @@ def test_evalai_normaliser(raw, normalized):
     assert normalize_answer(raw) == normalized
 
 
+def test_evalai_normaliser_strips_at_most_32_periods():
+    """The official `periodStrip.sub("", outText, re.UNICODE)` makes re.UNICODE (32) the replacement count: the first
+    32 strippable periods go, later ones stay; periods before a digit are not matched and do not count."""
+    assert normalize_answer("x." * 40) == "x" * 32 + "x." * 8
+    assert normalize_answer("." * 33) == "."
+    assert normalize_answer("3.14" + "." * 33) == "3.14."
+
+
 def test_soft_accuracy_counts_humans_leave_one_out():
     ten = lambda a, k: [a] * k + ["other"] * (10 - k)  # noqa: E731
     assert soft_accuracy("cat", ten("cat", 3)) == pytest.approx(0.9)       # the spec's example

@@ -1,7 +1,8 @@
 """The EvalAI / VQA answer normaliser used by TextVQA, VQAv2 and (in the UHD eval) ChartQA scoring, reproduced with
 its quirks (spec llava15_slime_llavar.md §B.2): the period rule removes every '.' not followed by a digit (its
-look-behind is misspelt), and a punctuation mark is deleted instead of replaced by a space when it touches a space or
-when the text holds a digit,digit comma anywhere.
+look-behind is misspelt) but only the first 32 of them (`re.UNICODE` is passed as `sub`'s count), and a punctuation
+mark is deleted instead of replaced by a space when it touches a space or when the text holds a digit,digit comma
+anywhere.
 
   normalize_answer("It's a dog!") == "it 's dog"      normalize_answer("U.S.A.") == "usa"
   normalize_answer("3,000") == "3000"                  normalize_answer("$5.00") == "$5.00"
@@ -14,6 +15,8 @@ PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
                "!")
 DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")     # sic: '(?!<=' is a negative look-ahead for '<=', not a look-behind
+# sic: the official `periodStrip.sub("", outText, re.UNICODE)` passes the flag as the count argument (re.UNICODE == 32)
+PERIOD_COUNT = int(re.UNICODE)
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
@@ -55,7 +58,7 @@ def _punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return PERIOD.sub("", out)
+    return PERIOD.sub("", out, count=PERIOD_COUNT)
 
 
 def _digits_and_articles(text: str) -> str:
