@@ -1,0 +1,132 @@
+"""User mistakes on the command line: one message that says what is wrong and what to do, exit status 2, no
+traceback.
+
+Library code raises `UserError` where the cause can only be the caller's input (a missing file, a name that does not
+exist, a checkpoint that belongs to another model); a CLI's `main` wrapped in `reports_user_errors` prints it as
+`<script>: error: <message>` on stderr and returns 2, the status argparse uses for its own usage errors. Anything else
+keeps its traceback: it is a bug to fix, not a mistake to explain.
+
+  @reports_user_errors
+  def main(argv=None) -> int: ...
+
+`load_config` turns a bad `configs/NAME.py[:variant]` into a UserError and applies `--config.KEY=VALUE` overrides
+(the syntax of launch/train.py), naming an unknown key and the keys that exist.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import os
+import sys
+
+
+class UserError(ValueError):
+    """A mistake in the command or its inputs. A ValueError, so callers that handle bad input keep working."""
+
+
+def reports_user_errors(main):
+    """`main(argv) -> int`, with a UserError printed as one line on stderr and returned as exit status 2."""
+    script = os.path.basename(inspect.getfile(main))
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"{script}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def require_file(path: str, what: str, hint: str) -> str:
+    """`path` if it is a file; else a UserError naming `what` (e.g. '--questions') and what to do."""
+    if not os.path.isfile(path):
+        state = "is a directory, not a file" if os.path.isdir(path) else "not found"
+        raise UserError(f"{what} {path}: {state}; {hint}")
+    return path
+
+
+def require_dir(path: str, what: str, hint: str) -> str:
+    if not os.path.isdir(path):
+        state = "is a file, not a directory" if os.path.isfile(path) else "not found"
+        raise UserError(f"{what} {path}: {state}; {hint}")
+    return path
+
+
+def load_config(spec: str, overrides: list[str] = (), flag: str = "--config"):
+    """The experiment config `configs/NAME.py[:variant]` with `overrides` ('model.dtype=float32', ...) applied;
+    `flag` names where the spec came from in the message."""
+    from uhd_jax.config_loading import load_config as load
+
+    try:
+        config = load(spec)
+    except (FileNotFoundError, AttributeError, KeyError, ValueError) as e:   # no file, no get_config, bad variant
+        message = str(e).strip("'")   # a KeyError quotes its message
+        raise UserError(f"{flag} {spec}: {message}") from None
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def split_overrides(extra: list[str], parser) -> list[str]:
+    """The `--config.KEY=VALUE` items among argparse's unknown arguments; anything else is argparse's usage error."""
+    overrides, rest = [], []
+    it = iter(extra)
+    for arg in it:
+        if arg.startswith("--config."):
+            item = arg[len("--config."):]
+            if "=" not in item:   # '--config.model.dtype float32'
+                value = next(it, None)
+                if value is None:
+                    parser.error(f"{arg}: give a value, e.g. {arg}=VALUE")
+                item = f"{item}={value}"
+            overrides.append(item)
+        else:
+            rest.append(arg)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return overrides
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config, item: str) -> None:
+    """One `KEY.PATH=VALUE`, parsed as the type of the value it replaces."""
+    key, eq, text = item.partition("=")
+    if not eq or not key:
+        raise UserError(f"--config.{item}: write overrides as --config.KEY=VALUE, e.g. --config.model.dtype=float32")
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(["config"] + parts[:depth])
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            raise UserError(f"--config.{key}: unknown config key {part!r}; {where} has {sorted(keys)}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if hasattr(current, "keys"):
+        raise UserError(f"--config.{key} is a section, not a value; set one of its keys: {sorted(current.keys())}")
+    try:
+        node[parts[-1]] = _parse_value(text, current)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--config.{key}={text}: not a valid {type(current).__name__} ({e}); the config has "
+                        f"{current!r}") from None
