@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.data.uhd_images import fill_row
 from uhd_jax.eval.decoding import GenerationConfig, decode
 from uhd_jax.models.vlm import VLM, VLMConfig
@@ -70,7 +71,9 @@ class Generator:
 
     `stop_strings` end a row as soon as their tokens appear and are cut from the text (with what follows);
     `packed_layout` is required for UHD models (`trainer.packed_layout(config, cfg)`); `max_prompt_length` bounds the
-    buckets (a longer prompt is an error naming it)."""
+    buckets (a longer prompt is an error naming it). It defaults to what the model can take: its positions
+    (`llm.max_position_embeddings`) less the new tokens, since RoPE past the trained positions answers with garbage;
+    a larger one is an error."""
 
     def __init__(self, cfg: VLMConfig, params, tokenizer, gen: GenerationConfig, *, batch_size: int = 8,
                  packed_layout=None, max_images: int = 1, stop_strings: tuple[str, ...] = (),
@@ -84,7 +87,18 @@ class Generator:
                                        stop_sequences=gen.stop_sequences + tuple(s for s in stops if s))
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.batch_size, self.layout, self.max_images = batch_size, packed_layout, max_images
-        self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length, \
+        context = cfg.llm.max_position_embeddings
+        room = context - self.gen.max_new_tokens
+        if room < 1:
+            raise UserError(f"{self.gen.max_new_tokens} new tokens fill the model's whole context of {context} "
+                            f"positions (llm.max_position_embeddings): ask for fewer new tokens")
+        if max_prompt_length is not None and not 0 < max_prompt_length <= room:
+            raise UserError(f"max prompt length {max_prompt_length} is outside 1..{room}: the model has "
+                            f"{context} positions (llm.max_position_embeddings) and {self.gen.max_new_tokens} go to "
+                            f"new tokens")
+        self.limit_hint = (f"the model's {context} positions less {self.gen.max_new_tokens} new tokens"
+                           if max_prompt_length is None else "the --max-prompt-length given")
+        self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length or room, \
             smallest_bucket
         self.signatures: set[tuple[int, int]] = set()
 
@@ -96,11 +110,11 @@ class Generator:
     def bucket(self, prompt: dict, name: str = "prompt") -> int:
         n = len(prompt["ids"])
         length = bucket_length(n, self.smallest_bucket)
-        if self.max_prompt_length and length > self.max_prompt_length:
+        if length > self.max_prompt_length:
             length = self.max_prompt_length
             if n > length:
-                raise ValueError(f"{name} is {n} tokens (text and image tokens), over the generation budget of "
-                                 f"{length}: raise max_prompt_length or shorten it")
+                raise ValueError(f"{name} is {n} tokens (text and image tokens), over the prompt limit of {length} "
+                                 f"({self.limit_hint})")
         return length
 
     def batches(self, prompts: list[dict]):
