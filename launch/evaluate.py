@@ -22,6 +22,9 @@ from absl import flags, logging  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
+from uhd_jax.cli_errors import UserError, reports_user_errors, require_file  # noqa: E402
+from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
+
 
 def print_scores(result: dict) -> None:
     print(f"{result['benchmark']}: {result['score']:.2f}  ({result['scored']} of {result['answers']} answers scored"
@@ -38,9 +41,12 @@ def score_file(a) -> int:
     from uhd_jax.eval.answers import read_answers
     from uhd_jax.eval.scoring import score_answers
 
+    require_file(a.answers, "--answers", "give the answer file launch/generate.py wrote")
     answers = read_answers(a.answers)
     if not answers:
-        raise SystemExit(f"{a.answers}: no answers to score")
+        raise UserError(f"--answers {a.answers}: no answers to score; run launch/generate.py first")
+    if a.benchmark != "mme" or not os.path.isdir(a.annotations):   # MME's annotations are its release folder
+        require_file(a.annotations, "--annotations", f"give the {a.benchmark} annotation file")
     result = score_answers(a.benchmark, answers, a.annotations)
     print_scores(result)
     out = a.out or a.answers + ".scores.json"
@@ -53,23 +59,28 @@ def score_file(a) -> int:
 def synthetic_reading(a) -> int:
     import types
 
-    from launch.generate import answering_for, load
+    from launch.generate import answering_for, check_model, load
     from uhd_jax.eval import synthetic_bench
     from uhd_jax.eval.answers import read_answers, read_questions
     from uhd_jax.eval.model_vqa import answer_questions
 
-    if not a.config or len(a.config) != len(a.checkpoint):
-        raise SystemExit("synthetic_reading needs --config and --checkpoint, once per model, in pairs")
+    if not a.config or len(a.config) != len(a.checkpoint or ()):
+        raise UserError("synthetic_reading needs --config and --checkpoint, once per model, in pairs")
     names = a.name or [os.path.basename(c.split(":")[0]).removesuffix(".py") + (":" + c.split(":")[1] if ":" in c
                                                                                   else "") for c in a.config]
     if len(names) != len(a.config) or len(set(names)) != len(names):
-        raise SystemExit("--name: one distinct name per --config")
+        raise UserError(f"--name: one distinct name per --config, got {names} for {len(a.config)} model(s)")
+    if a.per_bucket < 1 or any(s < 1 for s in a.sides):
+        raise UserError(f"--per-bucket {a.per_bucket} --sides {a.sides}: give positive numbers")
+    runs = [(name, config, checkpoint, types.SimpleNamespace(**{**vars(a), "config": config, "checkpoint": checkpoint}))
+            for name, config, checkpoint in zip(names, a.config, a.checkpoint)]
+    for *_, args in runs:   # a mistake in the last pair stops the run before the first model's answers
+        check_model(args)
     os.makedirs(a.workdir, exist_ok=True)
     paths = synthetic_bench.build(os.path.join(a.workdir, "bench"), a.per_bucket, tuple(a.sides))
     questions = read_questions(paths["questions"])
     results = {}
-    for name, config, checkpoint in zip(names, a.config, a.checkpoint):
-        args = types.SimpleNamespace(**{**vars(a), "config": config, "checkpoint": checkpoint})
+    for name, config, checkpoint, args in runs:
         model = load(args)
         answering = answering_for(model, args, "synthetic_reading", paths["images"])
         answers_path = os.path.join(a.workdir, f"answers_{name.replace(':', '_').replace('/', '_')}.jsonl")
@@ -84,7 +95,8 @@ def synthetic_reading(a) -> int:
     print(f"  {'model':<20}" + "".join(f"{str(s) + 'px':>9}" for s in sides) + f"{'all':>9}")
     for name, r in results.items():
         print(f"  {name:<20}" + "".join(f"{r['buckets'][s]['exact']:9.1f}" if s in r["buckets"] else f"{'-':>9}"
-                                        for s in sides) + f"{r['overall']['exact']:9.1f}")
+                                        for s in sides) + (f"{r['overall']['exact']:9.1f}" if r["overall"]
+                                                           else f"{'-':>9}"))
     with open(os.path.join(a.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     png = synthetic_bench.bar_chart(results, os.path.join(a.workdir, "results.png"))
@@ -92,11 +104,13 @@ def synthetic_reading(a) -> int:
     return 0
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     from launch.generate import add_model_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", required=True)
+    p.add_argument("--benchmark", required=True, choices=sorted(b for b in BENCHMARKS if b != "open"), metavar="NAME",
+                   help="one of: " + ", ".join(sorted(b for b in BENCHMARKS if b != "open")))
     p.add_argument("--answers", help="answer file to score (with --annotations)")
     p.add_argument("--annotations", help="the benchmark's annotation file (MME: its release folder)")
     p.add_argument("--out", default=None, help="scores JSON (default: <answers>.scores.json)")

@@ -9,7 +9,8 @@
 The answer file is the originals' `model_vqa` format; a rerun skips answered questions. With several processes
 (`jax.process_count() > 1`) each answers its own contiguous chunk unless --num-chunks/--chunk-idx say otherwise.
 The benchmark's rule (prompt suffix, beams, pre-resize, slices: `uhd_jax/eval/benchmarks.py`) applies unless a flag
-overrides it.
+overrides it. A prompt longer than the model's positions less the new tokens (or than --max-prompt-length) is not
+answered: it is listed with the reason in `<answers>.skipped.jsonl` and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from absl import flags, logging  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
+from uhd_jax.cli_errors import UserError, load_config, reports_user_errors, require_dir, require_file  # noqa: E402
+from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
+
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment config, configs/NAME.py[:variant]")
@@ -36,19 +40,35 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=None, help="default: the benchmark's rule")
     p.add_argument("--temperature", type=float, default=None, help="default: the family's rule (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-prompt-length", type=int, default=None, help="longest prompt (text + image tokens)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="longest prompt (text + image tokens); default and maximum: the model's positions less the "
+                        "new tokens")
+
+
+def experiment_config(a):
+    config = load_config(a.config)
+    if a.data_root:
+        config.data_root = require_dir(a.data_root, "--data-root", "give the folder the config's relative paths "
+                                                                   "(its tokenizer) are under")
+    if a.tokenizer:
+        config.tokenizer = os.path.abspath(a.tokenizer)
+    return config
+
+
+def check_model(a) -> None:
+    """What `load` would object to (config, checkpoint, their match, tokenizer), without reading the parameters."""
+    from uhd_jax.eval.model_vqa import check_config_fits, read_meta, tokenizer_for
+
+    config = experiment_config(a)
+    meta = read_meta(a.checkpoint)
+    check_config_fits(config, meta, a.checkpoint)
+    tokenizer_for(config, meta)
 
 
 def load(a):
-    from uhd_jax.config_loading import load_config
     from uhd_jax.eval.model_vqa import load_model
 
-    config = load_config(a.config)
-    if a.data_root:
-        config.data_root = a.data_root
-    if a.tokenizer:
-        config.tokenizer = os.path.abspath(a.tokenizer)
-    return load_model(config, a.checkpoint)
+    return load_model(experiment_config(a), a.checkpoint)
 
 
 def answering_for(model, a, benchmark: str, image_folder: str):
@@ -59,6 +79,22 @@ def answering_for(model, a, benchmark: str, image_folder: str):
                  max_prompt_length=a.max_prompt_length)
 
 
+def answer_one(answering, a) -> str:
+    from uhd_jax.data.images import SampleError
+
+    question = {"question_id": 0, "image": os.path.abspath(a.image), "text": a.prompt}
+    try:
+        prompt = answering.prompt(question)
+    except SampleError as e:
+        raise UserError(f"--image {a.image}: {e}; give a readable image file") from None
+    try:
+        answering.generator.bucket(prompt, "the prompt")
+    except ValueError as e:
+        raise UserError(f"{e}: shorten --prompt") from None
+    return answering.generator([prompt], seeds=[a.seed])[0]
+
+
+@reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
@@ -67,36 +103,46 @@ def main(argv=None) -> int:
     p.add_argument("--questions", help="question file (JSON lines: question_id, image, text)")
     p.add_argument("--image-folder", default="", help="folder the questions' image paths are relative to")
     p.add_argument("--answers", help="answer file to write (JSON lines, appended, resumable)")
-    p.add_argument("--benchmark", default="open", help="rule to apply (uhd_jax/eval/benchmarks.py)")
+    p.add_argument("--benchmark", default="open", choices=sorted(BENCHMARKS), metavar="NAME",
+                   help=f"rule to apply (uhd_jax/eval/benchmarks.py), one of: {', '.join(sorted(BENCHMARKS))}")
     p.add_argument("--num-chunks", type=int, default=None)
     p.add_argument("--chunk-idx", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     a = p.parse_args(argv)
     if bool(a.image) == bool(a.questions) or (a.image and not a.prompt) or (a.questions and not a.answers):
         p.error("give either --image with --prompt, or --questions with --answers")
+    if a.num_chunks is not None and a.num_chunks < 1:
+        p.error(f"--num-chunks {a.num_chunks}: give at least 1")
     import jax
 
-    from uhd_jax.eval.answers import read_questions
+    from uhd_jax.eval.answers import read_answers, read_questions
     from uhd_jax.eval.model_vqa import answer_questions
 
-    model = load(a)
+    # the user's files are checked before the model loads (minutes for a 7B checkpoint)
     if a.image:
-        if not os.path.exists(a.image):
-            p.error(f"--image {a.image}: file not found")
-        answering = answering_for(model, a, a.benchmark, "")
-        question = {"question_id": 0, "image": os.path.abspath(a.image), "text": a.prompt}
-        print(answering.generator([answering.prompt(question)], seeds=[a.seed])[0])
+        require_file(a.image, "--image", "give an image file")
+        print(answer_one(answering_for(load(a), a, a.benchmark, ""), a))
         return 0
     num_chunks = a.num_chunks or jax.process_count()
     chunk_idx = jax.process_index() if a.chunk_idx is None else a.chunk_idx
-    answering = answering_for(model, a, a.benchmark, a.image_folder)
-    summary = answer_questions(answering, read_questions(a.questions), a.answers, num_chunks=num_chunks,
-                               chunk_index=chunk_idx, seed=a.seed)
+    if not 0 <= chunk_idx < num_chunks:
+        p.error(f"--chunk-idx {chunk_idx} is outside 0..{num_chunks - 1} (--num-chunks {num_chunks})")
+    questions = read_questions(a.questions)
+    if a.image_folder and any(q.get("image") for q in questions):
+        require_dir(a.image_folder, "--image-folder", "give the folder the questions' image paths are relative to")
+    read_answers(a.answers)   # a damaged answer file stops the run here, not after the model loads
+    answering = answering_for(load(a), a, a.benchmark, a.image_folder)
+    summary = answer_questions(answering, questions, a.answers, num_chunks=num_chunks, chunk_index=chunk_idx,
+                               seed=a.seed)
+    skipped_path = a.answers + ".skipped.jsonl"
     if summary["skipped"]:
-        with open(a.answers + ".skipped.jsonl", "w") as f:
+        with open(skipped_path, "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in summary["skipped"])
+    elif os.path.exists(skipped_path):   # an earlier run's list: those questions are answered now
+        os.remove(skipped_path)
+    see = f" (see {skipped_path})" if summary["skipped"] else ""
     print(f"{summary['answered_now']} answered now, {summary['answered_before']} before, {len(summary['skipped'])} "
-          f"skipped (see {a.answers}.skipped.jsonl) of {summary['questions']} in chunk {chunk_idx}/{num_chunks}; "
+          f"skipped{see} of {summary['questions']} in chunk {chunk_idx}/{num_chunks}; "
           f"{summary['compilations']} compilation(s), {summary['seconds']:.0f}s")
     return 1 if summary["skipped"] else 0
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli_mistakes import assert_mistake, exit_status
 from tests.config_helpers import on_synthetic_data
 from uhd_jax.eval import answers as answer_files
 from uhd_jax.eval import synthetic_bench
@@ -154,6 +155,170 @@ def test_generate_cli_one_image_and_a_question_file(synthetic_data, tiny_checkpo
     (rec,) = answer_files.read_answers(out)
     assert rec["question_id"] == "q0" and rec["model_id"] == "final" and isinstance(rec["text"], str)
     assert single == rec["text"]
+
+
+def generate_args(synthetic_data, ckpt):
+    return ["--config", "configs/llava15.py:tiny", "--checkpoint", ckpt, "--data-root", synthetic_data["root"],
+            "--tokenizer", synthetic_data["tokenizer"], "--max-new-tokens", "4"]
+
+
+def test_generate_skips_prompts_past_the_model_context(synthetic_data, tiny_checkpoint, tmp_path, capsys):
+    """The tiny LLM has 512 positions: with 4 new tokens a prompt may hold 508, and a longer one is skipped with the
+    reason, not answered from positions the model never saw."""
+    from launch import generate
+
+    _, ckpt = tiny_checkpoint
+    image = sorted(os.listdir(synthetic_data["images"] + "/eval"))[0]
+    long_text = "What does the sign say? " + "sign " * 600
+    qpath = write_json(tmp_path / "q.jsonl", [{"question_id": "short", "image": image, "text": "What is it?"},
+                                               {"question_id": "long", "image": image, "text": long_text}], lines=True)
+    out = str(tmp_path / "a.jsonl")
+    argv = generate_args(synthetic_data, ckpt) + ["--image-folder", synthetic_data["images"] + "/eval",
+                                                  "--questions", qpath, "--answers", out]
+    assert generate.main(argv) == 1
+    assert [a["question_id"] for a in answer_files.read_answers(out)] == ["short"]
+    with open(out + ".skipped.jsonl") as f:
+        (skipped,) = [json.loads(line) for line in f]
+    assert skipped["question_id"] == "long"
+    assert "over the prompt limit of 508 (the model's 512 positions less 4 new tokens)" in skipped["reason"]
+    assert "1 skipped (see" in capsys.readouterr().out
+    # a limit past the model's positions is refused, not used
+    assert exit_status(generate.main, argv + ["--max-prompt-length", "600"]) == 2
+    assert "max prompt length 600 is outside 1..508" in capsys.readouterr().err
+
+
+def fake_checkpoint(path, meta):
+    """A checkpoint's config.json alone: every check that names a mismatch runs before the parameters are read."""
+    os.makedirs(path)
+    write_json(os.path.join(path, "config.json"), meta)
+    return str(path)
+
+
+def test_generate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, capsys):
+    from launch.generate import main
+    from uhd_jax.config_loading import load_config
+
+    config, ckpt = tiny_checkpoint
+    folder = synthetic_data["images"] + "/eval"
+    image = os.path.join(folder, sorted(os.listdir(folder))[0])
+    ok = generate_args(synthetic_data, ckpt)
+    one = ["--image", image, "--prompt", "What?"]
+    questions = write_json(tmp_path / "q.jsonl", [{"question_id": 1, "image": os.path.basename(image),
+                                                   "text": "What?"}], lines=True)
+    qfile = ["--questions", questions, "--answers", str(tmp_path / "a.jsonl"), "--image-folder", folder]
+
+    def replaced(flag, value):
+        return [value if i and ok[i - 1] == flag else x for i, x in enumerate(ok)]
+
+    # config typos
+    assert_mistake(capsys, main, replaced("--config", "configs/llava51.py:tiny") + one, "'configs/llava51.py' not found")
+    assert_mistake(capsys, main, replaced("--config", "configs/llava15.py:tinny") + one,
+                   "unknown variant 'tinny'; choose one of")
+    # checkpoints: missing, not a checkpoint, another family, another size, a damaged config.json
+    assert_mistake(capsys, main, replaced("--checkpoint", str(tmp_path / "nope")) + one, "nope not found; pass a")
+    os.makedirs(tmp_path / "empty")
+    assert_mistake(capsys, main, replaced("--checkpoint", str(tmp_path / "empty")) + one, "config.json is missing")
+    v2 = load_config("configs/uhd_v2.py:tiny")
+    other = fake_checkpoint(tmp_path / "v2", {"model": v2.model.to_dict(), "family": "uhd_v2"})
+    assert_mistake(capsys, main, replaced("--checkpoint", other) + one, "family is 'uhd_v2' there, 'llava15' in the")
+    demo = load_config("configs/llava15.py:demo")
+    bigger = fake_checkpoint(tmp_path / "demo", {"model": demo.model.to_dict()})
+    assert_mistake(capsys, main, replaced("--checkpoint", bigger) + one,
+                   "model.llm.hidden_size is 192 there, 32 in the config; pass the config and variant")
+    damaged = fake_checkpoint(tmp_path / "damaged", {})
+    with open(os.path.join(damaged, "config.json"), "w") as f:
+        f.write('{"model": {\n  "llm": }')
+    assert_mistake(capsys, main, replaced("--checkpoint", damaged) + one, "damaged/config.json:2: not valid JSON")
+    # tokenizer, image, question and answer files
+    assert_mistake(capsys, main, replaced("--tokenizer", str(tmp_path / "tok")) + one, "tok not found")
+    assert_mistake(capsys, main, ok + ["--image", str(tmp_path / "x.png"), "--prompt", "What?"], "x.png: not found")
+    assert_mistake(capsys, main, ok + ["--image", questions, "--prompt", "What?"], "give a readable image file")
+    assert_mistake(capsys, main, ok + qfile[:-1] + [str(tmp_path / "pics")], "--image-folder")
+    assert_mistake(capsys, main, ok + ["--questions", str(tmp_path / "q2.jsonl")] + qfile[2:],
+                   "q2.jsonl not found")
+    (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "text": \n')
+    assert_mistake(capsys, main, ok + ["--questions", str(tmp_path / "bad.jsonl")] + qfile[2:],
+                   "bad.jsonl:2: not valid JSON")
+    (tmp_path / "a.jsonl").write_text('{"question_id": 1, "te\n{"question_id": 2, "text": "b"}\n')
+    assert_mistake(capsys, main, ok + qfile, "a.jsonl:1: not valid JSON")
+    os.remove(tmp_path / "a.jsonl")
+    # flags
+    assert_mistake(capsys, main, ok + one + ["--benchmark", "textvq"], "choose from 'ai2d'")
+    assert_mistake(capsys, main, ok + qfile + ["--num-chunks", "2", "--chunk-idx", "2"], "outside 0..1")
+    assert_mistake(capsys, main, ok + one + ["--num-beams", "2", "--temperature", "0.7"], "beam search with sampling")
+    assert_mistake(capsys, main, ok + one + ["--max-new-tokens", "512"], "fill the model's whole context of 512")
+    assert not os.path.exists(tmp_path / "a.jsonl")   # nothing was answered on the way
+
+
+def test_evaluate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, capsys):
+    from launch.evaluate import main
+
+    _, ckpt = tiny_checkpoint
+    answers = write_json(tmp_path / "a.jsonl", [answer(1, "What?", "two")], lines=True)
+    ann = write_json(tmp_path / "v.json", {"annotations": [{"question_id": 1, "answers": [{"answer": "2"}] * 10}]})
+    assert exit_status(main, ["--benchmark", "vqav2", "--answers", answers, "--annotations", ann]) == 0
+    assert_mistake(capsys, main, ["--benchmark", "vqa2", "--answers", answers, "--annotations", ann],
+                   "invalid choice: 'vqa2' (choose from 'ai2d'")
+    assert_mistake(capsys, main, ["--benchmark", "vqav2", "--answers", str(tmp_path / "x.jsonl"), "--annotations", ann],
+                   "--answers " + str(tmp_path / "x.jsonl") + ": not found")
+    (tmp_path / "torn.jsonl").write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2\n{"question_id": 3}\n')
+    assert_mistake(capsys, main, ["--benchmark", "vqav2", "--answers", str(tmp_path / "torn.jsonl"), "--annotations",
+                                  ann], "torn.jsonl:2: not valid JSON")
+    questions = write_json(tmp_path / "q.jsonl", [{"question_id": 1, "image": "1.png"}], lines=True)
+    assert_mistake(capsys, main, ["--benchmark", "vqav2", "--answers", questions, "--annotations", ann],
+                   "q.jsonl:1: an answer needs 'question_id' and a 'text' string")
+    assert_mistake(capsys, main, ["--benchmark", "vqav2", "--answers", answers, "--annotations",
+                                  str(tmp_path / "nope.json")], "--annotations " + str(tmp_path / "nope.json"))
+    (tmp_path / "broken.json").write_text('{"annotations": [\n  {"question_id": 1,\n  "answers": [}\n]}\n')
+    assert_mistake(capsys, main, ["--benchmark", "vqav2", "--answers", answers, "--annotations",
+                                  str(tmp_path / "broken.json")], "broken.json:3: neither JSON nor JSON lines")
+    (tmp_path / "lines.jsonl").write_text('{"question_id": 1, "answer": "a"}\n{"question_id": 2, "answer": \n')
+    assert_mistake(capsys, main, ["--benchmark", "docvqa", "--answers", answers, "--annotations",
+                                  str(tmp_path / "lines.jsonl")], "lines.jsonl:2: neither JSON nor JSON lines")
+    other = write_json(tmp_path / "gqa.json", {"201": {"answer": "left"}})
+    assert_mistake(capsys, main, ["--benchmark", "gqa", "--answers", answers, "--annotations", other],
+                   "none of the 1 answers matches an annotation")
+    assert_mistake(capsys, main, ["--benchmark", "textvqa", "--answers", answers], "give --answers and --annotations")
+    # the reading benchmark checks every model before it renders or answers anything
+    reading = ["--benchmark", "synthetic_reading", "--workdir", str(tmp_path / "reading"), "--data-root",
+               synthetic_data["root"], "--tokenizer", synthetic_data["tokenizer"]]
+    assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny"], "once per model, in pairs")
+    assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny", "--checkpoint", ckpt, "--config",
+                                            "configs/uhd_v2.py:tiny", "--checkpoint", ckpt],
+                   "model.projector_type is 'mlp2x_gelu' there, 'adapt_spatial_resampler_v2' in the config")
+    assert not os.path.exists(tmp_path / "reading")
+
+
+def test_show_slices_cli_user_mistakes(tmp_path, capsys):
+    from tools.show_slices import main
+
+    image = tmp_path / "sq.png"
+    Image.new("RGB", (64, 48)).save(image)
+    (tmp_path / "notes.png").write_text("not an image")
+    ok = [str(image), "--config", "configs/uhd_v2.py:tiny", "--out", str(tmp_path / "out" / "s.png")]
+    assert exit_status(main, ok + ["--config.data.slicing.max_slices=2"]) == 0
+    assert_mistake(capsys, main, [str(tmp_path / "x.png")] + ok[1:], "x.png: not found")
+    assert_mistake(capsys, main, [str(tmp_path / "notes.png")] + ok[1:], "notes.png cannot be read")
+    assert_mistake(capsys, main, ok[:2] + ["configs/uhd_v3.py"] + ok[3:], "'configs/uhd_v3.py' not found")
+    assert_mistake(capsys, main, ok[:2] + ["configs/uhd_v2.py:8b"] + ok[3:], "unknown variant '8b'")
+    assert_mistake(capsys, main, ok + ["--config.data.slicing.max_slice=2"],
+                   "unknown config key 'max_slice'; config.data.slicing has [")
+    assert_mistake(capsys, main, ok + ["--config.data.slicing.max_slices=many"], "not a valid int")
+    assert_mistake(capsys, main, ok + ["--benchmark", "docvq"], "invalid choice: 'docvq'")
+    assert_mistake(capsys, main, ok + ["--display", "0"], "--display 0")
+
+
+def test_a_mistake_run_from_the_shell_is_one_line_and_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    r = subprocess.run([sys.executable, "launch/generate.py", "--config", "configs/nope.py", "--checkpoint", "ckpt",
+                        "--image", str(image), "--prompt", "What?"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("generate.py: error: --config configs/nope.py: config file "
+                                                 "'configs/nope.py' not found (expected e.g. configs/llava15.py:7b)")
 
 
 def test_checkpoint_that_does_not_fit_is_named(tiny_checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 tower sees it, and each view's pixel size and LLM token count.
 
   python tools/show_slices.py photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
+      [--config.data.slicing.max_slices=4]
 
 Schemes: LLaVA-UHD (v1/v2: pre-resize by the benchmark rule, `slice_image`, the spatial schema's token count with
 separators), SliME (letterboxed tiles and a squashed global view; local tokens before the router drops any) and the
@@ -19,6 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from uhd_jax.cli_errors import UserError, load_config, reports_user_errors, require_file, split_overrides  # noqa: E402
+from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
 
 MARGIN, HEADER, CAPTION = 16, 40, 20
 
@@ -117,20 +121,36 @@ def draw(plan: dict, out_png: str, display: int = 768, source: str = "") -> str:
     return out_png
 
 
+def open_image(path: str) -> Image.Image:
+    require_file(path, "image", "give an image file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UserError(f"image {path} cannot be read ({e}); give a PNG, JPEG or another format PIL reads") from None
+    return image
+
+
+@reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
-    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
-    p.add_argument("--benchmark", default="open", help="evaluation rule for the UHD pre-resize and slice count")
+    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]; --config.KEY=VALUE overrides an entry")
+    p.add_argument("--benchmark", default="open", choices=sorted(BENCHMARKS), metavar="NAME",
+                   help="evaluation rule for the UHD pre-resize and slice count, one of: "
+                        + ", ".join(sorted(BENCHMARKS)))
     p.add_argument("--out", default=None, help="PNG to write (default: <image>.slices.png)")
     p.add_argument("--display", type=int, default=768, help="long side of the image panel, px")
-    a = p.parse_args(argv)
-    from uhd_jax.config_loading import load_config
-
-    if not os.path.exists(a.image):
-        p.error(f"{a.image}: file not found")
-    plan = slice_plan(Image.open(a.image), load_config(a.config), a.benchmark)
-    out = draw(plan, a.out or os.path.splitext(a.image)[0] + ".slices.png", a.display, a.image)
+    a, extra = p.parse_known_args(argv)
+    overrides = split_overrides(extra, p)
+    if a.display < 1:
+        p.error(f"--display {a.display}: give the panel's long side in pixels, at least 1")
+    image = open_image(a.image)
+    plan = slice_plan(image, load_config(a.config, overrides), a.benchmark)
+    out = a.out or os.path.splitext(a.image)[0] + ".slices.png"
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = draw(plan, out, a.display, a.image)
     grid = plan["grid"] or "no slices"
     print(f"{plan['scheme']}: {plan['input_size'][0]}x{plan['input_size'][1]}, grid {grid}, "
           f"{len(plan['cells'])} slice(s) + overview {plan['overview'].size[0]}x{plan['overview'].size[1]}, "

@@ -12,6 +12,8 @@ import math
 import os
 import uuid
 
+from uhd_jax.cli_errors import UserError
+
 _ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"   # shortuuid's 57 symbols
 
 
@@ -25,25 +27,40 @@ def short_id() -> str:
     return "".join(out)
 
 
+def _lines(path: str, what: str):
+    """(line number, text) of a JSON-lines file; a file that is not UTF-8 text is named, not a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(enumerate(f.read().split("\n"), 1))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file ({e.reason} at byte {e.start}); give the {what} in JSON lines") \
+            from None
+
+
 def read_questions(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"question file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"question file {path} not found; give a JSON-lines file of {{question_id, image, text}}")
     questions, seen = [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: a question needs 'question_id' and a 'text' string, got "
-                                 f"{line.strip()[:80]}")
-            if q["question_id"] in seen:
-                raise ValueError(f"{path}:{lineno}: question_id {q['question_id']!r} appears twice")
-            seen.add(q["question_id"])
-            questions.append(q)
+    for lineno, line in _lines(path, "questions"):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e}); a question file holds one JSON object a "
+                            f"line") from None
+        if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("text"), str):
+            raise UserError(f"{path}:{lineno}: a question needs 'question_id' and a 'text' string, got "
+                            f"{line.strip()[:80]}")
+        try:
+            hash(q["question_id"])
+        except TypeError:
+            raise UserError(f"{path}:{lineno}: question_id must be a string or a number, got "
+                            f"{q['question_id']!r}") from None
+        if q["question_id"] in seen:
+            raise UserError(f"{path}:{lineno}: question_id {q['question_id']!r} appears twice")
+        seen.add(q["question_id"])
+        questions.append(q)
     return questions
 
 
@@ -59,17 +76,24 @@ def read_answers(path: str) -> list[dict]:
     """Answer lines; a last line cut short by a crash is ignored (its question is answered again)."""
     if not os.path.exists(path):
         return []
+    if os.path.isdir(path):
+        raise UserError(f"answer file {path} is a directory; give a file path (JSON lines)")
     out = []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    for lineno, line in enumerate(lines, 1):
+    lines = _lines(path, "answers")
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if lineno < len(lines) - 1:   # only the unterminated last line may be torn
-                raise ValueError(f"{path}:{lineno}: not valid JSON; the answer file is corrupt") from None
+            a = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno < len(lines):   # only the unterminated last line may be torn
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e}); the answer file is corrupt: fix or delete "
+                                f"that line (its question is answered again)") from None
+            continue
+        if not isinstance(a, dict) or "question_id" not in a or not isinstance(a.get("text"), str):
+            raise UserError(f"{path}:{lineno}: an answer needs 'question_id' and a 'text' string, got "
+                            f"{line.strip()[:80]}; is this an answer file written by launch/generate.py?")
+        out.append(a)
     return out
 
 

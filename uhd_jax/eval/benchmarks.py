@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from uhd_jax.cli_errors import UserError
+
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
 
@@ -61,7 +63,7 @@ def eval_rule(family: str, benchmark: str, published_geometry: bool = True) -> E
 
     `published_geometry=False` (a config whose slices are not 336 px) drops the UHD pre-resize and slice count."""
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {benchmark!r}; choose from {sorted(BENCHMARKS)}")
     b = BENCHMARKS[benchmark]
     if family == "llava15":
         return EvalRule(b)
@@ -70,7 +72,8 @@ def eval_rule(family: str, benchmark: str, published_geometry: bool = True) -> E
     if family == "llavar":
         return EvalRule(b, temperature=0.9, max_new_tokens=256, image_after_question=True, add_suffix=False)
     if family not in ("uhd_v1", "uhd_v2"):
-        raise ValueError(f"no evaluation rule for model family {family!r}")
+        raise UserError(f"no evaluation rule for model family {family!r} (config.family); the rules cover llava15, "
+                        f"llavar, slime, uhd_v1 and uhd_v2")
     if benchmark == "synthetic_reading" or not published_geometry:
         return EvalRule(b, num_beams=b.uhd_beams)
     if family == "uhd_v1":

@@ -8,6 +8,7 @@ unreadable, or whose prompt does not fit, are reported (and retried by the next 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import flax.linen as nn
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.data.images import SampleError
 from uhd_jax.data.pipeline import Source
 from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
@@ -23,9 +25,9 @@ from uhd_jax.eval.decoding import GenerationConfig
 from uhd_jax.eval.generate import Generator
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import init_fn
-from uhd_jax.train.checkpoints import load_meta, load_params
+from uhd_jax.train.checkpoints import CONFIG_FILE, load_meta, load_params
 from uhd_jax.train.param_tree import flatten
-from uhd_jax.train.trainer import packed_layout, preparer_factory, stage_tokenizer
+from uhd_jax.train.trainer import _resolve, packed_layout, preparer_factory, stage_tokenizer
 
 
 @dataclasses.dataclass
@@ -37,9 +39,73 @@ class LoadedModel:
     model_id: str
 
 
+# What makes a model what it is: a checkpoint that differs from the config in one of these is another family or size
+# (vocab_size may differ: a tokenizer can grow, and the preparer checks it fits; dtypes and remat are run settings).
+IDENTITY = ("projector_type", "resampler_heads", "llm.hidden_size", "llm.intermediate_size", "llm.num_layers",
+            "llm.num_heads", "llm.num_kv_heads", "llm.head_dim", "vision.hidden_size", "vision.intermediate_size",
+            "vision.num_layers", "vision.num_heads", "vision.patch_size", "vision.image_size")
+
+
+def _field(model: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(model, dict) or model.get(part) is None:
+            return None
+        model = model[part]
+    return model
+
+
+def check_config_fits(config, meta: dict, checkpoint: str) -> None:
+    """A UserError naming the first field where the checkpoint's model is not the experiment config's."""
+    trained = meta.get("family")
+    hint = (f" (the checkpoint is a {trained} model)" if trained else "") + \
+        "; pass the config and variant the checkpoint was trained with"
+    if trained and config.get("family") and trained != config.family:
+        raise UserError(f"checkpoint {checkpoint} does not match the config: family is {trained!r} there, "
+                        f"{config.family!r} in the config{hint}")
+    ours = config.model.to_dict()
+    for name in IDENTITY:
+        theirs, mine = _field(meta["model"], name), _field(ours, name)
+        if theirs is not None and mine is not None and theirs != mine:
+            raise UserError(f"checkpoint {checkpoint} does not match the config: model.{name} is {theirs!r} there, "
+                            f"{mine!r} in the config{hint}")
+
+
+def read_meta(checkpoint: str) -> dict:
+    hint = "pass a stage's final/ directory (runs/NAME/STAGE/final) or a converted one (python -m tools.convert_torch)"
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} not found; {hint}")
+    try:
+        meta = load_meta(checkpoint)
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; {hint}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{os.path.join(checkpoint, CONFIG_FILE)}:{e.lineno}: not valid JSON ({e.msg}); the checkpoint "
+                        f"is damaged: copy it again or re-export it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f"{os.path.join(checkpoint, CONFIG_FILE)} has no 'model' section; {hint}")
+    return meta
+
+
+def tokenizer_for(config, meta: dict):
+    """The config's tokenizer, or a UserError saying where it was looked for and how to point at it."""
+    path = _resolve(config.tokenizer, config)
+    trained = f" (the checkpoint was trained with {meta['tokenizer']})" if meta.get("tokenizer") else ""
+    if not path or not os.path.isdir(path):
+        raise UserError(f"tokenizer {path or '(none)'} not found (config.tokenizer {config.tokenizer!r}, data root "
+                        f"{config.get('data_root')!r}){trained}; pass --tokenizer DIR or --data-root")
+    try:
+        return stage_tokenizer(config)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path} could not be loaded ({str(e).splitlines()[0]}){trained}; pass --tokenizer "
+                        f"with a Hugging Face tokenizer directory") from None
+
+
 def load_model(config, checkpoint: str) -> LoadedModel:
-    """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes."""
-    meta = load_meta(checkpoint)
+    """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes, whose
+    family and size must be the experiment config's."""
+    meta = read_meta(checkpoint)
+    check_config_fits(config, meta, checkpoint)
+    tokenizer = tokenizer_for(config, meta)
     cfg = vlm_config(meta["model"])
     params = load_params(checkpoint)
     expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))["params"]))
@@ -49,10 +115,10 @@ def load_model(config, checkpoint: str) -> LoadedModel:
     misshaped = [f"{k}: {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
                  if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
     if missing or unknown or misshaped:
-        raise ValueError(f"checkpoint {checkpoint} does not fit the model in its config.json: missing {missing[:8]}, "
-                         f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
-                         f"checkpoint directory (a stage's final/ folder)")
-    return LoadedModel(config, cfg, params, stage_tokenizer(config), os.path.basename(os.path.normpath(checkpoint)))
+        raise UserError(f"checkpoint {checkpoint} does not fit the model in its config.json: missing {missing[:8]}, "
+                        f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
+                        f"checkpoint directory (a stage's final/ folder)")
+    return LoadedModel(config, cfg, params, tokenizer, os.path.basename(os.path.normpath(checkpoint)))
 
 
 def rule_for(config, benchmark: str) -> EvalRule:
@@ -106,10 +172,18 @@ def setup(model: LoadedModel, rule: EvalRule, image_folder: str, *, batch_size: 
           top_p: float = 1.0, max_prompt_length: int | None = None) -> Answering:
     config = eval_config(model.config, rule)
     stage = config.stages[list(config.stage_order)[-1]]
-    prep = preparer_factory(config, stage, model.cfg)(Source("", image_folder))
-    gen = GenerationConfig(max_new_tokens=max_new_tokens or rule.max_new_tokens,
-                           num_beams=num_beams or rule.num_beams,
-                           temperature=rule.temperature if temperature is None else temperature, top_p=top_p)
+    try:
+        prep = preparer_factory(config, stage, model.cfg)(Source("", image_folder))
+    except ValueError as e:   # the tokenizer or separators of the config do not fit the checkpoint's vocabulary
+        raise UserError(f"the config does not fit the checkpoint's model: {e}") from None
+    try:
+        gen = GenerationConfig(max_new_tokens=rule.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                               num_beams=rule.num_beams if num_beams is None else num_beams,
+                               temperature=rule.temperature if temperature is None else temperature, top_p=top_p)
+    except ValueError as e:
+        raise UserError(f"decoding: {e}") from None
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     generator = Generator(model.cfg, model.params, model.tokenizer, gen, batch_size=batch_size,
                           packed_layout=packed_layout(config, model.cfg, stage), max_images=int(config.data.max_images),
                           max_prompt_length=max_prompt_length)

@@ -17,6 +17,7 @@ import collections
 import json
 import os
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.eval.benchmarks import BENCHMARKS, SHORT
 from uhd_jax.eval.metrics.anls import anls
 from uhd_jax.eval.metrics.exact import ai2d_match, chartqa_match, gqa_match
@@ -27,28 +28,41 @@ from uhd_jax.eval.metrics.yes_no import mme_scores, pope_scores
 def load_records(path: str) -> list[dict]:
     """Annotation records from JSON (a list, a {data|annotations|questions: list} object, or {id: record}) or JSON
     lines; {id: record} entries get their key as question_id."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path) as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        state = "is a directory" if os.path.isdir(path) else "not found"
+        raise UserError(f"annotation file {path} {state}; give the benchmark's annotation file (JSON or JSON lines)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"annotation file {path} is not text ({e.reason} at byte {e.start}); give the benchmark's "
+                        f"annotation file (JSON or JSON lines)") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is neither JSON nor JSON lines: {e}") from None
+    except json.JSONDecodeError as whole:
+        data = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                # a JSON file broken inside fails as JSON lines on its first line: its own error says where
+                where, error = (whole.lineno, whole) if lineno == 1 else (lineno, e)
+                raise UserError(f"{path}:{where}: neither JSON nor JSON lines ({error.msg}); fix the file or give "
+                                f"the benchmark's original annotation file") from None
     if isinstance(data, dict) and "question_id" in data:   # JSON lines with a single record
         return [data]
     if isinstance(data, dict):
         for key in ("data", "annotations", "questions"):
             if isinstance(data.get(key), list):
                 return data[key]
-        if all(isinstance(v, dict) for v in data.values()):
+        if data and all(isinstance(v, dict) for v in data.values()):
             return [{"question_id": k, **v} for k, v in data.items()]
-        raise ValueError(f"{path}: no list of records under 'data', 'annotations' or 'questions'")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of annotation records")
+        raise UserError(f"{path}: no list of records under 'data', 'annotations' or 'questions'; is this the "
+                        f"benchmark's annotation file?")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a list of annotation records (JSON objects)")
     return data
 
 
@@ -59,7 +73,8 @@ def answers_of(record: dict) -> list[str]:
     for key in ("answer", "label"):
         if key in record:
             return [str(record[key])]
-    raise ValueError(f"annotation {record.get('question_id')!r} has no 'answers', 'answer' or 'label'")
+    raise UserError(f"annotation {record.get('question_id')!r} has no 'answers', 'answer' or 'label': is the "
+                    f"annotation file the one of this benchmark?")
 
 
 def textvqa_question(prompt: str) -> str:
@@ -72,7 +87,12 @@ def textvqa_question(prompt: str) -> str:
 
 def match(answers: list[dict], records: list[dict], key=None) -> tuple[list[tuple[dict, dict]], list]:
     """(answer, record) pairs by question_id (or `key`); answers without an annotation are returned apart."""
-    key = key or (lambda r: str(r["question_id"]))
+    if key is None:
+        unnamed = next((r for r in records if "question_id" not in r), None)
+        if unnamed is not None:
+            raise UserError(f"an annotation record has no 'question_id' ({str(unnamed)[:80]}): is the annotation file "
+                            f"the one of this benchmark?")
+        key = lambda r: str(r["question_id"])  # noqa: E731
     table = {key(r): r for r in records}
     pairs, unmatched = [], []
     for a in answers:
@@ -84,12 +104,21 @@ def match(answers: list[dict], records: list[dict], key=None) -> tuple[list[tupl
 def _textvqa_pairs(answers, records):
     if records and "image_id" in records[0] and "question" in records[0]:
         table = {(str(r["image_id"]), r["question"].lower()): r for r in records}
+        _need_prompts(answers, "textvqa")
         pairs, unmatched = [], []
         for a in answers:
             r = table.get((str(a["question_id"]), textvqa_question(a["prompt"])))
             (pairs.append((a, r)) if r is not None else unmatched.append(a["question_id"]))
         return pairs, unmatched
     return match(answers, records)
+
+
+def _need_prompts(answers, benchmark):
+    """TextVQA and MME match an answer by its question text: the answer file's 'prompt'."""
+    without = next((a for a in answers if not isinstance(a.get("prompt"), str)), None)
+    if without is not None:
+        raise UserError(f"{benchmark} matches answers by their question, but answer {without['question_id']!r} has no "
+                        f"'prompt'; score an answer file written by launch/generate.py (or LLaVA's model_vqa)")
 
 
 def _mean(values):
@@ -139,11 +168,15 @@ def mme_ground_truth(folder: str) -> dict:
         qa_dir = qa_dir if os.path.isdir(qa_dir) else cat_dir
         for name in sorted(os.listdir(qa_dir)):
             if name.endswith(".txt"):
-                with open(os.path.join(qa_dir, name)) as f:
-                    for line in f:
+                path = os.path.join(qa_dir, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for lineno, line in enumerate(f, 1):
                         if line.strip():
-                            question, answer = line.rstrip("\n").split("\t")[:2]
-                            gt[(category, name, question)] = answer.strip()
+                            fields = line.rstrip("\n").split("\t")
+                            if len(fields) < 2:
+                                raise UserError(f"{path}:{lineno}: expected 'question<TAB>Yes|No'; is {folder} the "
+                                                f"MME_Benchmark_release_version folder?")
+                            gt[(category, name, fields[0])] = fields[1].strip()
     return gt
 
 
@@ -151,6 +184,7 @@ def score_mme(answers, annotations_path):
     rows, unmatched = [], []
     if os.path.isdir(annotations_path):
         gt = mme_ground_truth(annotations_path)
+        _need_prompts(answers, "mme")
         for a in answers:
             category, image = str(a["question_id"]).split("/")[0], str(a["question_id"]).split("/")[-1]
             name = os.path.splitext(image)[0] + ".txt"
@@ -183,14 +217,18 @@ HEADLINE = {"textvqa": "accuracy", "vqav2": "accuracy", "gqa": "accuracy", "docv
 def score_answers(benchmark: str, answers: list[dict], annotations_path: str) -> dict:
     """{'benchmark', 'score' (the headline number), 'metrics', 'answers', 'scored', 'unmatched'}."""
     if benchmark not in HEADLINE:
-        raise ValueError(f"no annotation scorer for {benchmark!r}; choose from {sorted(HEADLINE)} "
-                         f"(synthetic_reading scores with --checkpoint)")
+        raise UserError(f"no annotation scorer for {benchmark!r}; choose from {sorted(HEADLINE)} "
+                        f"(synthetic_reading scores with --checkpoint)")
     if benchmark == "mme":
         metrics, pairs, unmatched = score_mme(answers, annotations_path)
     elif benchmark == "textvqa":
         metrics, pairs, unmatched = score_vqa(answers, load_records(annotations_path), textvqa=True)
     else:
         metrics, pairs, unmatched = SCORERS[BENCHMARKS[benchmark].scorer](answers, load_records(annotations_path))
+    if answers and not pairs:   # a score of 0 here would be a wrong file, not a bad model
+        raise UserError(f"none of the {len(answers)} answers matches an annotation in {annotations_path} (answer ids "
+                        f"e.g. {[str(u) for u in unmatched[:3]]}): give the {benchmark} annotations of the split the "
+                        f"questions came from")
     return {"benchmark": benchmark, "score": metrics[HEADLINE[benchmark]], "metrics": metrics,
             "answers": len(answers), "scored": len(pairs), "unmatched": [str(u) for u in unmatched[:20]],
             "unmatched_count": len(unmatched)}
