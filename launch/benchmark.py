@@ -11,6 +11,8 @@ Train mode compiles, warms up, then times each step with device synchronisation 
 max), tokens/s, images/s, model TFLOP/s and MFU (model FLOPs by formula, `uhd_jax/perf/flops.py`, against the peak
 given or detected), XLA's own FLOP count of the step for comparison, peak device memory, compile time and the
 number of compilations. Results append to a JSON-lines file (`--out`, default benchmarks/results.jsonl).
+`--config.KEY=VALUE` overrides a config entry as launch/train.py's flag does (e.g. --config.model.attention_impl=cudnn
+on a GPU).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from uhd_jax.config_loading import load_config  # noqa: E402
+from uhd_jax.cli_errors import UserError, load_config, reports_user_errors, split_overrides  # noqa: E402
 from uhd_jax.data.batch import BatchShape  # noqa: E402
 from uhd_jax.data.dataset import load_tokenizer  # noqa: E402
 from uhd_jax.data.pipeline import Source, make_iterator  # noqa: E402
@@ -65,11 +67,13 @@ def peak_memory(device) -> int | None:
 
 
 def load(a):
-
-    config = load_config(a.config)
+    config = load_config(a.config, a.overrides)
+    if a.stage is not None and a.stage not in config.stage_order:
+        raise UserError(f"--stage {a.stage}: {a.config} has no such stage; choose from {list(config.stage_order)}")
     stage = config.stages[a.stage or list(config.stage_order)[-1]]
     if stage.get("kind", "llava") == "jbu":
-        raise SystemExit(f"stage {a.stage} trains the JBU alone; benchmark a LLaVA stage")
+        raise UserError(f"--stage {a.stage} trains the JBU alone; benchmark a LLaVA stage "
+                        f"({[s for s in config.stage_order if config.stages[s].get('kind', 'llava') != 'jbu']})")
     stage.batch_size, stage.grad_accum = a.batch, 1
     if a.seq_len:
         stage.max_length = a.seq_len
@@ -94,16 +98,20 @@ def workload(a, config, stage, n_batches):
     words = max(8, int(stage.max_length))   # more than fits: every sequence is filled to the budget
     paths = use_workload(a, config, "train", parse_sizes(a.images), max(a.batch, 8), words)
     cfg = model_for_stage(config, stage)
-    batches, shape = prepared_batches(config, stage, cfg, paths, a.batch, n_batches)
+    try:
+        batches, shape = prepared_batches(config, stage, cfg, paths, a.batch, n_batches)
+    except ValueError as e:   # a sample the stage refuses: its image tokens do not fit the sequence
+        raise UserError(f"{e}; raise --seq-len or give smaller --images") from None
     return cfg, batches, shape, paths
 
 
 def train_mode(a) -> dict:
-
-
     config, stage = load(a)
+    try:
+        mesh = make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise UserError(f"mesh: {e}; give --mesh data,fsdp,tensor with a product of {len(jax.devices())}") from None
     cfg, batches, shape, _ = workload(a, config, stage, n_batches=2)
-    mesh = make_mesh(dict(config.mesh))
     rules = rules_from_config(config.get("axis_rules"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         setup = build_training(config, stage, cfg, mesh, rules, int(config.seed), a.steps + a.warmup)
@@ -166,7 +174,11 @@ def train_mode(a) -> dict:
         "device": getattr(device, "device_kind", str(device)), "dtype": str(cfg.dtype.__name__),
         "remat": cfg.llm.remat_policy, "attention": cfg.llm.attention_impl}
     if a.compare == "torch":
-        from uhd_jax.perf.torch_reference import torch_train_step   # torch only when asked for
+        try:
+            from uhd_jax.perf.torch_reference import torch_train_step   # torch only when asked for
+        except ImportError as e:
+            raise UserError(f"--compare torch needs PyTorch and transformers ({e}); install them or drop the flag") \
+                from None
 
         theirs = torch_train_step(stage_model(config, stage), trains, a.batch, shape.max_length, a.steps, a.warmup)
         result["torch"] = theirs
@@ -175,21 +187,24 @@ def train_mode(a) -> dict:
 
 
 def generate_mode(a) -> dict:
-
-
     config, stage = load(a)
     size = parse_sizes(a.images)[0]
     paths = use_workload(a, config, "generate", [size], 1, a.prompt_words)
     cfg = model_for_stage(config, stage)
-    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(0))["params"])
     prep = preparer_factory(config, stage, cfg)(Source(paths["json"], paths["images"]))
     sample = json.load(open(paths["json"]))[0]
     sample["conversations"][0]["value"] = "<image>\n" + sample["conversations"][1]["value"]   # the prompt words
     prompt = prep.prompt(sample)
     tok = load_tokenizer(paths["tokenizer"])
+    layout = packed_layout(config, cfg, stage)
+    try:   # a prompt past the model's positions would time a computation no model runs
+        Generator(cfg, None, tok, GenerationConfig(max_new_tokens=a.new_tokens), packed_layout=layout).bucket(
+            prompt, f"the prompt of --prompt-words {a.prompt_words} and a {size[0]}x{size[1]} image")
+    except ValueError as e:
+        raise UserError(f"{e}; lower --prompt-words or --new-tokens") from None
+    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(0))["params"])
     out = {"mode": "generate", "config": a.config, "image": f"{size[0]}x{size[1]}", "prompt_tokens": len(prompt["ids"]),
            "prompt_words": a.prompt_words, "new_tokens": a.new_tokens}
-    layout = packed_layout(config, cfg, stage)
     for batch in (1, 32):
         timings = {}
         for n in (1, a.new_tokens):
@@ -236,7 +251,6 @@ def measured_bandwidth_gbs(mbytes: int = 256) -> float:
 
 
 def data_mode(a) -> dict:
-
     config, stage = load(a)
     paths = use_workload(a, config, "data", parse_sizes(a.images), max(4 * a.batch, 16), 64)
     cfg = model_for_stage(config, stage)
@@ -257,10 +271,9 @@ def data_mode(a) -> dict:
 def compare_compute(a) -> dict:
     """Forward FLOPs (XLA cost analysis of the lowered model, abstract weights) of UHD v1 on a 672x1088 image vs
     LLaVA-1.5 on 336x336, same LLM, and the text the paper's 94% claim compares."""
-
-
     size = a.compute_size
-    small = vocab(load_config(f"configs/llava15.py:{a.compute_llm}"))   # one tokenizer every compared model reads
+    # one tokenizer every compared model reads
+    small = vocab(load_config(f"configs/llava15.py:{a.compute_llm}", flag="--compute-llm"))
     out = {"mode": "compare_compute", "image": f"{size[0]}x{size[1]}",
            "prompt": "one image, a 7-word request, a 4-word answer"}
     llm = a.compute_llm
@@ -301,6 +314,30 @@ def compare_compute(a) -> dict:
     return out
 
 
+def positive_sizes(a, p) -> None:
+    """Numbers and sizes checked before any model is built: a typo costs a message, not a compile."""
+    for flag in ("batch", "steps", "repeats", "new_tokens", "prompt_words"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(a, flag)}: give at least 1")
+    if a.warmup < 0 or a.seq_len < 0:
+        p.error("--warmup and --seq-len cannot be negative")
+    for flag in ("images", "compute_size"):
+        try:
+            sizes = parse_sizes(getattr(a, flag))
+        except ValueError as e:
+            p.error(f"--{flag.replace('_', '-')}: {e}")
+        if any(w < 1 or h < 1 for w, h in sizes):
+            p.error(f"--{flag.replace('_', '-')} {getattr(a, flag)}: sizes must be at least 1x1")
+    if a.mesh is not None:
+        parts = a.mesh.split(",")
+        if len(parts) != 3 or not all(x.strip().lstrip("-").isdigit() for x in parts):
+            p.error(f"--mesh {a.mesh}: give three sizes data,fsdp,tensor, e.g. 8,1,1 (one may be -1)")
+    workers = a.workers.split(",")
+    if not all(w.strip().isdigit() for w in workers):
+        p.error(f"--workers {a.workers}: give worker counts separated by commas, e.g. 0,1,4")
+
+
+@reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config")
@@ -325,10 +362,12 @@ def main(argv=None) -> int:
     p.add_argument("--compute-size", default="672x1088")
     p.add_argument("--workdir", default=None, help="workload cache (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results.jsonl")
-    a = p.parse_args(argv)
-
+    a, extra = p.parse_known_args(argv)
+    a.overrides = split_overrides(extra, p)
+    positive_sizes(a, p)
     if a.compare_compute:
-
+        if a.overrides:
+            p.error("--config.KEY=VALUE overrides --config; --compare-compute compares fixed configs")
         a.compute_size = parse_sizes(a.compute_size)[0]
         result = compare_compute(a)
     else:

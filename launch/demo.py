@@ -30,7 +30,7 @@ logging.set_verbosity(logging.WARNING)
 import jax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
-from uhd_jax.config_loading import load_config  # noqa: E402
+from uhd_jax.cli_errors import UserError, load_config, reports_user_errors  # noqa: E402
 from uhd_jax.data import synthetic  # noqa: E402
 from uhd_jax.data.dataset import read_samples  # noqa: E402
 from uhd_jax.data.pipeline import Source  # noqa: E402
@@ -43,11 +43,16 @@ from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_facto
 
 MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo"),
           "slime": ("SliME", "configs/slime.py:demo")}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the configs are found from any directory
+DATA_FILES = ("tokenizer/tokenizer.json", "train_pretrain.json", "train_sft.json", "eval_sft.json", "images")
 
 
 def make_data(root: str, n_train: int, n_eval: int):
     out = os.path.join(root, "synthetic")
     if os.path.exists(os.path.join(out, "tokenizer", "tokenizer.json")):
+        missing = [f for f in DATA_FILES if not os.path.exists(os.path.join(out, f))]
+        if missing:   # the tokenizer is written last: these were deleted since
+            raise UserError(f"the cached demo data {out} lacks {missing}; delete {out} and rerun to render it again")
         return out
     t0 = time.perf_counter()
     train = synthetic.write_dataset(out, "train", n_train, seed=0, min_side=96, max_side=768)
@@ -92,7 +97,7 @@ class Scorer:
 
 def train_and_score(key: str, data_root: str, data: str, workdir: str, eval_samples, tokenizer) -> dict:
     title, spec = MODELS[key]
-    config = load_config(spec)
+    config = load_config(os.path.join(ROOT, spec))
     config.data_root = data_root
     score = Scorer(config, data, eval_samples, tokenizer)
     untrained = nn.meta.unbox(jax.jit(init_fn(score.cfg))(jax.random.PRNGKey(config.seed))["params"])
@@ -124,6 +129,7 @@ def prior_baseline(train_samples, eval_samples):
     return sum(hits) / len(hits)
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
@@ -135,6 +141,10 @@ def main(argv=None) -> int:
     unknown = [k for k in keys if k not in MODELS]
     if unknown or not keys:
         p.error(f"--models: unknown {unknown or keys}; choose from {sorted(MODELS)}")
+    if a.train < 1 or a.eval < 1:
+        p.error(f"--train {a.train} --eval {a.eval}: give at least one image each")
+    if os.path.exists(a.workdir) and not os.path.isdir(a.workdir):
+        p.error(f"--workdir {a.workdir} is a file; give a directory (created if missing)")
     t_start = time.perf_counter()
     data_root = os.path.join(a.workdir, "data")
     data = make_data(data_root, a.train, a.eval)

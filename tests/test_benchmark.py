@@ -89,3 +89,32 @@ def test_generate_data_and_compute_modes_run(tmp_path):
     assert c["uhd_v1:tiny"]["relative_to_llava15"] == pytest.approx(
         c["uhd_v1:tiny"]["forward_tflop_xla"] / c["llava15:tiny"]["forward_tflop_xla"])
     assert np.isfinite(c["uhd_v1:tiny"]["forward_tflop_xla"])
+
+
+def test_benchmark_cli_user_mistakes(tmp_path, capsys):
+    from launch.benchmark import main
+    from tests.cli_mistakes import assert_mistake
+
+    out = ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "r.jsonl")]
+    tiny = ["--config", "configs/llava15.py:tiny"] + out
+    assert_mistake(capsys, main, ["--config", "configs/llava16.py:tiny"] + out, "'configs/llava16.py' not found")
+    assert_mistake(capsys, main, ["--config", "configs/llava15.py:7B"] + out, "unknown variant '7B'; choose one of")
+    assert_mistake(capsys, main, tiny + ["--config.model.atention_impl=cudnn"],
+                   "unknown config key 'atention_impl'; config.model has [")
+    assert_mistake(capsys, main, tiny + ["--config.model.scan_layers=maybe"], "expected true or false")
+    assert_mistake(capsys, main, tiny + ["--stage", "sfft"], "--stage sfft: configs/llava15.py:tiny has no such stage")
+    assert_mistake(capsys, main, ["--config", "configs/uhd_v2.py:tiny", "--stage", "jbu"] + out,
+                   "trains the JBU alone; benchmark a LLaVA stage (['pretrain', 'sft'])")
+    assert_mistake(capsys, main, tiny + ["--images", "672by1088"], "expected WIDTHxHEIGHT")
+    assert_mistake(capsys, main, tiny + ["--mesh", "2,2"], "give three sizes data,fsdp,tensor")
+    assert_mistake(capsys, main, tiny + ["--mesh", "3,1,1"], "needs 3 devices, have 8")
+    assert_mistake(capsys, main, tiny + ["--images", "64x64", "--seq-len", "16"], "beyond data.max_length=16; raise "
+                                                                                   "--seq-len")
+    assert_mistake(capsys, main, tiny + ["--batch", "0"], "--batch 0: give at least 1")
+    assert_mistake(capsys, main, tiny + ["--stepz", "3"], "unrecognized arguments: --stepz")
+    assert_mistake(capsys, main, ["--compare-compute", "--compute-llm", "14b"] + out,
+                   "--compute-llm configs/llava15.py:14b: configs/llava15.py: unknown variant '14b'")
+    # a prompt past the tiny LLM's 512 positions would time what no model runs
+    assert_mistake(capsys, main, tiny + ["--mode", "generate", "--images", "64x64", "--prompt-words", "700"],
+                   "over the prompt limit of 448 (the model's 512 positions less 64 new tokens); lower --prompt-words")
+    assert not (tmp_path / "r.jsonl").exists()
