@@ -9,52 +9,96 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tools.convert_torch import hf_configs, tables
 from tools.convert_torch.exporter import FORMATS, export_checkpoint
-from tools.convert_torch.importer import CheckpointMismatchError, Source, import_checkpoint
+from tools.convert_torch.importer import Source, import_checkpoint
 from tools.convert_torch.torch_io import list_keys, read_config
 
 
+PROG = "python -m tools.convert_torch"
+
+
+def load_experiment(spec: str):
+    from uhd_jax.cli_errors import load_config   # a missing file, no get_config, an unknown variant: one line
+
+    try:
+        return load_config(spec)
+    except (ImportError, SyntaxError, TypeError) as e:   # a config file that does not even import
+        raise ValueError(f"--config {spec}: {type(e).__name__}: {e}") from None
+
+
 def model_for_sources(sources: list[Source], config_spec: str | None) -> tuple[dict, dict, str | None]:
-    """(config.model dict, HF metadata, family) from --config, else from the sources' config.json files."""
+    """(config.model dict, HF metadata, family) from --config, else from the sources' config.json files.
+    Resolves the main source's layout in place (its keys are read once)."""
     main = sources[0]
-    layout = main.layout or tables.detect_layout(list_keys(main.path))
+    keys = list_keys(main.path)
+    main.layout = main.layout or tables.detect_layout(keys)
+    layout = main.layout
     cfg = read_config(main.path) or {}
+    has_vision = any(s.layout == "hf_clip" for s in sources[1:]) or any(k.startswith("model.vision_tower.")
+                                                                          for k in keys)
+    if layout == "llava_original" and not has_vision:
+        named = f" (its config.json names mm_vision_tower={cfg['mm_vision_tower']!r})" if cfg.get(
+            "mm_vision_tower") else ""
+        raise ValueError(f"{main.path} holds no vision tower (no model.vision_tower.* tensors: the original trainings "
+                         f"save without it): pass --vision with the CLIP checkpoint directory{named}")
     meta = hf_configs.hf_meta(cfg) if cfg else {}
     if config_spec:
-        from uhd_jax.config_loading import load_config
-
-        exp = load_config(config_spec)
+        exp = load_experiment(config_spec)
         return exp.model.to_dict(), meta, exp.get("family")
     if not cfg:
-        raise ValueError(f"{main.path} has no config.json; pass --config (e.g. configs/llava15.py:7b)")
+        raise ValueError(f"{main.path} has no config.json beside it; pass --config (e.g. configs/llava15.py:7b)")
     vision_cfg = None
     vision_src = next((s for s in sources[1:] if (s.layout or tables.detect_layout(list_keys(s.path))) == "hf_clip"),
                       None)
     if vision_src is not None:
         vision_cfg = read_config(vision_src.path)
-    if layout == "llava_hf":
-        model, family = hf_configs.model_from_llava_hf(cfg), "llava15"
-    elif layout == "llava_original":
-        model, family = hf_configs.model_from_llava_original(cfg, vision_cfg), "llava15"
-    elif layout == "hf_llama":
-        model, family = {"llm": hf_configs.llm_from_hf(cfg)}, None
-        if vision_cfg is not None:
-            model["vision"] = hf_configs.vision_from_hf(vision_cfg)
-    elif layout == "hf_clip":
-        model, family = {"vision": hf_configs.vision_from_hf(cfg)}, None
-    else:
+        if vision_cfg is None:
+            raise ValueError(f"--vision {vision_src.path} has no config.json (the CLIP sizes come from it)")
+    original = layout == "llava_original" or (layout == "mm_projector" and "mm_hidden_size" in cfg)
+    if not original and layout not in ("llava_hf", "hf_llama", "hf_clip"):
         raise ValueError(f"layout {layout}: pass --config to say which model this belongs to")
+    try:
+        if layout == "llava_hf":
+            model, family = hf_configs.model_from_llava_hf(cfg), "llava15"
+        elif original:
+            model, family = hf_configs.model_from_llava_original(cfg, vision_cfg)
+        elif layout == "hf_llama":
+            model, family = {"llm": hf_configs.llm_from_hf(cfg)}, None
+            if vision_cfg is not None:
+                model["vision"] = hf_configs.vision_from_hf(vision_cfg)
+        else:
+            model, family = {"vision": hf_configs.vision_from_hf(cfg)}, None
+    except KeyError as e:
+        raise ValueError(f"config.json of {main.path} has no {e.args[0]!r}; pass --config (e.g. "
+                         f"configs/uhd_v1.py:13b) to describe the model") from None
+    except ValueError as e:
+        raise ValueError(f"config.json of {main.path}: {e}") from None
     model.update(dtype="bfloat16", param_dtype="float32", attention_impl="xla", remat_policy="none",
                  scan_layers=False)
     return model, meta, family
 
 
+def check_output_dir(path: str, flag: str = "--out"):
+    """Fail before a long conversion rather than at its end: the output must be a directory we can create/write."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; give a directory")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path}: {probe} is a file, so the directory cannot be created; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not writable; choose a directory you can write to")
+
+
 def cmd_import(args) -> int:
     from uhd_jax.train.checkpoints import save_params
 
+    check_output_dir(args.out)
     sources = [Source(args.src, args.layout)]
     if args.vision:
         sources.append(Source(args.vision, "hf_clip"))
@@ -64,7 +108,8 @@ def cmd_import(args) -> int:
     params, report = import_checkpoint(sources, model)
     save_params(args.out, params, {"model": model, "hf": meta, "family": family, "conversion": report})
     print(f"imported {report['tensors']} tensors ({', '.join(report['components'])}) from "
-          f"{', '.join(f'{s} [{l}]' for s, l in zip(report['sources'], report['layouts']))} -> {args.out}")
+          f"{', '.join(f'{s} [{l}]' for s, l in zip(report['sources'], report['layouts']))} -> {args.out}"
+          + (f" as {family}" if family else ""))
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} tensors the model does not use, e.g. {report['skipped'][:3]}")
     for line in report["overridden"]:
@@ -73,6 +118,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    check_output_dir(args.out)
     files = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, args.image_token_index)
     print(f"exported {args.checkpoint} as {args.format} ({args.dtype}) -> {args.out}: {', '.join(files)}")
     return 0
@@ -96,8 +142,15 @@ def cmd_layouts(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes (unknown --format, a missing --src) as one line like ours, not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.convert_torch", description=__doc__,
+    parser = _Parser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("import", help="PyTorch checkpoint(s) -> uhd-jax checkpoint")
@@ -128,8 +181,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointMismatchError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:   # bad input (CheckpointMismatchError is one); OSError: a path we cannot use
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 
 

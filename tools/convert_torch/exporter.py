@@ -117,7 +117,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
     elif fmt == "hf_clip":
         cfg = hf_configs.clip_vision_config(model["vision"]).to_dict()
     else:
-        cfg = hf_configs.llava_original_config(model, hf)
+        cfg = hf_configs.llava_original_config(model, hf, meta.get("family"))
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     if fmt == "hf_clip":
         cfg["architectures"] = ["CLIPVisionModel"]

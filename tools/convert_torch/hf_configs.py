@@ -5,6 +5,7 @@ through transformers' own config classes so that what we export is what the inst
 """
 from __future__ import annotations
 
+import re
 
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
                    image_size=336, layer_norm_eps=1e-5, hidden_act="quick_gelu")
@@ -25,6 +26,12 @@ def vision_from_tower_name(name: str | None) -> dict | None:
     if name and "clip-vit-large-patch14-336" in name:
         return dict(_CLIP_L_336)
     return None
+
+
+def _is_qwen2(cfg: dict) -> bool:
+    # LLaVA-UHD v2's Qwen2 checkpoints say model_type 'llava_qwen' (LlavaQwenForCausalLM), plain Qwen2 says 'qwen2'
+    return cfg.get("model_type") in ("qwen2", "llava_qwen") or any(
+        "Qwen2" in a for a in cfg.get("architectures") or ())
 
 
 def llm_from_hf(cfg: dict) -> dict:
@@ -51,7 +58,7 @@ def llm_from_hf(cfg: dict) -> dict:
                num_kv_heads=cfg.get("num_key_value_heads") or heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                rope_theta=float(theta), rope_scaling=scaling,
                # Qwen2 configs carry no attention_bias key: its q/k/v projections always have biases
-               attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+               attention_bias=bool(cfg.get("attention_bias", _is_qwen2(cfg))),
                max_position_embeddings=cfg.get("max_position_embeddings", 4096))
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim != cfg["hidden_size"] // heads:
@@ -82,7 +89,65 @@ def model_from_llava_hf(cfg: dict) -> dict:
                 llm=llm_from_hf(cfg["text_config"]), projector_type="mlp2x_gelu")
 
 
-def model_from_llava_original(cfg: dict, vision_cfg: dict | None) -> dict:
+# mm_projector_type of the original repos -> ours, for the v1 resampler: v1-ECCV writes 'adapt_spatial_resampler',
+# the v2 repos select their copy of it as 'adapt_spatial_resampler_v1' (144 queries) or 'uhd_v1_query64' (64).
+UHD_V1_PROJECTORS = {"adapt_spatial_resampler": "adapt_spatial_resampler",
+                     "adapt_spatial_resampler_v1": "adapt_spatial_resampler", "uhd_v1_query64": "uhd_v1_query64"}
+# Our names with no original checkpoint (v1-arXiv's builder ignores the key; the 64-query v2 is ours): they come back
+# from our own llava_original exports.
+OWN_PROJECTORS = {"arxiv_resampler": "uhd_v1", "uhd_v2_query64": "uhd_v2"}
+
+
+def original_family(cfg: dict) -> tuple[str, dict]:
+    """(family, projector part of `config.model`) from the mm_* keys an original repo writes into config.json.
+
+    LLaVA-UHD v2 is 'adapt_spatial_resampler_v2' (v2-head) or 'adapt_spatial_resampler' with feature_mode
+    'featup_muti_res' (v2-dec2024), its levels in feature_scale_mask (code default 7); v1 is 'adapt_spatial_resampler'
+    (feature_mode absent or 'uhd_v1') or the v2 repos' 'adapt_spatial_resampler_v1' / 'uhd_v1_query64'; SliME is
+    'gated'; LLaVAR (LLaVA v1 code) writes no mm_projector_type, a Linear projector and mm_use_im_start_end true;
+    LLaVA-1.5 is 'mlp2x_gelu'."""
+    ptype = cfg.get("mm_projector_type")
+    feature_mode = cfg.get("feature_mode")
+    if ptype in ("adapt_spatial_resampler_v2", "uhd_v2_query64") or (ptype == "adapt_spatial_resampler"
+                                                                      and feature_mode == "featup_muti_res"):
+        mask = int(cfg.get("feature_scale_mask", 7))
+        if mask & 8 or not mask & 7:
+            raise ValueError(f"feature_scale_mask={mask}: only the 1x/2x/4x levels exist (bits 1, 2, 4; the "
+                             f"original's 8x stack cannot run either)")
+        family = "uhd_v2"
+        projector = dict(projector_type=ptype if ptype == "uhd_v2_query64" else "adapt_spatial_resampler_v2",
+                         feature_scale_mask=mask)
+    elif ptype == "arxiv_resampler":
+        family, projector = "uhd_v1", dict(projector_type=ptype)
+    elif ptype in UHD_V1_PROJECTORS:
+        if feature_mode not in (None, "uhd_v1"):
+            raise ValueError(f"feature_mode={feature_mode!r} with mm_projector_type={ptype!r}: known feature modes "
+                             f"are 'uhd_v1' and 'featup_muti_res'")
+        family, projector = "uhd_v1", dict(projector_type=UHD_V1_PROJECTORS[ptype])
+    elif ptype == "gated":
+        family, projector = "slime", dict(projector_type="gated", slime=slime_from_original(cfg))
+    elif ptype in (None, "linear") and cfg.get("mm_use_im_start_end"):
+        family, projector = "llavar", dict(projector_type="linear")
+    elif ptype in (None, "linear") or re.fullmatch(r"mlp\d+x_gelu", ptype):
+        family, projector = "llava15", dict(projector_type=ptype or "linear")
+    else:
+        raise ValueError(f"mm_projector_type={ptype!r} is not a projector of LLaVA-1.5, LLaVAR, SliME or LLaVA-UHD "
+                         f"v1/v2 (known: linear, mlp<N>x_gelu, gated, {', '.join(UHD_V1_PROJECTORS)}, "
+                         f"adapt_spatial_resampler_v2, and ours: {', '.join(OWN_PROJECTORS)})")
+    mode = cfg.get("model_mode")
+    if mode in ("uhd_v1", "uhd_v2") and mode != family:
+        raise ValueError(f"model_mode={mode!r} does not go with mm_projector_type={ptype!r}")
+    if family in ("llava15", "llavar") and (cfg.get("image_aspect_ratio") == "anyres"
+                                            or str(cfg.get("mm_patch_merge_type", "flat")).startswith("spatial")):
+        raise ValueError(f"image_aspect_ratio={cfg.get('image_aspect_ratio')!r}, mm_patch_merge_type="
+                         f"{cfg.get('mm_patch_merge_type')!r}: LLaVA-NeXT's anyres is not supported (LLaVA-1.5 "
+                         f"checkpoints say 'pad' / 'flat')")
+    return family, projector
+
+
+def model_from_llava_original(cfg: dict, vision_cfg: dict | None) -> tuple[dict, str]:
+    """(`config.model`, family) of an original-repo checkpoint from its config.json (and --vision's config.json)."""
+    family, projector = original_family(cfg)
     layer = cfg.get("mm_vision_select_layer", -2)
     feature = cfg.get("mm_vision_select_feature", "patch")
     if vision_cfg is not None:
@@ -93,10 +158,11 @@ def model_from_llava_original(cfg: dict, vision_cfg: dict | None) -> dict:
             raise ValueError(f"cannot tell the vision tower of this checkpoint (mm_vision_tower="
                              f"{cfg.get('mm_vision_tower')!r}); pass --vision with the CLIP directory")
         vision.update(select_layer=layer, select_feature=feature)
-    model = dict(vision=vision, llm=llm_from_hf(cfg), projector_type=cfg.get("mm_projector_type", "linear"))
-    if model["projector_type"] == "gated":
-        model["slime"] = slime_from_original(cfg)
-    return model
+    if cfg.get("mm_hidden_size") not in (None, vision["hidden_size"]):
+        raise ValueError(f"mm_hidden_size={cfg['mm_hidden_size']} but the vision tower's width is "
+                         f"{vision['hidden_size']}: pass --vision with the CLIP directory the checkpoint was trained "
+                         f"with")
+    return dict(vision=vision, llm=llm_from_hf(cfg), **projector), family
 
 
 def slime_from_original(cfg: dict) -> dict:
@@ -170,15 +236,18 @@ def llava_config(model: dict, meta: dict):
                        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
 
 
-def llava_original_config(model: dict, meta: dict) -> dict:
-    """Original LLaVA `config.json`: Llama keys at the top level plus the mm_* keys."""
+def llava_original_config(model: dict, meta: dict, family: str | None = None) -> dict:
+    """Original LLaVA `config.json`: Llama keys at the top level plus the mm_* keys, written so that
+    `original_family` reads the same model back."""
     cfg = llama_config(model["llm"], meta).to_dict()
     cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
                mm_hidden_size=model["vision"]["hidden_size"], mm_projector_type=model["projector_type"],
                mm_vision_select_layer=model["vision"]["select_layer"],
                mm_vision_select_feature=model["vision"]["select_feature"],
                mm_vision_tower="openai/clip-vit-large-patch14-336", use_mm_proj=True, mm_patch_merge_type="flat",
-               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+               mm_use_im_start_end=family == "llavar", mm_use_im_patch_token=family == "llavar")
     if model["projector_type"] == "gated":
         cfg.update(slime_to_original(dict(model.get("slime") or {})))
+    if model["projector_type"] in ("adapt_spatial_resampler_v2", "uhd_v2_query64"):
+        cfg.update(model_mode="uhd_v2", feature_scale_mask=int(model.get("feature_scale_mask", 5)))
     return cfg

@@ -24,9 +24,8 @@ def checkpoint_files(path: str) -> list[str]:
     for index in INDEX_FILES:
         ip = os.path.join(path, index)
         if os.path.exists(ip):
-            with open(ip) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
+            weight_map = _read_json(ip).get("weight_map")
+            if not weight_map or not isinstance(weight_map, dict):
                 raise ValueError(f"{ip}: no 'weight_map' in the index file")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
@@ -42,6 +41,56 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in found]
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is corrupt or truncated") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+class _SafetensorsFile:
+    """safe_open with the file named in every failure: a truncated or corrupt file raises safetensors' own
+    SafetensorError, which does not say which file, when opened or when the missing tensor is read."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _fail(self, e: Exception) -> ValueError:
+        return ValueError(f"cannot read {self.path} as safetensors ({e}): the file is corrupt or truncated; "
+                          f"download it again")
+
+    @staticmethod
+    def _errors() -> tuple:
+        from safetensors import SafetensorError
+
+        return SafetensorError, OSError
+
+    def _open(self):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(self.path, framework="pt")
+        except self._errors() as e:
+            raise self._fail(e) from None
+
+    def keys(self) -> list[str]:
+        with self._open() as f:
+            return list(f.keys())
+
+    def tensors(self):
+        with self._open() as f:
+            for key in f.keys():
+                try:
+                    t = f.get_tensor(key)
+                except self._errors() as e:
+                    raise self._fail(e) from None
+                yield key, t
+
+
 def _to_numpy(t) -> np.ndarray:
     import torch
 
@@ -52,11 +101,7 @@ def _to_numpy(t) -> np.ndarray:
 
 def _iter_file(path: str) -> Iterator[tuple[str, "object"]]:
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        yield from _SafetensorsFile(path).tensors()
     else:
         import torch
 
@@ -85,10 +130,7 @@ def list_keys(path: str) -> list[str]:
     keys = []
     for file in checkpoint_files(path):
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt") as f:
-                keys.extend(f.keys())
+            keys.extend(_SafetensorsFile(file).keys())
         else:
             keys.extend(k for k, _ in _iter_file(file))
     return keys
@@ -98,8 +140,7 @@ def read_config(path: str) -> dict | None:
     cp = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     if not os.path.exists(cp):
         return None
-    with open(cp) as f:
-        return json.load(f)
+    return _read_json(cp)
 
 
 def _torch_tensor(a: np.ndarray, dtype: str):
