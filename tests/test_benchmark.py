@@ -73,7 +73,7 @@ def test_train_mode_reports_a_consistent_step(tmp_path):
     assert r["speedup_vs_torch"] == pytest.approx(r["tokens_per_s"] / r["torch"]["tokens_per_s"])
 
 
-def test_generate_data_and_compute_modes_run(tmp_path):
+def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
     g = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "generate", "--new-tokens", "4",
                       "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10")
     assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes", "kv_bytes_per_row"}
@@ -83,6 +83,7 @@ def test_generate_data_and_compute_modes_run(tmp_path):
     d = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "data", "--batch", "2", "--steps",
                       "2", "--workers", "0", "--images", "336x336", "--seq-len", "256")
     assert d["images_per_s"]["0"] > 0
+    monkeypatch.chdir(tmp_path)   # its configs/NAME.py specs are found from any directory, not only the repository's
     c = run_benchmark(tmp_path, "--compare-compute", "--compute-llm", "tiny", "--compute-size", "672x1088")
     # more image tokens, more compute: the ratio is XLA's, the token counts are the data path's
     assert c["uhd_v1:tiny"]["tokens"] > c["llava15:tiny"]["tokens"]

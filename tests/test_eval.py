@@ -317,8 +317,9 @@ def test_a_mistake_run_from_the_shell_is_one_line_and_status_2(tmp_path):
     r = subprocess.run([sys.executable, "launch/generate.py", "--config", "configs/nope.py", "--checkpoint", "ckpt",
                         "--image", str(image), "--prompt", "What?"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == ("generate.py: error: --config configs/nope.py: config file "
-                                                 "'configs/nope.py' not found (expected e.g. configs/llava15.py:7b)")
+    assert r.stderr.strip().splitlines()[-1] == (f"generate.py: error: --config configs/nope.py: config file "
+                                                 f"'configs/nope.py' not found in {os.getcwd()} (expected e.g. "
+                                                 f"configs/llava15.py:7b)")
 
 
 def test_checkpoint_that_does_not_fit_is_named(tiny_checkpoint, tmp_path):

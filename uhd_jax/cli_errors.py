@@ -9,8 +9,9 @@ keeps its traceback: it is a bug to fix, not a mistake to explain.
   @reports_user_errors
   def main(argv=None) -> int: ...
 
-`load_config` turns a bad `configs/NAME.py[:variant]` into a UserError and applies `--config.KEY=VALUE` overrides
-(the syntax of launch/train.py), naming an unknown key and the keys that exist.
+`load_config` finds `configs/NAME.py[:variant]` from the current directory, else from the repository that holds this
+package (so the CLIs work from any directory), turns a bad spec into a UserError and applies `--config.KEY=VALUE`
+overrides (the syntax of launch/train.py), naming an unknown key and the keys that exist.
 """
 from __future__ import annotations
 
@@ -55,13 +56,32 @@ def require_dir(path: str, what: str, hint: str) -> str:
     return path
 
 
+# The checkout (or install) whose configs/ a relative config spec falls back to.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_config(spec: str, flag: str = "--config") -> str:
+    """`spec` with its file found: a relative path is tried in the current directory, then in REPO. A UserError
+    naming both places when it is in neither."""
+    path, colon, variant = spec.partition(":")
+    if os.path.isfile(path):
+        return spec
+    if not os.path.isabs(path) and os.path.isfile(os.path.join(REPO, path)):
+        return os.path.join(REPO, path) + colon + variant
+    here = os.getcwd()
+    where = "" if os.path.isabs(path) else f" in {here}" if os.path.realpath(here) == os.path.realpath(REPO) \
+        else f" in {here} or {REPO}"
+    raise UserError(f"{flag} {spec}: config file {path!r} not found{where} (expected e.g. configs/llava15.py:7b)")
+
+
 def load_config(spec: str, overrides: list[str] = (), flag: str = "--config"):
-    """The experiment config `configs/NAME.py[:variant]` with `overrides` ('model.dtype=float32', ...) applied;
-    `flag` names where the spec came from in the message."""
+    """The experiment config `configs/NAME.py[:variant]` (see `find_config`) with `overrides` ('model.dtype=float32',
+    ...) applied; `flag` names where the spec came from in the message."""
     from uhd_jax.config_loading import load_config as load
 
+    found = find_config(spec, flag)
     try:
-        config = load(spec)
+        config = load(found)
     except (FileNotFoundError, AttributeError, KeyError, ValueError) as e:   # no file, no get_config, bad variant
         message = str(e).strip("'")   # a KeyError quotes its message
         raise UserError(f"{flag} {spec}: {message}") from None
