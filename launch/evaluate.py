@@ -1,9 +1,10 @@
 """Score answers with a benchmark's official rule, or run the synthetic high-resolution reading benchmark.
 
   python launch/evaluate.py --benchmark textvqa --answers answers/textvqa.jsonl --annotations TextVQA_0.5.1_val.json
-  python launch/evaluate.py --benchmark synthetic_reading --config configs/uhd_v2.py:demo \
-      --checkpoint runs/demo/run/uhd_v2/sft/final --data-root runs/demo/data --workdir runs/reading
-  # several models on the same images, one chart: repeat --config/--checkpoint (and --name) in pairs
+  python launch/evaluate.py --benchmark synthetic_reading --checkpoint runs/demo/run/uhd_v2/sft/final \
+      --workdir runs/reading
+  # several models on the same images, one chart: repeat --checkpoint (and --name), or --config/--checkpoint in pairs;
+  # --config.KEY=VALUE overrides apply to every model (of the model, only its run settings: launch/generate.py)
 
 Results go to a JSON file next to the answers (`<answers>.scores.json`, or `<workdir>/results.json` with a bar chart
 `<workdir>/results.png` of accuracy per resolution bucket) and a table on stdout.
@@ -22,7 +23,7 @@ from absl import flags, logging  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
-from uhd_jax.cli_errors import UserError, reports_user_errors, require_file  # noqa: E402
+from uhd_jax.cli_errors import UserError, reports_user_errors, require_file, split_overrides  # noqa: E402
 from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
 
 
@@ -62,18 +63,22 @@ def synthetic_reading(a) -> int:
     from launch.generate import answering_for, check_model, load
     from uhd_jax.eval import synthetic_bench
     from uhd_jax.eval.answers import read_answers, read_questions
+    from uhd_jax.eval.checkpoint_config import checkpoint_name
     from uhd_jax.eval.model_vqa import answer_questions
 
-    if not a.config or len(a.config) != len(a.checkpoint or ()):
-        raise UserError("synthetic_reading needs --config and --checkpoint, once per model, in pairs")
-    names = a.name or [os.path.basename(c.split(":")[0]).removesuffix(".py") + (":" + c.split(":")[1] if ":" in c
-                                                                                  else "") for c in a.config]
-    if len(names) != len(a.config) or len(set(names)) != len(names):
-        raise UserError(f"--name: one distinct name per --config, got {names} for {len(a.config)} model(s)")
+    checkpoints, configs = a.checkpoint or [], a.config or []
+    if not checkpoints or (configs and len(configs) != len(checkpoints)):
+        raise UserError("synthetic_reading needs --checkpoint once per model (with --config: one per --checkpoint, "
+                        "in pairs)")
+    configs = configs or [None] * len(checkpoints)
+    names = a.name or [checkpoint_name(k) if c is None else os.path.basename(c.split(":")[0]).removesuffix(".py")
+                       + (":" + c.split(":")[1] if ":" in c else "") for c, k in zip(configs, checkpoints)]
+    if len(names) != len(checkpoints) or len(set(names)) != len(names):
+        raise UserError(f"--name: one distinct name per model, got {names} for {len(checkpoints)} model(s)")
     if a.per_bucket < 1 or any(s < 1 for s in a.sides):
         raise UserError(f"--per-bucket {a.per_bucket} --sides {a.sides}: give positive numbers")
     runs = [(name, config, checkpoint, types.SimpleNamespace(**{**vars(a), "config": config, "checkpoint": checkpoint}))
-            for name, config, checkpoint in zip(names, a.config, a.checkpoint)]
+            for name, config, checkpoint in zip(names, configs, checkpoints)]
     for *_, args in runs:   # a mistake in the last pair stops the run before the first model's answers
         check_model(args)
     os.makedirs(a.workdir, exist_ok=True)
@@ -121,13 +126,17 @@ def main(argv=None) -> int:
             p.add_argument(*action.option_strings, action="append", help=action.help)
         elif action.dest != "help":
             p.add_argument(*action.option_strings, default=action.default, type=action.type, help=action.help)
-    p.add_argument("--name", action="append", help="label per model (default: the config)")
+    p.add_argument("--name", action="append", help="label per model (default: the config, or the checkpoint's name)")
     p.add_argument("--workdir", default="runs/synthetic_reading")
     p.add_argument("--per-bucket", type=int, default=40)
     p.add_argument("--sides", type=int, nargs="+", default=[336, 672, 1024, 1536, 2048])
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    a.overrides = split_overrides(extra, p)
     if a.benchmark == "synthetic_reading":
         return synthetic_reading(a)
+    if a.overrides:
+        p.error(f"{' '.join('--config.' + o for o in a.overrides)}: overrides apply to the models of "
+                f"synthetic_reading; scoring an answer file runs no model")
     if not (a.answers and a.annotations):
         p.error(f"--benchmark {a.benchmark} scores an answer file: give --answers and --annotations")
     return score_file(a)

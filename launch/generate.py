@@ -1,10 +1,16 @@
 """Answer one question about one image, or a whole question file, with a trained checkpoint.
 
-  python launch/generate.py --config configs/uhd_v2.py:7b --checkpoint runs/uhd_v2-7b/sft/final \
-      --image photo.jpg --prompt "What is written on the sign?"
-  python launch/generate.py --config configs/uhd_v2.py:7b --checkpoint runs/uhd_v2-7b/sft/final \
+  python launch/generate.py --checkpoint runs/uhd_v2-7b/sft/final --image photo.jpg \
+      --prompt "What is written on the sign?" [--config.model.attention_impl=cudnn]
+  python launch/generate.py --checkpoint runs/uhd_v2-7b/sft/final \
       --benchmark textvqa --questions llava_textvqa_val_v051_ocr.jsonl --image-folder textvqa/train_images \
       --answers answers/textvqa.jsonl [--num-chunks 8 --chunk-idx 0]
+
+The checkpoint names its model, family and tokenizer (its config.json); the prompt format and image slicing come from
+its family's config in the variant of its sizes (`uhd_jax/eval/checkpoint_config.py`). `--config configs/NAME.py[:v]`
+gives the experiment config instead and must describe the checkpoint's model; `--config.KEY=VALUE` overrides a config
+entry, and of the model only its run settings (dtype, param_dtype, attention_impl, remat_policy, scan_layers).
+Answer files record `--model-id` (default: the checkpoint's name, RUN-STAGE for RUN/STAGE/final).
 
 The answer file is the originals' `model_vqa` format; a rerun skips answered questions. With several processes
 (`jax.process_count() > 1`) each answers its own contiguous chunk unless --num-chunks/--chunk-idx say otherwise.
@@ -26,15 +32,17 @@ from absl import flags, logging  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
-from uhd_jax.cli_errors import UserError, load_config, reports_user_errors, require_dir, require_file  # noqa: E402
+from uhd_jax.cli_errors import UserError, reports_user_errors, require_dir, require_file, split_overrides  # noqa: E402
 from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment config, configs/NAME.py[:variant]")
-    p.add_argument("--checkpoint", required=True, help="a parameter checkpoint directory (a stage's final/)")
+    p.add_argument("--checkpoint", required=True, help="a parameter checkpoint directory (a stage's final/, or a "
+                                                       "converted one): it names its model and tokenizer")
+    p.add_argument("--config", default=None, help="experiment config, configs/NAME.py[:variant] (default: the "
+                                                  "checkpoint's family and variant); --config.KEY=VALUE overrides")
     p.add_argument("--data-root", default=None, help="resolve the config's relative paths (tokenizer) here")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the config's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the family's rule")
     p.add_argument("--num-beams", type=int, default=None, help="default: the benchmark's rule")
@@ -45,30 +53,30 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "new tokens")
 
 
-def experiment_config(a):
-    config = load_config(a.config)
+def model_source(a):
+    """The checkpoint's experiment config and model, checked against --config and the overrides, and the tokenizer
+    it uses: what `load` would object to, found without reading the parameters."""
+    from uhd_jax.eval.checkpoint_config import check_runs_here, choose_tokenizer, experiment
+    from uhd_jax.eval.model_vqa import tokenizer_for
+
     if a.data_root:
-        config.data_root = require_dir(a.data_root, "--data-root", "give the folder the config's relative paths "
-                                                                   "(its tokenizer) are under")
-    if a.tokenizer:
-        config.tokenizer = os.path.abspath(a.tokenizer)
-    return config
+        require_dir(a.data_root, "--data-root", "give the folder the config's relative paths (its tokenizer) are under")
+    src = experiment(a.checkpoint, a.config, a.overrides, model_id=getattr(a, "model_id", None))
+    check_runs_here(src.model)
+    choose_tokenizer(src, a.tokenizer, a.data_root)
+    tokenizer_for(src.config, src.meta)
+    return src
 
 
 def check_model(a) -> None:
-    """What `load` would object to (config, checkpoint, their match, tokenizer), without reading the parameters."""
-    from uhd_jax.eval.model_vqa import check_config_fits, read_meta, tokenizer_for
-
-    config = experiment_config(a)
-    meta = read_meta(a.checkpoint)
-    check_config_fits(config, meta, a.checkpoint)
-    tokenizer_for(config, meta)
+    model_source(a)
 
 
 def load(a):
     from uhd_jax.eval.model_vqa import load_model
 
-    return load_model(experiment_config(a), a.checkpoint)
+    src = model_source(a)
+    return load_model(src.config, src.checkpoint, model=src.model, model_id=src.model_id)
 
 
 def answering_for(model, a, benchmark: str, image_folder: str):
@@ -108,7 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-chunks", type=int, default=None)
     p.add_argument("--chunk-idx", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    a = p.parse_args(argv)
+    p.add_argument("--model-id", default=None, help="model_id in the answer file (default: the checkpoint's name)")
+    a, extra = p.parse_known_args(argv)
+    a.overrides = split_overrides(extra, p)
     if bool(a.image) == bool(a.questions) or (a.image and not a.prompt) or (a.questions and not a.answers):
         p.error("give either --image with --prompt, or --questions with --answers")
     if a.num_chunks is not None and a.num_chunks < 1:

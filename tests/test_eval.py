@@ -153,7 +153,9 @@ def test_generate_cli_one_image_and_a_question_file(synthetic_data, tiny_checkpo
     common += ["--image-folder", os.path.dirname(image)]
     assert generate.main(common + ["--questions", qpath, "--answers", out, "--benchmark", "open"]) == 0
     (rec,) = answer_files.read_answers(out)
-    assert rec["question_id"] == "q0" and rec["model_id"] == "final" and isinstance(rec["text"], str)
+    run, stage = os.path.split(os.path.dirname(ckpt))   # RUN/STAGE/final -> 'RUN-STAGE', not 'final'
+    assert rec["question_id"] == "q0" and rec["model_id"] == f"{os.path.basename(run)}-{stage}"
+    assert isinstance(rec["text"], str)
     assert single == rec["text"]
 
 
@@ -282,7 +284,9 @@ def test_evaluate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, c
     # the reading benchmark checks every model before it renders or answers anything
     reading = ["--benchmark", "synthetic_reading", "--workdir", str(tmp_path / "reading"), "--data-root",
                synthetic_data["root"], "--tokenizer", synthetic_data["tokenizer"]]
-    assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny"], "once per model, in pairs")
+    assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny"], "needs --checkpoint once per model")
+    assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny", "--checkpoint", ckpt, "--checkpoint",
+                                            ckpt], "with --config: one per --checkpoint, in pairs")
     assert_mistake(capsys, main, reading + ["--config", "configs/llava15.py:tiny", "--checkpoint", ckpt, "--config",
                                             "configs/uhd_v2.py:tiny", "--checkpoint", ckpt],
                    "model.projector_type is 'mlp2x_gelu' there, 'adapt_spatial_resampler_v2' in the config")
@@ -333,6 +337,138 @@ def test_checkpoint_that_does_not_fit_is_named(tiny_checkpoint, tmp_path):
     save_params(str(tmp_path / "broken"), params, {"model": model})
     with pytest.raises(ValueError, match=r"missing \['projector/dense_1"):
         load_model(config, str(tmp_path / "broken"))
+
+
+@pytest.fixture(scope="module")
+def trained_layout(synthetic_data, tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as training leaves it: WORK/runs/tiny/sft/final, whose config.json records the family,
+    the stage and the tokenizer relative to WORK, the directory training ran in (WORK/data/tokenizer)."""
+    import shutil
+
+    config, ckpt = tiny_checkpoint
+    work = tmp_path_factory.mktemp("work")
+    final = work / "runs" / "tiny" / "sft" / "final"
+    shutil.copytree(ckpt, final)
+    os.makedirs(work / "data")
+    os.symlink(synthetic_data["tokenizer"], work / "data" / "tokenizer")
+    write_json(final / "config.json", {"model": config.model.to_dict(), "family": "llava15", "stage": "sft",
+                                       "steps": 1, "tokenizer": "data/tokenizer"})
+    return str(final)
+
+
+def test_generate_needs_only_the_checkpoint(synthetic_data, trained_layout, tmp_path, capsys, monkeypatch):
+    """--checkpoint alone: model, family and tokenizer from its config.json (the tokenizer found under the directory
+    training ran in), prompt format and slicing from the family's config in the variant of its sizes, found from any
+    directory. The answers are those of --config with --tokenizer; the answer file names the run and stage."""
+    from launch import generate
+
+    folder = synthetic_data["images"] + "/eval"
+    qpath = str(tmp_path / "q.jsonl")
+    write_questions(qpath, sorted(os.listdir(folder))[:3])
+    monkeypatch.chdir(tmp_path)   # neither the repository nor the training directory
+    common = ["--checkpoint", trained_layout, "--questions", qpath, "--image-folder", folder, "--max-new-tokens", "4"]
+    assert generate.main(common + ["--answers", "alone.jsonl"]) == 0
+    assert generate.main(common + ["--answers", "given.jsonl", "--config", "configs/llava15.py:tiny", "--tokenizer",
+                                   synthetic_data["tokenizer"], "--model-id", "mine",
+                                   "--config.model.remat_policy=none"]) == 0   # a run setting: accepted
+    alone, given = answer_files.read_answers("alone.jsonl"), answer_files.read_answers("given.jsonl")
+    assert len(alone) == 3 and [a["text"] for a in alone] == [a["text"] for a in given]
+    assert {a["model_id"] for a in alone} == {"tiny-sft"} and {a["model_id"] for a in given} == {"mine"}
+
+
+def test_run_settings_of_a_checkpoint_can_change_and_its_model_cannot(synthetic_data, tiny_checkpoint,
+                                                                      trained_layout):
+    """A checkpoint converted or trained on CPU runs with cuDNN attention, bfloat16 weights or scanned layers on
+    another machine: those are run settings. Its sizes and anything else it computes with are not."""
+    import jax.numpy as jnp
+
+    from uhd_jax.cli_errors import UserError
+    from uhd_jax.eval.checkpoint_config import checkpoint_name, choose_tokenizer, experiment
+    from uhd_jax.eval.model_vqa import load_model
+    from uhd_jax.train.checkpoints import load_params
+
+    src = experiment(trained_layout, None, ["model.attention_impl=cudnn", "model.param_dtype=bfloat16",
+                                            "model.scan_layers=true", "model.dtype=bfloat16"])
+    assert src.config.variant == "tiny" and src.meta["model"]["attention_impl"] == "xla"
+    assert os.path.samefile(choose_tokenizer(src), synthetic_data["tokenizer"])   # WORK/data/tokenizer
+    model = load_model(src.config, trained_layout, model=src.model, model_id=src.model_id)
+    assert model.cfg.llm.attention_impl == model.cfg.vision.attention_impl == "cudnn"
+    assert model.cfg.llm.dtype == model.cfg.vision.dtype == jnp.bfloat16
+    assert model.cfg.llm.scan_layers and model.model_id == "tiny-sft" == checkpoint_name(trained_layout)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
+    stored = load_params(trained_layout)["llm"]
+    q = model.params["llm"]["layers"]["attn"]["q"]["kernel"]   # the two layers stacked in order
+    np.testing.assert_array_equal(np.asarray(q[1], np.float32), np.asarray(
+        jnp.asarray(stored["layers_1"]["attn"]["q"]["kernel"]).astype(jnp.bfloat16), np.float32))
+    for item, field in (("model.llm.num_layers=3", "model.llm.num_layers is 2"),
+                        ("model.llm.rope_theta=500000.0", "model.llm.rope_theta is 10000.0"),
+                        ("model.vision.select_layer=-1", "model.vision.select_layer is -2")):
+        with pytest.raises(UserError, match=f"--config.{item}: the checkpoint's {field} .*only the run settings"):
+            experiment(trained_layout, None, [item])
+    _, ckpt = tiny_checkpoint
+    assert experiment(ckpt, "configs/llava15.py:tiny", ["model.llm.rope_theta=10000.0"]).model == \
+        experiment(ckpt, "configs/llava15.py:tiny").model   # the checkpoint's own value is no change
+
+
+def test_checkpoint_alone_user_mistakes(synthetic_data, tiny_checkpoint, trained_layout, tmp_path, capsys):
+    from launch.generate import main
+    from uhd_jax.config_loading import load_config
+
+    config, _ = tiny_checkpoint
+    folder = synthetic_data["images"] + "/eval"
+    one = ["--image", os.path.join(folder, sorted(os.listdir(folder))[0]), "--prompt", "What?"]
+    ok = ["--checkpoint", trained_layout] + one
+    assert_mistake(capsys, main, ok + ["--config.model.llm.num_layers=3"],
+                   "--config.model.llm.num_layers=3: the checkpoint's model.llm.num_layers is 2 (")
+    assert_mistake(capsys, main, ok + ["--config.model.attention_impl=cudnn"],
+                   "'cudnn', which needs an NVIDIA GPU, and JAX runs on cpu here; pass "
+                   "--config.model.attention_impl=xla")
+    assert_mistake(capsys, main, ok + ["--config.model.dtype=float64"], "unknown dtype 'float64'")
+    assert_mistake(capsys, main, ok + ["--config.model.atention_impl=xla"], "unknown config key 'atention_impl'")
+    assert_mistake(capsys, main, ok + ["--config", "configs/llava15.py:demo"],
+                   "model.llm.hidden_size is 32 there, 192 in the config")
+    model = config.model.to_dict()
+    no_family = fake_checkpoint(tmp_path / "hf", {"model": model})
+    assert_mistake(capsys, main, ["--checkpoint", no_family] + one,
+                   f"{no_family}/config.json records no 'family' (a converted LLM or vision tower alone?); pass "
+                   f"--config")
+    deeper = fake_checkpoint(tmp_path / "deeper", {"model": dict(model, llm=dict(model["llm"], num_layers=3)),
+                                                   "family": "llava15"})
+    assert_mistake(capsys, main, ["--checkpoint", deeper] + one, "its model fits no variant (e.g. '13b': model.llm.")
+    moved = fake_checkpoint(tmp_path / "moved", {"model": model, "family": "llava15", "tokenizer": "data/tokenizer"})
+    assert_mistake(capsys, main, ["--checkpoint", moved] + one,
+                   "moved/config.json records tokenizer 'data/tokenizer', which is neither in")
+    converted = fake_checkpoint(tmp_path / "converted", {"model": model, "family": "llava15"})
+    assert_mistake(capsys, main, ["--checkpoint", converted] + one,
+                   "converted/config.json records no 'tokenizer', and the config's synthetic/tokenizer is not a "
+                   "directory; pass --tokenizer DIR")
+    v2 = load_config("configs/uhd_v2.py:tiny").model.to_dict()
+    assert_mistake(capsys, main, ["--checkpoint", fake_checkpoint(tmp_path / "v2", {"model": v2, "family": "uhd_v2",
+                                                                                    "variant": "tinny"})] + one,
+                   "v2/config.json records variant 'tinny', which ")
+
+
+def test_reading_benchmark_and_slice_picture_from_a_checkpoint_alone(synthetic_data, trained_layout, tmp_path):
+    from launch.evaluate import main as evaluate
+    from tools.show_slices import main as show_slices
+    from uhd_jax.config_loading import load_config
+
+    work = str(tmp_path / "reading")
+    assert evaluate(["--benchmark", "synthetic_reading", "--checkpoint", trained_layout, "--workdir", work,
+                     "--per-bucket", "2", "--sides", "112", "--max-new-tokens", "2"]) == 0
+    with open(os.path.join(work, "results.json")) as f:
+        assert json.load(f)["tiny-sft"]["buckets"]["112"]["n"] == 2
+    assert {a["model_id"] for a in answer_files.read_answers(os.path.join(work, "answers_tiny-sft.jsonl"))} == \
+        {"tiny-sft"}
+    # the slice picture of a UHD checkpoint is the one of its config
+    v2 = load_config("configs/uhd_v2.py:tiny")
+    ckpt = fake_checkpoint(tmp_path / "v2" / "sft" / "final", {"model": v2.model.to_dict(), "family": "uhd_v2"})
+    image = str(tmp_path / "wide.png")
+    Image.new("RGB", (300, 120)).save(image)
+    outs = [str(tmp_path / f"{k}.png") for k in range(2)]
+    assert show_slices([image, "--checkpoint", ckpt, "--out", outs[0]]) == 0
+    assert show_slices([image, "--config", "configs/uhd_v2.py:tiny", "--out", outs[1]]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
 
 
 def write_json(path, obj, lines=False):

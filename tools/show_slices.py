@@ -3,6 +3,7 @@ tower sees it, and each view's pixel size and LLM token count.
 
   python tools/show_slices.py photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
       [--config.data.slicing.max_slices=4]
+  python tools/show_slices.py photo.jpg --checkpoint runs/uhd_v2-7b/sft/final   # the checkpoint's model and config
 
 Schemes: LLaVA-UHD (v1/v2: pre-resize by the benchmark rule, `slice_image`, the spatial schema's token count with
 separators), SliME (letterboxed tiles and a squashed global view; local tokens before the router drops any) and the
@@ -135,7 +136,9 @@ def open_image(path: str) -> Image.Image:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
-    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]; --config.KEY=VALUE overrides an entry")
+    p.add_argument("--config", help="configs/NAME.py[:variant]; --config.KEY=VALUE overrides an entry")
+    p.add_argument("--checkpoint", help="a checkpoint directory: its model, in its family's config (instead of, or "
+                                        "checked against, --config)")
     p.add_argument("--benchmark", default="open", choices=sorted(BENCHMARKS), metavar="NAME",
                    help="evaluation rule for the UHD pre-resize and slice count, one of: "
                         + ", ".join(sorted(BENCHMARKS)))
@@ -145,8 +148,16 @@ def main(argv=None) -> int:
     overrides = split_overrides(extra, p)
     if a.display < 1:
         p.error(f"--display {a.display}: give the panel's long side in pixels, at least 1")
+    if not (a.config or a.checkpoint):
+        p.error("give --config configs/NAME.py[:variant] or --checkpoint DIR")
     image = open_image(a.image)
-    plan = slice_plan(image, load_config(a.config, overrides), a.benchmark)
+    if a.checkpoint:
+        from uhd_jax.eval.checkpoint_config import experiment
+
+        config = experiment(a.checkpoint, a.config, overrides).config
+    else:
+        config = load_config(a.config, overrides)
+    plan = slice_plan(image, config, a.benchmark)
     out = a.out or os.path.splitext(a.image)[0] + ".slices.png"
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
 from uhd_jax.cli_errors import UserError
@@ -26,7 +27,7 @@ from uhd_jax.eval.generate import Generator
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import init_fn
 from uhd_jax.train.checkpoints import CONFIG_FILE, load_meta, load_params
-from uhd_jax.train.param_tree import flatten
+from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.train.trainer import _resolve, packed_layout, preparer_factory, stage_tokenizer
 
 
@@ -54,20 +55,29 @@ def _field(model: dict, dotted: str):
     return model
 
 
-def check_config_fits(config, meta: dict, checkpoint: str) -> None:
-    """A UserError naming the first field where the checkpoint's model is not the experiment config's."""
+def config_difference(config, meta: dict) -> str | None:
+    """The first field where the checkpoint's model (`meta`, its config.json) is not the experiment config's, as
+    "model.X is A there, B in the config"; None when family and sizes agree."""
     trained = meta.get("family")
-    hint = (f" (the checkpoint is a {trained} model)" if trained else "") + \
-        "; pass the config and variant the checkpoint was trained with"
     if trained and config.get("family") and trained != config.family:
-        raise UserError(f"checkpoint {checkpoint} does not match the config: family is {trained!r} there, "
-                        f"{config.family!r} in the config{hint}")
+        return f"family is {trained!r} there, {config.family!r} in the config"
     ours = config.model.to_dict()
     for name in IDENTITY:
         theirs, mine = _field(meta["model"], name), _field(ours, name)
         if theirs is not None and mine is not None and theirs != mine:
-            raise UserError(f"checkpoint {checkpoint} does not match the config: model.{name} is {theirs!r} there, "
-                            f"{mine!r} in the config{hint}")
+            return f"model.{name} is {theirs!r} there, {mine!r} in the config"
+    return None
+
+
+def check_config_fits(config, meta: dict, checkpoint: str) -> None:
+    """A UserError naming the first field where the checkpoint's model is not the experiment config's."""
+    miss = config_difference(config, meta)
+    if miss:
+        trained = meta.get("family")
+        raise UserError(f"checkpoint {checkpoint} does not match the config: {miss}"
+                        + (f" (the checkpoint is a {trained} model)" if trained else "")
+                        + "; pass the config and variant the checkpoint was trained with, or no --config (the "
+                          "checkpoint names its model)")
 
 
 def read_meta(checkpoint: str) -> dict:
@@ -100,16 +110,27 @@ def tokenizer_for(config, meta: dict):
                         f"with a Hugging Face tokenizer directory") from None
 
 
-def load_model(config, checkpoint: str) -> LoadedModel:
+def load_model(config, checkpoint: str, model: dict | None = None, model_id: str | None = None) -> LoadedModel:
     """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes, whose
-    family and size must be the experiment config's."""
+    family and size must be the experiment config's. `model`: that model with other run settings
+    (`checkpoint_config.experiment`); a different layer layout (scan_layers) or param_dtype converts the parameters."""
+    from uhd_jax.eval.checkpoint_config import checkpoint_name
+
     meta = read_meta(checkpoint)
     check_config_fits(config, meta, checkpoint)
     tokenizer = tokenizer_for(config, meta)
-    cfg = vlm_config(meta["model"])
+    model = meta["model"] if model is None else model
+    cfg = vlm_config(model)
     params = load_params(checkpoint)
-    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))["params"]))
-    got = flatten(params)
+    # shapes do not depend on the attention kernel, and tracing cuDNN's needs a GPU even abstractly
+    xla = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
+                              llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
+    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(xla), jax.random.PRNGKey(0))["params"]))
+    got = match_layer_layout(flatten(params), scanned=bool(meta["model"].get("scan_layers")),
+                             want_scanned=cfg.llm.scan_layers)
+    if model.get("param_dtype") != meta["model"].get("param_dtype"):   # asked for: e.g. bfloat16 weights on a GPU
+        got = {k: v.astype(expected[k].dtype) if k in expected and jnp.issubdtype(v.dtype, jnp.floating) else v
+               for k, v in got.items()}
     missing = sorted(set(expected) - set(got))
     unknown = sorted(set(got) - set(expected))
     misshaped = [f"{k}: {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
@@ -118,7 +139,7 @@ def load_model(config, checkpoint: str) -> LoadedModel:
         raise UserError(f"checkpoint {checkpoint} does not fit the model in its config.json: missing {missing[:8]}, "
                         f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
                         f"checkpoint directory (a stage's final/ folder)")
-    return LoadedModel(config, cfg, params, tokenizer, os.path.basename(os.path.normpath(checkpoint)))
+    return LoadedModel(config, cfg, unflatten(got), tokenizer, model_id or checkpoint_name(checkpoint))
 
 
 def rule_for(config, benchmark: str) -> EvalRule:
