@@ -161,10 +161,12 @@ def test_image_tokens_cut_by_the_budget_skip_but_text_truncates(synthetic_data):
 
 
 def test_file_level_errors_name_the_file(tmp_path):
+    from uhd_jax.cli_errors import UserError
+
     (tmp_path / "d.json").write_text(json.dumps({"not": "a list"}))
-    with pytest.raises(ValueError, match="d.json: expected a JSON list"):
+    with pytest.raises(UserError, match="d.json: expected a JSON list"):
         read_samples(str(tmp_path / "d.json"))
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(UserError, match="nope.json: not found"):
         read_samples(str(tmp_path / "nope.json"))
 
 
@@ -186,3 +188,73 @@ def test_mixture_of_sources_follows_weights(synthetic_data, tmp_path):
     ids = [i for b in take(make_iterator(sources, factory(d["tokenizer"]), SHAPE, seed=0), 6) for i in b["meta"]["ids"]]
     share_a = sum(i.startswith("a-") for i in ids) / len(ids)
     assert 0.6 <= share_a <= 0.9, share_a  # 3:1 weights
+
+
+def test_null_broken_unicode_and_id_less_samples_are_counted_skips_in_workers(synthetic_data, tmp_path):
+    """A JSON `null` was dropped by Grain without a count; a lone surrogate ("caf\\udcff", a valid JSON escape)
+    crashed the tokenizer and with it every run at the same step. Both are counted skips, named by id or by
+    position in their file (not by a position counted across epochs), in worker processes too."""
+    d = synthetic_data
+    good = read_samples(d["train"]["sft"])[:8]
+    q = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "caf\udcff"}]
+    no_id = {k: v for k, v in good[0].items() if k != "id"}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(good + [None, dict(good[1], id="surrogate", conversations=q), dict(no_id, conversations=q)]))
+    assert "\\udcff" in path.read_text()   # the file itself is plain ASCII JSON
+    it = make_iterator([Source(str(path), d["images"])], factory(d["tokenizer"]), SHAPE, seed=0, num_epochs=2,
+                       num_workers=1)
+    try:
+        batches = take(it, 4)   # both epochs: the skips come again with the same names
+    finally:
+        it.close()
+    skipped = [s for b in batches for s in b["meta"]["skipped"]]
+    assert sorted(i for b in batches for i in b["meta"]["ids"]) == sorted(2 * [s["id"] for s in good])
+    assert sorted(sid for sid, _ in skipped) == sorted(2 * ["odd.json#8", "surrogate", "odd.json#10"])
+    reasons = dict(skipped)
+    assert "sample is a NoneType" in reasons["odd.json#8"]
+    for sid in ("surrogate", "odd.json#10"):
+        assert "conversations[1].value holds invalid Unicode: a lone surrogate U+DCFF at character 3" in reasons[sid]
+
+
+def test_a_data_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    from uhd_jax.cli_errors import UserError
+
+    raw = b'[{"id": "a",\n "conversations": [{"from": "human", "value": "caf\xe9"}]}]'
+    (tmp_path / "latin1.json").write_bytes(raw)
+    offset = raw.index(b"\xe9")
+    with pytest.raises(UserError, match=rf"latin1.json is not UTF-8: byte 0xe9 at byte offset {offset} \(line 2\)"):
+        read_samples(str(tmp_path / "latin1.json"))
+
+
+def test_an_empty_data_file_is_an_error_not_an_endless_or_bare_stop(synthetic_data, tmp_path):
+    from uhd_jax.cli_errors import UserError
+
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(UserError, match="empty.json holds no samples"):
+        make_iterator([Source(str(tmp_path / "empty.json"), synthetic_data["images"])],
+                      factory(synthetic_data["tokenizer"]), SHAPE, seed=0)
+
+
+def test_data_workers_end_with_their_parent_even_when_it_is_killed(tmp_path):
+    """A SIGKILL (or SIGTERM's default action) runs no cleanup: the worker notices its parent is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("from uhd_jax.data.pipeline import exit_with_parent; exit_with_parent(poll_s=0.1); "
+             "import time; print('ready', flush=True); time.sleep(120)")
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              f"print(p.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{worker}") and \
+            open(f"/proc/{worker}/stat").read().split()[2] != "Z":
+        time.sleep(0.1)
+    alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z"
+    assert not alive, "the worker outlived its killed parent"

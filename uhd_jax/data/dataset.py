@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.data.image_processing import llava15_image, normalize
 from uhd_jax.data.images import SampleError, load_image
 from uhd_jax.data.slicing import SlicingOptions, slime_global_view, slime_tiles
@@ -35,24 +36,45 @@ def load_tokenizer(path: str, extra_tokens: tuple = ()):
     return tok
 
 
-def read_samples(path: str) -> list[dict]:
-    """Load a LLaVA JSON file; the file as a whole must be a list (per-sample problems are skipped later)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"data file {path} is not valid JSON: {e}") from None
+def read_samples(path: str) -> list:
+    """Load a LLaVA JSON file; the file as a whole must be a UTF-8 JSON list (per-sample problems are skipped
+    later). Anything else is the user's to fix, so it is a UserError naming the file."""
+    if not os.path.isfile(path):
+        state = "is a directory, not a file" if os.path.isdir(path) else "not found"
+        raise UserError(f"data file {path}: {state}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")   # a BOM is harmless; any other non-UTF-8 byte is not
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"data file {path} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line "
+                        f"{line}) cannot be decoded ({e.reason}); re-encode the file as UTF-8 (e.g. iconv -f latin1 "
+                        f"-t utf-8)") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"data file {path} is not valid JSON: {e}") from None
     if not isinstance(data, list):
-        raise ValueError(f"data file {path}: expected a JSON list of samples, got {type(data).__name__}")
+        raise UserError(f"data file {path}: expected a JSON list of samples, got {type(data).__name__}")
     return data
 
 
-def sample_id(sample: Any, index: int) -> str:
+def sample_id(sample: Any, index: int, source: str = "") -> str:
+    """The sample's own id, else its position in its file (`file.json#12`): a position counted across epochs or a
+    mixture would name a different sample on every pass."""
     if isinstance(sample, dict) and sample.get("id") is not None:
         return str(sample["id"])
-    return f"#{index}"
+    return f"{os.path.basename(source)}#{index}"
+
+
+def _check_text(value: str, where: str) -> None:
+    """JSON's \\uD800-\\uDFFF escapes decode to lone surrogates that no tokenizer or file can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SampleError(f"{where} holds invalid Unicode: a lone surrogate U+{ord(value[e.start]):04X} at character "
+                          f"{e.start} (an unpaired \\u escape in the JSON); fix or drop the text") from None
 
 
 def check_schema(sample: Any) -> tuple[list[dict], list[str]]:
@@ -66,6 +88,7 @@ def check_schema(sample: Any) -> tuple[list[dict], list[str]]:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in (
                 "human", "gpt"):
             raise SampleError(f"conversations[{i}] must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.80}")
+        _check_text(turn["value"], f"conversations[{i}].value")
     image = sample.get("image")
     if image is None:
         images = []
@@ -75,6 +98,8 @@ def check_schema(sample: Any) -> tuple[list[dict], list[str]]:
         images = list(image)
     else:
         raise SampleError(f"'image' must be a string or a list of strings, got {type(image).__name__}")
+    for k, path in enumerate(images):
+        _check_text(path, f"image[{k}]")
     return conv, images
 
 
@@ -106,6 +131,7 @@ class SamplePreparer:
     seed: int = 0                         # the slicing augmentation's stream, per sample index
     slime: Any = None                     # image_mode 'slime': the model's SlimeConfig (views, tiles, grids)
     extra_tokens: tuple = ()              # added to the tokenizer where missing (LLaVAR's image tokens)
+    source: str = ""                      # the data file: names samples without an id (`file.json#12`)
 
     def __post_init__(self):
         self._tokenizer = None
@@ -122,8 +148,10 @@ class SamplePreparer:
         return self._tokenizer
 
     def __call__(self, index_and_sample) -> dict:
-        index, sample = index_and_sample
-        sid = sample_id(sample, index)
+        """(index, sample) or (index, sample, position in its file); `index` seeds the augmentation (the pipeline
+        passes one that differs per epoch), the position names a sample without an id."""
+        index, sample, *position = index_and_sample
+        sid = sample_id(sample, position[0] if position else index, self.source)
         try:
             return {"id": sid, "index": index, **self.prepare(sample, index)}
         except (SampleError, TemplateError, TokenizationMismatch) as e:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from uhd_jax.data.image_processing import normalize
 from uhd_jax.data.images import SampleError, load_image
-from uhd_jax.data.pipeline import SkipCountingBatch, _TagEpoch, _with_index
+from uhd_jax.data.pipeline import SkipCountingBatch, _TagEpoch, _with_index, exit_with_parent
 from uhd_jax.models.projectors.vdim import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -97,5 +97,6 @@ def jbu_iterator(paths: Sequence[str], preparer: JBUImagePreparer, batch_size: i
     it_ds = SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)),
                               ImageBatchShape(batch_size, preparer.size), collate_fn=collate_images)
     if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                                  worker_init_fn=exit_with_parent)
     return iter(it_ds)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import signal
+import threading
+import time
 from typing import Sequence
 
 import grain
 import jax
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.data.batch import BatchShape, collate
 from uhd_jax.data.dataset import SamplePreparer, read_samples
 
@@ -29,6 +34,31 @@ def _with_index(index, sample):
     return (index, sample)
 
 
+def _with_position(index, position_and_sample):
+    """(index, sample, position in its file): `index` grows across epochs (the augmentation's seed), the position
+    names a sample without an id."""
+    position, sample = position_and_sample
+    return (index, sample, position)
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0, poll_s: float = 0.5):
+    """Grain worker init: the worker ends when its parent does, however the parent died (a SIGKILL or a SIGTERM's
+    default action runs no cleanup, and each orphan holds ~0.5 GB). Ctrl-C reaches the whole process group; the
+    parent handles it (checkpoint, then closes its workers), so workers ignore it instead of dying mid-batch.
+    Polling the parent pid, not PR_SET_PDEATHSIG: Grain starts workers from helper threads, and that signal fires
+    when the starting thread ends."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 @dataclasses.dataclass(frozen=True)
 class _TagEpoch:
     epoch_length: int
@@ -42,7 +72,7 @@ def skip_kinds(skipped) -> dict:
     return dict(collections.Counter(reason.split(":")[0] for _, reason in skipped))
 
 
-class DataExhausted(RuntimeError):
+class DataExhausted(UserError):
     """Every sample in a long run was skipped: the data or its config is wrong, not a few samples."""
 
 
@@ -102,8 +132,13 @@ def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num
     parts, total = [], 0
     for src in sources:
         samples = read_samples(src.json)
+        if not samples:   # Grain would repeat an empty dataset forever or stop with a bare StopIteration
+            raise UserError(f"data file {src.json} holds no samples (an empty JSON list)")
         total += len(samples)
-        parts.append(grain.MapDataset.source(samples).map_with_index(_with_index).map(make_preparer(src)))
+        # (position, sample) pairs, never the bare sample: Grain drops a None element (a JSON `null`) silently,
+        # where it must be counted as a skip like any other malformed sample.
+        parts.append(grain.MapDataset.source(list(enumerate(samples))).map_with_index(_with_position)
+                     .map(make_preparer(src)))
     if len(parts) == 1:
         ds, epoch_length = parts[0], total
     else:
@@ -122,7 +157,8 @@ def make_iterator(sources: Sequence[Source], make_preparer, shape: BatchShape, *
     it_ds = SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)), shape)
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                per_worker_buffer_size=prefetch))
+                                                                per_worker_buffer_size=prefetch),
+                                  worker_init_fn=exit_with_parent)
     return iter(it_ds)
 
 
@@ -133,4 +169,4 @@ class PreparerFactory:
     kwargs: tuple
 
     def __call__(self, src: Source) -> SamplePreparer:
-        return SamplePreparer(image_folder=src.image_folder, **dict(self.kwargs))
+        return SamplePreparer(image_folder=src.image_folder, source=src.json, **dict(self.kwargs))
