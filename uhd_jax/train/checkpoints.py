@@ -76,6 +76,7 @@ class TrainCheckpointer:
         import grain
 
         self.save_every = save_every
+        self.restored_meta: dict = {}
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -106,13 +107,14 @@ class TrainCheckpointer:
 
     def resume(self, state, shardings, iterator):
         """(state, step): the latest checkpoint restored into `shardings` and the iterator set to its saved
-        position, or (state, 0) unchanged when there is none."""
+        position, or (state, 0) unchanged when there is none. Its metadata is left in `self.restored_meta`."""
+        self.restored_meta = {}
         latest = self.latest_step()
         if latest is None:
             return state, 0
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           state, shardings)
-        state, data_state, _ = self.restore(latest, abstract)
+        state, data_state, self.restored_meta = self.restore(latest, abstract)
         iterator.set_state(data_state)
         return state, latest
 

@@ -1,14 +1,35 @@
 """Training logs: a JSON-lines metrics file, TensorBoard scalars, and a PNG of the loss/accuracy curves."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 from PIL import Image, ImageDraw, ImageFont
 
 
+def truncate_jsonl(path: str, last_step: int) -> list[dict]:
+    """Keep the rows of a JSON-lines log up to `last_step` (rows without a step too) and return them. A run resumed
+    from step N repeats the steps after N; their old rows must go, or every reader sees those steps twice. The file
+    is replaced in one rename, so a crash here leaves either the old or the new file."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= last_step]
+    if len(kept) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+    return kept
+
+
+_WRITERS = itertools.count()
+
+
 class MetricsLog:
-    def __init__(self, directory: str, enabled: bool = True):
+    """`resume_step`: the step training continues after; rows logged past it by an interrupted run are dropped
+    from metrics.jsonl, and TensorBoard is told to purge them (None: append to whatever is there)."""
+
+    def __init__(self, directory: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(directory, "metrics.jsonl")
         self._tb = None
@@ -16,7 +37,15 @@ class MetricsLog:
             os.makedirs(directory, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+            tb_dir = os.path.join(directory, "tensorboard")
+            purge_step = None
+            if resume_step is not None:
+                truncate_jsonl(self.path, resume_step)
+                purge_step = resume_step + 1 if os.path.isdir(tb_dir) else None
+            # pid and count in the name: two writers started within one second would otherwise share a file name,
+            # and the second would truncate the first's events.
+            self._tb = SummaryWriter(tb_dir, purge_step=purge_step,
+                                     filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from uhd_jax.cli_errors import UserError
+
 FROZEN = "frozen"
 
 
@@ -39,6 +41,47 @@ def group_labels(params, rules: Sequence[Sequence[str]]) -> dict:
         raise ValueError(f"{len(unmatched)} parameters match no trainable rule (add a rule, e.g. ('.*', 'frozen')): "
                          f"{unmatched[:10]}{' ...' if len(unmatched) > 10 else ''}")
     return labels
+
+
+def check_rules(params, rules: Sequence[Sequence[str]], lrs: Mapping[str, float], where: str = "stage") -> None:
+    """Refuse, before anything compiles, `trainable` rules and learning rates that would train nothing: a rule no
+    parameter falls to (its regex matches nothing, or only what earlier rules already took), a learning rate for a
+    group no parameter is in, a parameter no rule matches, a trained group without a rate. A misspelt rule otherwise
+    runs the whole stage with a gradient norm of 0. `params` may be abstract (`jax.eval_shape`)."""
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    compiled = []
+    for i, (pattern, _) in enumerate(rules):
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise UserError(f"{where}.trainable[{i}] {pattern!r} is not a valid regex: {e}") from None
+    claimed, matched, unmatched = [0] * len(rules), [0] * len(rules), []
+    for name in names:
+        hits = [i for i, c in enumerate(compiled) if c.fullmatch(name)]
+        for i in hits:
+            matched[i] += 1
+        if hits:
+            claimed[hits[0]] += 1
+        else:
+            unmatched.append(name)
+    problems = []
+    for i, (pattern, group) in enumerate(rules):
+        if not claimed[i]:
+            why = (f"matches {matched[i]} parameter(s), all taken by earlier rules (first match wins)" if matched[i]
+                   else "matches no parameter")
+            problems.append(f"{where}.trainable[{i}] ({pattern!r}, {group!r}) {why}")
+    groups = {group for (_, group), n in zip(rules, claimed) if n and group != FROZEN}
+    for group in sorted(set(lrs) - groups):
+        problems.append(f"{where}.lrs.{group} is the rate of a group no parameter is in")
+    for group in sorted(groups - set(lrs)):
+        problems.append(f"group {group!r} trains but has no rate: set {where}.lrs.{group}")
+    if unmatched:
+        problems.append(f"{len(unmatched)} parameter(s) match no rule, e.g. {unmatched[:3]}: add a rule (('.*', "
+                        f"'frozen') last freezes the rest)")
+    if problems:
+        tops = sorted({n.split("/")[0] + "/" for n in names})
+        raise UserError("; ".join(problems) + f". Rules are regexes over the whole parameter path (fullmatch), "
+                        f"paths start with {', '.join(tops)} (e.g. {names[0]!r})")
 
 
 def trainable_labels(labels):
