@@ -1,9 +1,13 @@
 """Training: learning, frozen parameters, accumulation, exact resume, non-finite steps, checkpoint safety, 2 processes."""
+import glob
 import json
 import os
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -14,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.config_helpers import on_synthetic_data
+from uhd_jax.cli_errors import UserError
 from uhd_jax.config_loading import load_config
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.train import optimizer as opt
@@ -22,7 +27,7 @@ from uhd_jax.train.metrics_log import read_metrics
 from uhd_jax.train.param_tree import flatten
 from uhd_jax.train.state import TrainState
 from uhd_jax.train.step import make_train_step
-from uhd_jax.train.trainer import TrainingDiverged, model_for_stage, run_stage
+from uhd_jax.train.trainer import TrainingDiverged, model_for_stage, run_stage, stage_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,16 +98,114 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_array_equal(a, bb)
 
 
-def test_resume_after_interruption_is_exact(synthetic_data, tmp_path):
+def tensorboard_scalars(directory, tag="loss"):
+    """[(step, value)] as TensorBoard shows them: event files in name (creation time) order, a SessionLog START at
+    step s hiding what earlier files logged at steps >= s."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                rows = [(s, v) for s, v in rows if s < event.step]
+            rows += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return rows
+
+
+def test_resume_after_interruption_is_exact(synthetic_data, tmp_path, capsys):
     c = tiny_config(synthetic_data, init_from_stage="")
     run_stage(c, "sft", str(tmp_path / "straight"))
-    run_stage(c, "sft", str(tmp_path / "resumed"), stop_after=4)
-    assert max(losses(tmp_path / "resumed", "sft")) == 4
+    # Killed at step 6, two steps after the checkpoint of step 4: steps 5 and 6 run twice.
+    run_stage(c, "sft", str(tmp_path / "resumed"), stop_after=6)
+    assert max(losses(tmp_path / "resumed", "sft")) == 6
     run_stage(c, "sft", str(tmp_path / "resumed"))
     a, b = losses(tmp_path / "straight", "sft"), losses(tmp_path / "resumed", "sft")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in range(5, 9):
         assert a[s] == b[s], (s, a[s], b[s])
+    # Each step once, with the resumed run's value, in metrics.jsonl and in what TensorBoard shows.
+    rows = read_metrics(os.path.join(tmp_path, "resumed", "sft", "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    shown = tensorboard_scalars(os.path.join(tmp_path, "resumed", "sft", "tensorboard"))
+    assert [s for s, _ in shown] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in shown], [b[s] for s in range(1, 9)], rtol=1e-6)
+    # A stage whose last checkpoint is its last step (killed while writing final/) finishes without training and
+    # reports the loss it ended with, not nan.
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "sft" / "final")
+    capsys.readouterr()
+    run_stage(c, "sft", str(tmp_path / "resumed"))
+    out = capsys.readouterr().out
+    assert f"stage sft step 8 loss {b[8]:.6f}" in out, out
+    assert [r["step"] for r in read_metrics(os.path.join(tmp_path, "resumed", "sft", "metrics.jsonl"))] == \
+        list(range(1, 9))
+
+
+def test_mistakes_in_a_stage_stop_it_before_training_and_write_no_final(synthetic_data, tmp_path):
+    empty = tmp_path / "data" / "empty.json"
+    os.makedirs(empty.parent)
+    empty.write_text("[]")
+    cases = [
+        # empty data: trained 0 steps and wrote an untrained final/ (num_steps unset), or a bare StopIteration
+        (dict(sources=[dict(json=str(empty), image_folder="images")], num_steps=0),
+         r"stage sft: sources\[0\].json .*empty.json holds no samples"),
+        (dict(sources=[dict(json=str(empty), image_folder="images")], num_steps=8),
+         r"stage sft: sources\[0\].json .*empty.json holds no samples"),
+        (dict(num_steps=0, num_epochs=0.0), r"stage sft: 0 steps to train \(48 samples, num_epochs 0.0"),
+        # a misspelt rule trained nothing of the LLM for the whole run, without a word
+        (dict(trainable=[("vision/.*", "frozen"), ("projector/.*", "projector"), ("llm/layer/.*", "llm"),
+                         (".*", "frozen")]),
+         r"stages.sft.trainable\[2\] \('llm/layer/.\*', 'llm'\) matches no parameter; stages.sft.lrs.llm is the "
+         r"rate of a group no parameter is in"),
+        (dict(trainable=[("vision/.*", "frozen"), (".*", "frozen"), ("projector/.*", "projector")],
+              lrs={"projector": 1e-3}),
+         r"trainable\[2\] \('projector/.\*', 'projector'\) matches \d+ parameter\(s\), all taken by earlier rules"),
+        (dict(lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3}), r"stages.sft.lrs.vision is the rate of a group "
+                                                                       r"no parameter is in"),
+        # 12 / 2 = 6 samples per micro-batch on 4 data-parallel devices: a raw IndivisibleError at step 1
+        (dict(batch_size=12, grad_accum=2),
+         r"stage sft: batch_size 12 with grad_accum 2 does not split over the mesh \{'data': 2, 'fsdp': 2, "
+         r"'tensor': 2\}.* multiple of 8"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        c = tiny_config(synthetic_data, init_from_stage="")
+        c.stages.sft.update(overrides)
+        workdir = tmp_path / f"run{i}"
+        with pytest.raises(UserError, match=message):
+            run_stage(c, "sft", str(workdir))
+        assert not os.path.exists(workdir / "sft" / "final"), overrides
+
+
+def test_every_shipped_config_names_only_rules_and_rates_that_train_something():
+    """`trainable` rules and `lrs` of every stage of every config's small variants, checked on the abstract model."""
+    from uhd_jax.models.config import vlm_config
+    from uhd_jax.models.vlm import init_fn as init
+
+    checked = []
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        if os.path.basename(path) in ("__init__.py", "common.py"):
+            continue
+        for variant in ("tiny", "demo"):
+            try:
+                c = load_config(f"{path}:{variant}")
+            except ValueError:   # the config has no such variant
+                continue
+            if c.model.get("slime"):
+                c.model.slime.separator_id = 0   # looked up in the tokenizer otherwise; shapes do not depend on it
+            for name in c.stage_order:
+                stage = c.stages[name]
+                if stage.get("kind", "llava") == "jbu":   # a fixed split of its own, no rules
+                    continue
+                boxed = jax.eval_shape(init(vlm_config(stage_model(c, stage))), jax.random.PRNGKey(0))["params"]
+                opt.check_rules(nn.meta.unbox(boxed), [tuple(r) for r in stage.trainable], dict(stage.lrs),
+                                where=f"{os.path.basename(path)}:{variant} stages.{name}")
+                checked.append(f"{os.path.basename(path)}:{variant}:{name}")
+    assert len(checked) >= 15, checked
 
 
 def test_consecutive_non_finite_steps_stop_the_run_with_the_last_good_checkpoint(synthetic_data, tmp_path):
@@ -195,3 +298,97 @@ def test_init_checkpoints_overlay_converted_weights_in_either_layer_layout(tmp_p
     variables, shardings = init_sharded(init_fn(cfg), make_mesh({"data": 8}), DEFAULT_RULES, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"does not fit the model: .*llm/embed_tokens/embedding: \(128, 32\)"):
         overlay_checkpoints(variables["params"], shardings["params"], [str(tmp_path / "ckpt")], False)
+
+
+def test_user_mistakes_on_the_command_line_are_one_line_and_exit_status_2(synthetic_data, tmp_path, capsys):
+    from launch import train as train_cli
+
+    os.symlink(synthetic_data["root"], tmp_path / "synthetic")   # the tiny config reads synthetic/*
+    base = ["--config", os.path.join(REPO, "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
+            "--stages=pretrain", f"--config.data_root={tmp_path}", "--config.model.llm.vocab_size=640"]
+    cases = [
+        (["--config", "configs/llava15.py:nope", "--workdir", "w"], "unknown variant 'nope'"),
+        (base + ["--config.stages.pretrain.batchsize=8"], "unknown config key 'batchsize'"),
+        (base + ["--stages=pretrain,sftt"], "--stages: unknown stage(s) ['sftt']"),
+        (base + [f"--config.data_root={tmp_path / 'nowhere'}"], "sources[0].json"),
+        (base + ["--config.stages.pretrain.sources=[{'json': 'synthetic/train_pretrain.json', 'image_folder': "
+                 "'synthetic/imagez'}]"], "sources[0].image_folder"),
+        (base + ["--config.tokenizer=synthetic/no_tokenizer"], "no_tokenizer: not a directory"),
+        (base + ["--config.stages.pretrain.init_checkpoints=['checkpoints/llava15-init']"],
+         "init checkpoint " + str(tmp_path / "checkpoints" / "llava15-init")),
+    ]
+    for argv, needle in cases:
+        code = train_cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert err.startswith("train.py: error: ") and needle in err and "\n" not in err, (needle, err)
+    assert not os.path.exists(tmp_path / "run" / "pretrain" / "final")
+
+
+def test_sigterm_saves_the_current_step_ends_the_data_workers_and_the_same_command_resumes(synthetic_data, tmp_path):
+    """A preemption's SIGTERM used to kill the run between checkpoints and orphan its Grain workers (~450 MB
+    each)."""
+    os.symlink(synthetic_data["root"], tmp_path / "synthetic")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"))
+    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
+           os.path.join(REPO, "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
+           "--stages=pretrain", f"--config.data_root={tmp_path}", "--config.model.llm.vocab_size=640",
+           "--config.stages.pretrain.num_steps=1000", "--config.stages.pretrain.batch_size=8",
+           "--config.stages.pretrain.max_length=112", "--config.stages.pretrain.save_every=500",
+           "--config.data.num_workers=2"]
+    metrics = tmp_path / "run" / "pretrain" / "metrics.jsonl"
+
+    def start_and_wait_for(condition, log_name):
+        log = open(tmp_path / log_name, "w")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.time() + 300
+        while not condition() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / log_name).read_text()
+        return proc
+
+    def children(pid):   # every thread's: Grain starts its workers from helper threads
+        found = []
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.split("/")[2]))
+        return found
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    proc = start_and_wait_for(lambda: len(read_metrics(str(metrics))) >= 3, "first.log")
+    workers = children(proc.pid)
+    assert len(workers) >= 2, workers   # Grain's two workers (and multiprocessing's resource tracker)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    took = time.time() - sent
+    log = (tmp_path / "first.log").read_text()
+    assert code == 128 + signal.SIGTERM, log
+    assert took < 60, took
+    last = max(r["step"] for r in read_metrics(str(metrics)))
+    assert os.listdir(tmp_path / "run" / "pretrain" / "checkpoints") == [str(last)], log
+    assert f"stopped by SIGTERM after step {last} (checkpoint of step {last}" in log
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if alive(w)], "data workers outlived the run"
+    assert not os.path.exists(tmp_path / "run" / "pretrain" / "final")
+
+    # The same command resumes from that step.
+    proc = start_and_wait_for(lambda: f"resumed from step {last}" in (tmp_path / "second.log").read_text(),
+                              "second.log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step" in (tmp_path / "second.log").read_text()

@@ -27,7 +27,6 @@ from uhd_jax.data.pipeline import skip_kinds
 from uhd_jax.models.projectors.vdim import (CRFSpec, JitterSpec, VDIMObjective, VDIMSpec, apply_jitter, channel_norm,
                                             random_projection, sample_jitter)
 from uhd_jax.models.vit import VisionTransformer
-from uhd_jax.parallel.mesh import make_mesh
 from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
 from uhd_jax.train import optimizer as opt
 from uhd_jax.train.checkpoints import TrainCheckpointer, save_params
@@ -132,10 +131,14 @@ def probe_images(paths, preparer: JBUImagePreparer, count: int) -> np.ndarray:
     return np.stack(out)
 
 
-def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = None):
+def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = None, stop=None):
+    import signal
+
     from tqdm import tqdm
 
-    from uhd_jax.train.trainer import StageResult, _log0, _resolve, model_for_stage, overlay_checkpoints
+    from uhd_jax.cli_errors import UserError
+    from uhd_jax.train.trainer import (Preempted, StageResult, _log0, _resolve, check_batch, init_dirs,
+                                       model_for_stage, overlay_checkpoints, stage_mesh)
 
     stage = config.stages[name]
     stage_dir = os.path.join(workdir, name)
@@ -149,17 +152,23 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
     cfg = model_for_stage(config, stage)
     size = int(stage.get("image_size") or cfg.vision.image_size)
     training = JBUTraining(cfg.vision, vdim_spec(stage), size, bool(stage.get("channel_norm", True)))
-    mesh = make_mesh(dict(config.mesh))
+    mesh = stage_mesh(config)
     rules = rules_from_config(config.get("axis_rules"))
-    paths = folder_images([_resolve(s["image_folder"], config) for s in stage.sources])
+    try:
+        paths = folder_images([_resolve(s["image_folder"], config) for s in stage.sources])
+    except (FileNotFoundError, ValueError) as e:   # no folder, or no image in it
+        raise UserError(f"stage {name}: {e}") from None
+    inits = init_dirs(config, name, stage, workdir)
     preparer = JBUImagePreparer(size, config.data.max_image_pixels, config.data.min_image_area)
     pi, pc = jax.process_index(), jax.process_count()
-    if stage.batch_size % pc:
-        raise ValueError(f"stage {name}: batch_size {stage.batch_size} must divide by the {pc} processes")
+    check_batch(name, int(stage.batch_size), 1, mesh, pc)
     seed = int(config.seed) + list(config.stage_order).index(name)
+    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * len(paths) / stage.batch_size))
+    if total <= 0:
+        raise UserError(f"stage {name}: {total} steps to train ({len(paths)} images, num_epochs {stage.num_epochs}, "
+                        f"num_steps {stage.get('num_steps')}); set stages.{name}.num_epochs or num_steps above 0")
     iterator = jbu_iterator(paths, preparer, stage.batch_size // pc, seed=seed,
                             num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
-    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * len(paths) / stage.batch_size))
     _log0(f"stage {name}: {len(paths)} images at {size}x{size}, {total} steps of {stage.batch_size}, "
           f"{training.spec.n_jitters} jitters, mesh {dict(mesh.shape)}")
 
@@ -168,7 +177,6 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
         boxed = jax.eval_shape(training.init, rng)
         p_sh = logical_shardings(boxed, mesh, rules)
         params = jax.jit(lambda r: nn.meta.unbox(training.init(r)), out_shardings=p_sh)(rng)
-        inits = [_resolve(p, config) for p in stage.get("init_checkpoints", ())]
         params = overlay_checkpoints(params, p_sh, inits, cfg.llm.scan_layers, partial_model=True)
         counts = {k: sum(x.size for x in jax.tree_util.tree_leaves(params[k])) for k in params}
         _log0("  parameters: " + ", ".join(f"{k} {n:,}" + (" (frozen)" if k == "vision" else "")
@@ -197,12 +205,28 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
         if start:
             _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
-        log = MetricsLog(stage_dir, enabled=pi == 0)
-        skipped, bad_streak = [], 0
+        log = MetricsLog(stage_dir, enabled=pi == 0, resume_step=start)
+        skipped, bad_streak, saved = [], 0, start
         bar = tqdm(total=total, initial=start, desc=name, disable=pi != 0, dynamic_ncols=True)
+
+        def preempt(done):
+            if done > saved:
+                ckpt.save(done, state, iterator.get_state(), {"step": done, "skipped": len(skipped)}, force=True)
+            ckpt.wait()
+            return Preempted(f"stage {name}: stopped by {signal.Signals(stop.signum).name} after step {done} "
+                             f"(checkpoints in {ckpt.manager.directory}); rerun the same command to resume",
+                             stop.signum)
+
         try:
             for step in range(start + 1, total + 1):
-                batch = next(iterator)
+                if stop is not None and stop.reached(step - 1):
+                    raise preempt(step - 1)
+                try:
+                    batch = next(iterator)
+                except Exception:
+                    if stop is not None and stop.signum is not None:   # the signal ended the workers too
+                        raise preempt(step - 1) from None
+                    raise
                 skipped += batch["meta"]["skipped"]
                 images = jax.make_array_from_process_local_data(img_sh, batch["arrays"]["images"])
                 state, metrics = step_fn(state, images)
@@ -221,22 +245,23 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
                     log.write(step, {**m, "skipped_total": len(skipped)})
                     bar.set_postfix(loss=f"{m['loss']:.4f}")
                 bar.update(1)
-                ckpt.save(step, state, iterator.get_state(), {"step": step, "skipped": len(skipped)},
-                          force=(step == total))
+                if ckpt.save(step, state, iterator.get_state(), {"step": step, "skipped": len(skipped)},
+                             force=(step == total)):
+                    saved = step
                 if stop_after is not None and step >= stop_after:
                     ckpt.wait()
-                    ckpt.close()
                     return StageResult(name, "", stop_after, read_metrics(os.path.join(stage_dir, "metrics.jsonl")),
                                        {})
+            ckpt.wait()
         finally:
             bar.close()
             log.close()
+            ckpt.close()
+            iterator.close()
         probe_after = float(probe(state.params, probe_batch))
         _log0(f"stage {name} done: {total} steps; objective on a fixed batch {probe_before:.4f} -> {probe_after:.4f}; "
               f"skipped {len(skipped)} images {skip_kinds(skipped)}")
         compilations = step_fn._cache_size()
-        ckpt.wait()
-        ckpt.close()
         keep = TRAINED + (("vision",) if stage.get("save_featurizer") else ())
         meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
                 "kind": "jbu", "probe_objective": [probe_before, probe_after]}

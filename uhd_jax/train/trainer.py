@@ -11,6 +11,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -20,18 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from uhd_jax.cli_errors import UserError
 from uhd_jax.data.batch import BatchShape
 from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.uhd_images import PackedLayout, layout_for_model
 from uhd_jax.data.dataset import load_tokenizer, read_samples
-from uhd_jax.data.pipeline import PreparerFactory, Source, make_iterator, skip_kinds
+from uhd_jax.data.pipeline import DataExhausted, PreparerFactory, Source, make_iterator, skip_kinds
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.parallel.mesh import make_mesh
 from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
 from uhd_jax.train import optimizer as opt
 from uhd_jax.train.checkpoints import TrainCheckpointer, load_meta, load_params, save_params
-from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics
+from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics, truncate_jsonl
 from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.train.state import TrainState, opt_state_shardings
 from uhd_jax.train.step import make_train_step
@@ -39,6 +42,61 @@ from uhd_jax.train.step import make_train_step
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT stopped the stage after a checkpoint of its last completed step; the same command resumes
+    it. `signum` gives the launcher its exit status (128 + signum, as if the signal had killed it)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequests:
+    """SIGTERM (a preemption notice on SLURM or a TPU VM) and SIGINT (Ctrl-C) ask the training loop to stop after
+    the current step with a checkpoint, instead of killing the process between checkpoints and orphaning its data
+    workers. A second signal stops at once (KeyboardInterrupt), without the checkpoint.
+
+    With several processes a signal may reach some of them only, and a checkpoint save is collective: there JAX's
+    preemption service (jax.distributed, on by default) owns SIGTERM and agrees on the step where all processes
+    stop (`reached_preemption_sync_point`); SIGINT keeps its default."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signal handlers can only be set there
+            for sig in ((signal.SIGTERM, signal.SIGINT) if not self._multi else ()):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, then stopping (send it "
+              f"again to stop at once without one)", flush=True)
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after `step` (every process calls this at every step with the same `step`)."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signum = signal.SIGTERM
+            except RuntimeError:   # the preemption service is disabled: no agreed stop point to wait for
+                pass
+        return self.signum is not None
 
 
 @dataclasses.dataclass
@@ -261,11 +319,15 @@ class TrainingSetup:
                        out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
 
 
-def build_training(config, stage, cfg, mesh, rules, seed: int, total: int, init_dirs=()) -> TrainingSetup:
+def build_training(config, stage, cfg, mesh, rules, seed: int, total: int, init_dirs=(), name: str = "") -> TrainingSetup:
     """Initialise the model sharded (no unsharded copy), overlay `init_dirs`, and build the stage's optimizer and
     its sharded state. Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
     rng = jax.random.PRNGKey(seed)
     boxed = jax.eval_shape(init_fn(cfg), rng)["params"]
+    shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, boxed,
+                                    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))   # no constraint: abstract
+    opt.check_rules(shapes, [tuple(r) for r in stage.trainable], dict(stage.lrs),
+                    where=f"stages.{name}" if name else "stage")
     p_sh = logical_shardings(boxed, mesh, rules)
     params = jax.jit(lambda r: nn.meta.unbox(init_fn(cfg)(r)["params"]), out_shardings=p_sh)(rng)
     params = overlay_checkpoints(params, p_sh, list(init_dirs), cfg.llm.scan_layers,
@@ -288,29 +350,109 @@ def build_training(config, stage, cfg, mesh, rules, seed: int, total: int, init_
     return TrainingSetup(state, state_sh, tx, split, schedules, labels, mesh)
 
 
-def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None) -> StageResult:
+def count_samples(name: str, sources: list[Source]) -> int:
+    """Samples in the stage's data files, each file checked: a missing or empty file is the user's to fix, and an
+    empty one would otherwise train 0 steps and write an untrained `final/` that later stages load."""
+    n = 0
+    for i, src in enumerate(sources):
+        where = f"stage {name}: sources[{i}]"
+        if not os.path.isfile(src.json):
+            raise UserError(f"{where}.json {src.json}: not found; fix stages.{name}.sources or config.data_root "
+                            f"(relative paths are resolved against it)")
+        if src.image_folder and not os.path.isdir(src.image_folder):
+            raise UserError(f"{where}.image_folder {src.image_folder}: not a directory; fix stages.{name}.sources "
+                            f"or config.data_root")
+        count = len(read_samples(src.json))
+        if not count:
+            raise UserError(f"{where}.json {src.json} holds no samples (an empty JSON list); nothing to train on: "
+                            f"give stage {name} data, or leave it out (--stages)")
+        n += count
+    return n
+
+
+def check_tokenizer(config) -> None:
+    path = _resolve(config.tokenizer, config)
+    if not path or not os.path.isdir(path):
+        raise UserError(f"tokenizer {path or '(none)'}: not a directory; set config.tokenizer to a local "
+                        f"transformers tokenizer directory (relative paths are resolved against config.data_root)")
+
+
+def init_dirs(config, name: str, stage, workdir: str) -> list[str]:
+    """The checkpoints the stage starts from, each checked to be a finished uhd-jax checkpoint."""
+    inits = []
+    for i, raw in enumerate(stage.get("init_checkpoints", ())):
+        path = _resolve(raw, config)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            state = "not found" if not os.path.exists(path) else "not a uhd-jax checkpoint (no config.json)"
+            raise UserError(f"stage {name}: init checkpoint {path} (stages.{name}.init_checkpoints[{i}]): {state}; "
+                            f"convert the PyTorch weights with `python -m tools.convert_torch import ... --out "
+                            f"{path}`, or fix the path")
+        inits.append(path)
+    if stage.get("init_from_stage"):
+        prev = os.path.join(workdir, stage.init_from_stage, "final")
+        if not os.path.exists(os.path.join(prev, "config.json")):
+            raise UserError(f"stage {name} starts from stage {stage.init_from_stage}, which has not finished in "
+                            f"{workdir}: run it first (--stages={stage.init_from_stage}) or set "
+                            f"--config.stages.{name}.init_from_stage=''")
+        inits.append(prev)
+    return inits
+
+
+def stage_mesh(config):
+    try:
+        return make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise UserError(f"config.mesh {dict(config.mesh)}: {e}") from None
+
+
+def check_batch(name: str, batch_size: int, accum: int, mesh, process_count: int) -> None:
+    """Each micro-batch (batch_size / grad_accum samples) is split over the data-parallel devices and over the
+    processes; say so before the first step, where JAX would stop with an IndivisibleError."""
+    dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    unit = math.lcm(accum * dp, accum * process_count)
+    if batch_size <= 0 or batch_size % unit:
+        axes = " x ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
+        raise UserError(f"stage {name}: batch_size {batch_size} with grad_accum {accum} does not split over the "
+                        f"mesh {dict(mesh.shape)}: each micro-batch of batch_size / grad_accum samples goes to the "
+                        f"{dp} data-parallel devices ({axes}) and {process_count} process(es); set "
+                        f"stages.{name}.batch_size to a multiple of {unit} (grad_accum {accum} x {unit // accum}), "
+                        f"or change grad_accum or config.mesh")
+
+
+def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
+              stop: StopRequests | None = None) -> StageResult:
+    """Train one stage (resuming from its checkpoints) and write `<workdir>/<name>/final`. `stop`: the run's
+    signal handling (run_stage installs its own when None)."""
+    if stop is None:
+        with StopRequests() as own:
+            return run_stage(config, name, workdir, stop_after=stop_after, stop=own)
     stage = config.stages[name]
     if stage.get("kind", "llava") == "jbu":
         from uhd_jax.train.jbu_stage import run_jbu_stage  # the upsampler's own objective, no LLM
 
-        return run_jbu_stage(config, name, workdir, stop_after=stop_after)
+        return run_jbu_stage(config, name, workdir, stop_after=stop_after, stop=stop)
     stage_dir = os.path.join(workdir, name)
     final_dir = os.path.join(stage_dir, "final")
     if os.path.exists(os.path.join(final_dir, "config.json")):
         _log0(f"stage {name}: already finished ({final_dir})")
         return StageResult(name, final_dir, -1, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
     pi, pc = jax.process_index(), jax.process_count()
+    # Every input the user names is checked before anything is built: a mistake costs seconds, not a model init.
+    sources = stage_sources(config, stage)
+    n_samples = count_samples(name, sources)
+    check_tokenizer(config)
+    inits = init_dirs(config, name, stage, workdir)
     cfg = model_for_stage(config, stage)
     model = VLM(cfg)
-    mesh = make_mesh(dict(config.mesh))
+    mesh = stage_mesh(config)
     rules = rules_from_config(config.get("axis_rules"))
-    sources = stage_sources(config, stage)
-    n_samples = sum(len(read_samples(s.json)) for s in sources)
     accum = int(stage.get("grad_accum", 1))
-    if stage.batch_size % (accum * pc):
-        raise ValueError(f"stage {name}: batch_size {stage.batch_size} must divide by grad_accum x processes "
-                         f"({accum} x {pc})")
+    check_batch(name, int(stage.batch_size), accum, mesh, pc)
     total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
+    if total <= 0:
+        raise UserError(f"stage {name}: {total} steps to train ({n_samples} samples, num_epochs "
+                        f"{stage.num_epochs}, num_steps {stage.get('num_steps')}); set stages.{name}.num_epochs or "
+                        f"num_steps above 0, or leave the stage out (--stages)")
     local_batch = stage.batch_size // pc
     shape = BatchShape(local_batch, stage.max_length, config.data.max_images * cfg.views_per_image,
                        cfg.vision.image_size, packed_layout(config, cfg, stage))
@@ -319,37 +461,30 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
           f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        inits = [_resolve(p, config) for p in stage.get("init_checkpoints", ())]
-        if stage.get("init_from_stage"):
-            prev = os.path.join(workdir, stage.init_from_stage, "final")
-            if not os.path.exists(os.path.join(prev, "config.json")):
-                raise FileNotFoundError(f"stage {name} starts from stage {stage.init_from_stage}, which has not "
-                                        f"finished in {workdir}: run it first (--stages={stage.init_from_stage}) or "
-                                        f"set --config.stages.{name}.init_from_stage=''")
-            inits.append(prev)
-        setup = build_training(config, stage, cfg, mesh, rules, seed, total, inits)
+        setup = build_training(config, stage, cfg, mesh, rules, seed, total, inits, name=name)
         state, state_sh, schedules = setup.state, setup.state_sh, setup.schedules
 
         ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), save_every=int(stage.save_every),
                                  keep=int(stage.get("keep", 2)))
         iterator = make_iterator(sources, preparer_factory(config, stage, cfg), shape, seed=seed,
                                  num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
-        state, start = ckpt.resume(state, state_sh, iterator)
-        if start:
-            _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
+        try:
+            state, start = ckpt.resume(state, state_sh, iterator)
+            if start:
+                _log0(f"  resumed from step {start} ({ckpt.manager.directory})")
 
-        step_fn = setup.step_fn(model, shape.array_keys, seed if cfg.stochastic_training else None)
-        result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
-                       stop_after, schedules)
-        if result is None:  # stopped early on request (tests, preemption drills)
+            step_fn = setup.step_fn(model, shape.array_keys, seed if cfg.stochastic_training else None)
+            result = _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total,
+                           stop_after, schedules, stop)
             ckpt.wait()
+        finally:
             ckpt.close()
+            iterator.close()   # joins the data workers now, not whenever the iterator is garbage-collected
+        if result is None:  # stopped early on request (tests, preemption drills)
             return StageResult(name, "", stop_after, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
         state, skipped = result
         compilations = step_fn._cache_size()
         _log0(f"  the train step compiled {compilations} time(s)")
-        ckpt.wait()
-        ckpt.close()
         meta = {"model": stage_model(config, stage), "stage": name, "steps": total, "family": config.get("family"),
                 "tokenizer": _resolve(config.tokenizer, config)}
         save_params(final_dir, state.params, meta)
@@ -360,17 +495,21 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None)
 
 
 def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,
-          schedules):
+          schedules, stop=None):
     from tqdm import tqdm
 
-    log = MetricsLog(stage_dir, enabled=jax.process_index() == 0)
+    # Logs are cut back to the restored step: the steps after it run again and must not appear twice.
+    log = MetricsLog(stage_dir, enabled=jax.process_index() == 0, resume_step=start)
     skipped_path = os.path.join(stage_dir, f"skipped.process{jax.process_index()}.jsonl")
-    skipped, truncated, epoch, bad_streak = [], 0, None, 0
+    skipped = [(r["id"], r["reason"]) for r in truncate_jsonl(skipped_path, start)]
+    restored = ckpt.restored_meta if start else {}
+    truncated, epoch, bad_streak = int(restored.get("truncated", 0)), None, 0
     max_bad = int(stage.get("max_bad_steps", 5))
     log_every = int(stage.get("log_every", 1))
     bar = tqdm(total=total, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
     pending = None
-    last_loss = [float("nan")]
+    # A stage resumed at its last step trains nothing: its final loss comes from the checkpoint.
+    last_loss = [float(restored.get("loss", float("nan")))]
     last_time = time.perf_counter()
     window = {"tokens": 0, "images": 0}
 
@@ -400,32 +539,63 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
             log.write(step, row)
         bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
 
+    def meta(step):
+        return {"step": step, "skipped": len(skipped), "truncated": truncated, "loss": last_loss[0]}
+
+    saved = [start]
+
+    def preempt(done: int):
+        """Checkpoint the last completed step (unless it is saved already) and stop."""
+        if pending is not None:
+            finish(pending)
+        if done > saved[0]:
+            ckpt.save(done, state, iterator.get_state(), meta(done), force=True)
+        ckpt.wait()
+        where = f"checkpoint of step {done} in {ckpt.manager.directory}" if done else "no step trained, nothing saved"
+        return Preempted(f"stage {name}: stopped by {signal.Signals(stop.signum).name} after step {done} "
+                         f"({where}); rerun the same command to resume", stop.signum)
+
     try:
         for step in range(start + 1, total + 1):
-            batch = next(iterator)
-            meta = batch["meta"]
-            if meta["skipped"]:
-                skipped += meta["skipped"]
+            if stop is not None and stop.reached(step - 1):
+                raise preempt(step - 1)
+            try:
+                batch = next(iterator)
+            except DataExhausted as e:
+                raise DataExhausted(f"stage {name}: {e}") from None
+            except Exception:
+                # A preemption signal that reached the data workers too (the whole process group or cgroup) ends
+                # them mid-batch; the step before is still whole and is what gets saved.
+                if stop is not None and stop.signum is not None:
+                    raise preempt(step - 1) from None
+                raise
+            meta_b = batch["meta"]
+            if meta_b["skipped"]:
+                skipped += meta_b["skipped"]
                 with open(skipped_path, "a") as f:
-                    for sid, reason in meta["skipped"]:
-                        f.write(json.dumps({"id": sid, "reason": reason}) + "\n")
-            truncated += meta["truncated"]
-            if epoch is not None and meta["epoch"] > epoch:
+                    for sid, reason in meta_b["skipped"]:
+                        f.write(json.dumps({"step": step, "id": sid, "reason": reason}) + "\n")
+            truncated += meta_b["truncated"]
+            if epoch is not None and meta_b["epoch"] > epoch:
                 _log0(f"  epoch {epoch} done: {len(skipped)} samples skipped so far "
                       f"{skip_kinds(skipped)}, {truncated} truncated")
-            epoch = meta["epoch"]
+            epoch = meta_b["epoch"]
             arrays = batch["arrays"]
             window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
             window["images"] += int(arrays["image_valid"].sum()) * jax.process_count()
             state, metrics = step_fn(state, batch_to_device(arrays, accum, mesh))
             if pending is not None:
                 finish(pending)
-            pending = (step, metrics, meta["ids"])
-            bar.update(1)
-            ckpt.save(step, state, iterator.get_state(), {"step": step, "skipped": len(skipped)},
-                      force=(step == total))
-            if stop_after is not None and step >= stop_after:
+            pending = (step, metrics, meta_b["ids"])
+            if step == total:   # its loss goes into the last checkpoint
                 finish(pending)
+                pending = None
+            bar.update(1)
+            if ckpt.save(step, state, iterator.get_state(), meta(step), force=(step == total)):
+                saved[0] = step
+            if stop_after is not None and step >= stop_after:
+                if pending is not None:
+                    finish(pending)
                 return None
         if pending is not None:
             finish(pending)
@@ -439,7 +609,13 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
 
 
 def run(config, workdir: str, stages=None) -> list[StageResult]:
+    """The stages in order. One StopRequests for all of them: a signal that lands while one stage writes its
+    `final/` stops the run before the next stage starts."""
     results = []
-    for name in stages or config.stage_order:
-        results.append(run_stage(config, name, workdir))
+    with StopRequests() as stop:
+        for name in stages or config.stage_order:
+            if stop.signum is not None:
+                raise Preempted(f"stopped by {signal.Signals(stop.signum).name} before stage {name}; rerun the same "
+                                f"command to continue", stop.signum)
+            results.append(run_stage(config, name, workdir, stop=stop))
     return results
