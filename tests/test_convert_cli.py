@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
+from tests.convert_helpers import llama_style, random_checkpoint
 from tests.torch_helpers import tiny_llava
 from tools.convert_torch.__main__ import main as convert_cli
 from tools.convert_torch.__main__ import model_for_sources
@@ -163,6 +165,11 @@ def test_common_cli_mistakes_are_one_message_with_status_2(tmp_path, capsys):
     uhd = tmp_path / "uhd_ckpt"   # verify reads the model from config.json before any tensor
     os.makedirs(uhd)
     (uhd / "config.json").write_text(json.dumps({"model": load_config("configs/uhd_v1.py:tiny").model.to_dict()}))
+    llava15 = tmp_path / "llava15_ckpt"
+    os.makedirs(llava15)
+    (llava15 / "config.json").write_text(json.dumps({"model": load_config("configs/llava15.py:tiny").model.to_dict(),
+                                                     "family": "llava15"}))
+    tokenizer = llama_style(str(tmp_path / "tokenizer"), 128)
     out = str(tmp_path / "out")
     cases = [
         (["import", "--src", str(tmp_path / "missing"), "--out", out], ["missing' does not exist"]),
@@ -180,6 +187,18 @@ def test_common_cli_mistakes_are_one_message_with_status_2(tmp_path, capsys):
                                                               "not valid JSON"]),
         (["verify", "--checkpoint", str(uhd), "--torch", str(hf)],
          ["projector_type is 'adapt_spatial_resampler' in the checkpoint but 'mlp2x_gelu'", str(hf)]),
+        (["export", "--checkpoint", str(llava15), "--format", "llava_hf", "--out", out],
+         ["llava_hf needs the model's tokenizer", "records no tokenizer", "pass --tokenizer DIR"]),
+        (["export", "--checkpoint", str(uhd), "--format", "llava_hf", "--tokenizer", tokenizer, "--out", out],
+         ["only the mlp2x_gelu projector", "'adapt_spatial_resampler'", "--format llava_original"]),
+        (["export", "--checkpoint", str(uhd), "--format", "hf_llama", "--tokenizer", str(a_file), "--out", out],
+         [f"--tokenizer {a_file} is not a directory"]),
+        (["export", "--checkpoint", str(uhd), "--format", "hf_clip", "--tokenizer", tokenizer, "--out", out],
+         ["--tokenizer", "hf_clip holds no language model"]),
+        (["export", "--checkpoint", str(uhd), "--format", "hf_llama", "--image-token-index", "5", "--out", out],
+         ["--image-token-index is for --format llava_hf"]),
+        (["import", "--src", ok, "--tokenizer", str(tmp_path), "--out", out],
+         [f"--tokenizer {tmp_path} is not a tokenizer directory"]),
     ]
     capsys.readouterr()   # transformers' save progress
     for argv, needles in cases:
@@ -201,3 +220,100 @@ def test_corrupt_checkpoint_exits_2_without_traceback_from_the_shell(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and path in proc.stderr
+
+
+LLAMA3 = dict(rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                     original_max_position_embeddings=256))
+QWEN2_LLM = dict(rope_theta=1e6, attention_bias=True)
+# name: (experiment config, changes to its LLM)
+EXPORTS = {"llava15": ("configs/llava15.py:tiny", {}), "llavar": ("configs/llavar.py:tiny", {}),
+           "slime": ("configs/slime.py:tiny", {}), "uhd_v1": ("configs/uhd_v1.py:tiny", {}),
+           "uhd_v2": ("configs/uhd_v2.py:tiny", {}), "llava15_llama3": ("configs/llava15.py:tiny", LLAMA3),
+           "uhd_v2_qwen2": ("configs/uhd_v2.py:tiny", QWEN2_LLM)}
+
+
+def rope_keys(llm: dict) -> dict:
+    """RoPE as transformers 4 reads it (top-level rope_theta, rope_scaling)."""
+    scaling = {"rope_type": "llama3", **llm["rope_scaling"]} if llm.get("rope_scaling") else None
+    return dict(rope_theta=llm["rope_theta"], rope_scaling=scaling)
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_llava_original_export_writes_the_keys_the_originals_read(name, tmp_path):
+    spec, llm = EXPORTS[name]
+    ckpt = random_checkpoint(tmp_path / "ckpt", spec, llm)
+    meta = load_meta(ckpt)
+    model, family = meta["model"], meta["family"]
+    out = tmp_path / "orig"
+    assert convert_cli(["export", "--checkpoint", ckpt, "--format", "llava_original", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert set(MM) <= set(cfg), f"keys LLaVA-1.5's train.py writes are missing: {set(MM) - set(cfg)}"
+    c = load_config(spec)
+    qwen2 = bool(model["llm"].get("attention_bias"))
+    want = dict(mm_projector_type=model["projector_type"], mm_hidden_size=32, mm_vision_select_layer=-2,
+                mm_vision_select_feature="patch", mm_use_im_start_end=family == "llavar",
+                mm_use_im_patch_token=family == "llavar", unfreeze_mm_vision_tower=True,
+                image_aspect_ratio="anyres" if family == "slime" else "pad",
+                tokenizer_model_max_length=c.stages[c.stage_order[-1]].max_length,
+                model_type="llava_qwen" if qwen2 else "llava_llama", **rope_keys(model["llm"]))
+    assert {k: cfg[k] for k in want} == want
+    assert cfg["rope_parameters"]["rope_theta"] == model["llm"]["rope_theta"]
+    if family == "uhd_v2":
+        assert (cfg["model_mode"], cfg["feature_scale_mask"]) == ("uhd_v2", model["feature_scale_mask"])
+    # the tiny tower has no hub name: mm_vision_tower is a CLIP directory of it, as the originals load one
+    assert transformers.CLIPVisionConfig.from_pretrained(cfg["mm_vision_tower"]).hidden_size == 32
+    hf_cls = transformers.Qwen2Config if qwen2 else transformers.LlamaConfig
+    assert hf_cls.from_pretrained(out).rope_parameters["rope_theta"] == model["llm"]["rope_theta"]
+    # and our import reads the same model back from these keys alone
+    back, _, back_family = model_for_sources([Source(str(out))], None)
+    assert back_family == family
+    for key in ("projector_type", "feature_scale_mask"):
+        assert back.get(key) == model.get(key), key
+    assert {k: back["vision"][k] for k in model["vision"]} == model["vision"]
+    if family == "slime":
+        assert {k: back["slime"][k] for k in ("views", "expert", "topp", "local_grid")} == {
+            k: model["slime"][k] for k in ("views", "expert", "topp", "local_grid")}
+    got = {k: back["llm"].get(k) for k in ("rope_theta", "rope_scaling", "attention_bias", "num_kv_heads")}
+    assert got == {k: model["llm"].get(k, False if k == "attention_bias" else None) for k in got}
+
+
+@pytest.mark.parametrize("llm", ["llama3", "qwen2"])
+def test_hf_exports_carry_rope_for_transformers_4_and_5_and_match_logits(llm, tmp_path):
+    """hf_llama and llava_hf's text_config with Llama-3 (theta 500000, llama3 scaling) and Qwen2 (1e6, q/k/v biases):
+    both RoPE spellings in config.json, transformers 5 reads the theta back, and its logits are ours (verify)."""
+    changes = {"llama3": LLAMA3, "qwen2": QWEN2_LLM}[llm]
+    ckpt = random_checkpoint(tmp_path / "ckpt", "configs/llava15.py:tiny", changes, seed=8)
+    llava15 = tmp_path / "llava15_ckpt"
+    os.makedirs(llava15)
+    (llava15 / "config.json").write_text(json.dumps({"model": load_config("configs/llava15.py:tiny").model.to_dict(),
+                                                     "family": "llava15"}))
+    tokenizer = llama_style(str(tmp_path / "tokenizer"), 128)
+    want = rope_keys(dict(load_meta(ckpt)["model"]["llm"]))
+    for fmt in ("hf_llama", "llava_hf"):
+        out = tmp_path / fmt
+        assert convert_cli(["export", "--checkpoint", ckpt, "--format", fmt, "--out", str(out), "--tokenizer",
+                            tokenizer]) == 0
+        cfg = json.loads((out / "config.json").read_text())
+        text = cfg["text_config"] if fmt == "llava_hf" else cfg
+        assert {k: text[k] for k in want} == want
+        loaded = transformers.AutoConfig.from_pretrained(out)
+        loaded = loaded.text_config if fmt == "llava_hf" else loaded
+        assert loaded.model_type == ("qwen2" if llm == "qwen2" else "llama")
+        assert loaded.rope_parameters["rope_theta"] == want["rope_theta"]
+        assert loaded.rope_parameters.get("factor") == (8.0 if llm == "llama3" else None)
+        assert convert_cli(["verify", "--checkpoint", ckpt, "--torch", str(out)]) == 0
+
+
+def test_llava_hf_export_names_a_tokenizer_that_splits_prompts_unlike_training(tmp_path, capsys):
+    """The synthetic tokenizer marks a word start only at the start of a text: chunk-wise (ours, the original's
+    tokenizer_image_token) the text after <image> gets one, tokenized whole (transformers) it does not."""
+    from uhd_jax.data.synthetic import build_tokenizer
+
+    tokenizer = str(tmp_path / "tokenizer")
+    build_tokenizer(["What is written on the sign?", "USER: ASSISTANT:"] * 8, tokenizer, vocab_size=128)
+    ckpt = random_checkpoint(tmp_path / "ckpt", "configs/llava15.py:tiny", tokenizer=tokenizer)
+    capsys.readouterr()
+    assert convert_cli(["export", "--checkpoint", ckpt, "--format", "llava_hf", "--out", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "note: the exported tokenizer splits a prompt differently from uhd-jax's chunk-wise tokenization" in out
+

@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.convert_helpers import llama_style, random_checkpoint
 from tests.torch_helpers import random_pixels, rel_err, tiny_llava, to_nchw
 from tools.convert_torch.__main__ import main as convert_cli
 from tools.convert_torch.importer import CheckpointMismatchError, Source, import_checkpoint
@@ -27,6 +28,7 @@ def llava(tmp_path_factory):
     ref = tiny_llava(seed=7, image_token_index=IMAGE_TOKEN)
     src = tmp_path_factory.mktemp("llava_hf")
     ref.save_pretrained(src)
+    llama_style(str(src), 128, added=("<image>",))   # its tokenizer beside it, as on the hub: <image> = 127
     ckpt = tmp_path_factory.mktemp("ours") / "ckpt"
     assert convert_cli(["import", "--src", str(src), "--out", str(ckpt)]) == 0
     return ref, str(src), str(ckpt)
@@ -67,7 +69,7 @@ def test_llava15_logits_match_transformers(llava):
 
 
 def test_llava_hf_round_trip_is_bit_exact(llava, tmp_path):
-    ref, _, ckpt = llava
+    ref, src, ckpt = llava
     out = tmp_path / "export"
     assert convert_cli(["export", "--checkpoint", ckpt, "--format", "llava_hf", "--out", str(out)]) == 0
     back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
@@ -76,6 +78,9 @@ def test_llava_hf_round_trip_is_bit_exact(llava, tmp_path):
     for key in want:
         assert torch.equal(want[key], got[key]), key
     assert back.config.image_token_index == IMAGE_TOKEN
+    assert load_meta(ckpt)["tokenizer"] == src   # recorded at import: the hub directory holds its tokenizer
+    processor = transformers.AutoProcessor.from_pretrained(out)   # the same <image>: no row added
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN and len(processor.tokenizer) == 128
 
 
 @pytest.mark.parametrize("fmt", ["hf_llama", "hf_clip", "llava_original"])
@@ -136,6 +141,7 @@ def original_layout(ref, tmp_path):
             state[key] = value
     os.makedirs(main)
     save_file({k: v.contiguous() for k, v in state.items()}, main / "model.safetensors", metadata={"format": "pt"})
+    llama_style(str(main), 128)   # Vicuna's: as many tokens as the vocabulary, no <image>
     text = ref.config.text_config.to_dict()
     cfg = dict(text, model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_projector_type="mlp2x_gelu",
                mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_hidden_size=32,
@@ -168,6 +174,8 @@ def test_stage1_mm_projector_bin_alone(llava, tmp_path):
                 "model.mm_projector.2.bias": ref.model.multi_modal_projector.linear_2.bias.detach()}, path)
     out = tmp_path / "proj"
     assert convert_cli(["import", "--src", str(path), "--config", "configs/llava15.py:tiny", "--out", str(out)]) == 0
+    meta = load_meta(out)   # generation takes the variant as recorded instead of matching sizes
+    assert (meta["family"], meta["variant"]) == ("llava15", "tiny") and "tokenizer" not in meta
     params = load_params(out)
     assert set(params) == {"projector"}
     np.testing.assert_array_equal(np.asarray(params["projector"]["dense_1"]["kernel"]),
@@ -266,3 +274,52 @@ def test_verify_command_measures_each_family(llava, tmp_path, capsys):
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
     (broken / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     assert convert_cli(["verify", "--checkpoint", ckpt, "--torch", str(broken)]) == 1
+
+
+def test_llava_hf_export_generates_our_tokens_with_transformers_processor(tmp_path):
+    """The exported directory as a llava-hf release is used: AutoProcessor (tokenizer with <image>, padded-square
+    image processing, chat template) + generate() give the tokens our Generator gives from our preprocessing."""
+    from PIL import Image
+
+    from uhd_jax.data.pipeline import Source
+    from uhd_jax.data.templates import get_template
+    from uhd_jax.eval.decoding import GenerationConfig
+    from uhd_jax.eval.generate import Generator
+    from uhd_jax.train.trainer import model_for_stage, preparer_factory
+
+    tok_dir = llama_style(str(tmp_path / "tokenizer"), 128)
+    ckpt = random_checkpoint(tmp_path / "final", "configs/llava15.py:tiny", seed=5, tokenizer=tok_dir)
+    out = tmp_path / "hf"
+    assert convert_cli(["export", "--checkpoint", ckpt, "--format", "llava_hf", "--out", str(out)]) == 0
+
+    image = Image.fromarray(np.random.default_rng(6).integers(0, 256, (40, 90, 3), np.uint8))   # wide: padded
+    os.makedirs(tmp_path / "images")
+    image.save(tmp_path / "images" / "sign.png")
+    turn = [{"from": "human", "value": "What is written on the sign?\n<image>"}]
+    c = load_config("configs/llava15.py:tiny")
+    c.tokenizer = tok_dir
+    cfg = model_for_stage(c, c.stages.sft)
+    prep = preparer_factory(c, c.stages.sft, cfg)(Source("", str(tmp_path / "images")))
+    ours = prep.prompt({"image": "sign.png", "conversations": turn + [{"from": "gpt", "value": ""}]})
+    new = 12
+    answer = Generator(cfg, load_params(ckpt), prep.tokenizer, GenerationConfig(max_new_tokens=new),
+                       batch_size=1).token_ids([ours])[0]
+
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is written on the sign?"},
+                                             {"type": "image"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == get_template("vicuna_v1").prompt(turn, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    image_id = model.config.image_token_index
+    assert image_id == 128 and model.config.text_config.vocab_size == 192
+    np.testing.assert_array_equal(inputs["input_ids"][0].numpy(), np.where(ours["image_map"] >= 0, image_id,
+                                                                            ours["ids"]))
+    np.testing.assert_allclose(inputs["pixel_values"][0].numpy().transpose(1, 2, 0), ours["pixels"][0], atol=1e-5)
+    with torch.no_grad():
+        theirs = model.generate(**inputs, max_new_tokens=new, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    theirs = theirs.numpy()
+    eos = np.flatnonzero(theirs == prep.tokenizer.eos_token_id)
+    assert len(answer) >= 4, "EOS came almost at once: too few tokens compared"
+    np.testing.assert_array_equal(answer, theirs[:eos[0]] if len(eos) else theirs)

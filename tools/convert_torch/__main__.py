@@ -3,6 +3,7 @@
   python -m tools.convert_torch import --src DIR [--vision DIR] [--projector mm_projector.bin]
                                        [--config configs/llava15.py:7b] --out CKPT
   python -m tools.convert_torch export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
+                                       [--tokenizer DIR]
   python -m tools.convert_torch verify --checkpoint CKPT --torch DIR      # logit check against transformers
   python -m tools.convert_torch layouts
 """
@@ -12,7 +13,7 @@ import argparse
 import os
 import sys
 
-from tools.convert_torch import hf_configs, tables
+from tools.convert_torch import hf_configs, hf_processor, tables
 from tools.convert_torch.exporter import FORMATS, export_checkpoint
 from tools.convert_torch.importer import Source, import_checkpoint
 from tools.convert_torch.torch_io import list_keys, read_config
@@ -32,7 +33,8 @@ def load_experiment(spec: str):
 
 def model_for_sources(sources: list[Source], config_spec: str | None) -> tuple[dict, dict, str | None]:
     """(config.model dict, HF metadata, family) from --config, else from the sources' config.json files.
-    Resolves the main source's layout in place (its keys are read once)."""
+    Resolves the main source's layout in place (its keys are read once). With --config, the metadata also holds the
+    config's `variant` (generation reads the variant a checkpoint records instead of matching sizes)."""
     main = sources[0]
     keys = list_keys(main.path)
     main.layout = main.layout or tables.detect_layout(keys)
@@ -48,7 +50,8 @@ def model_for_sources(sources: list[Source], config_spec: str | None) -> tuple[d
     meta = hf_configs.hf_meta(cfg) if cfg else {}
     if config_spec:
         exp = load_experiment(config_spec)
-        return exp.model.to_dict(), meta, exp.get("family")
+        variant = exp.get("variant") or config_spec.partition(":")[2]
+        return exp.model.to_dict(), dict(meta, variant=variant) if variant else meta, exp.get("family")
     if not cfg:
         raise ValueError(f"{main.path} has no config.json beside it; pass --config (e.g. configs/llava15.py:7b)")
     vision_cfg = None
@@ -99,17 +102,31 @@ def cmd_import(args) -> int:
     from uhd_jax.train.checkpoints import save_params
 
     check_output_dir(args.out)
+    if args.tokenizer and not hf_processor.has_tokenizer(args.tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer} is not a tokenizer directory (no tokenizer.json, "
+                         f"tokenizer.model or vocab.json)")
     sources = [Source(args.src, args.layout)]
     if args.vision:
         sources.append(Source(args.vision, "hf_clip"))
     for projector in args.projector or ():
         sources.append(Source(projector, "mm_projector"))
     model, meta, family = model_for_sources(sources, args.config)
+    variant = meta.pop("variant", None)
     params, report = import_checkpoint(sources, model)
-    save_params(args.out, params, {"model": model, "hf": meta, "family": family, "conversion": report})
+    record = {"model": model, "hf": meta, "family": family, "conversion": report}
+    if variant:
+        record["variant"] = variant
+    # what generation and export look for; original LLaVA and llava-hf directories hold their tokenizer
+    src_dir = args.src if os.path.isdir(args.src) else os.path.dirname(os.path.abspath(args.src))
+    tokenizer = args.tokenizer or (src_dir if hf_processor.has_tokenizer(src_dir) else None)
+    if tokenizer:
+        record["tokenizer"] = os.path.abspath(tokenizer)
+    save_params(args.out, params, record)
     print(f"imported {report['tensors']} tensors ({', '.join(report['components'])}) from "
           f"{', '.join(f'{s} [{l}]' for s, l in zip(report['sources'], report['layouts']))} -> {args.out}"
-          + (f" as {family}" if family else ""))
+          + (f" as {family}" + (f":{variant}" if variant else "") if family else ""))
+    print(f"tokenizer: {record['tokenizer']}" if "tokenizer" in record else
+          f"no tokenizer recorded ({src_dir} holds none): pass --tokenizer DIR here or to export for llava_hf")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} tensors the model does not use, e.g. {report['skipped'][:3]}")
     for line in report["overridden"]:
@@ -119,8 +136,11 @@ def cmd_import(args) -> int:
 
 def cmd_export(args) -> int:
     check_output_dir(args.out)
-    files = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, args.image_token_index)
-    print(f"exported {args.checkpoint} as {args.format} ({args.dtype}) -> {args.out}: {', '.join(files)}")
+    done = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, args.image_token_index,
+                             args.tokenizer)
+    print(f"exported {args.checkpoint} as {args.format} ({args.dtype}) -> {args.out}: {', '.join(done.files)}")
+    for line in done.notes:
+        print(f"note: {line}")
     return 0
 
 
@@ -160,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--projector", action="append",
                    help="a stage-1 mm_projector.bin to add or replace the projector (repeat for SliME's sampler.bin)")
     p.add_argument("--config", help="experiment config FILE[:variant] describing the model (default: config.json)")
+    p.add_argument("--tokenizer", help="the model's tokenizer directory, recorded in the checkpoint (default: --src "
+                                       "when it holds one)")
     p.add_argument("--out", required=True, help="output uhd-jax checkpoint directory")
     p.set_defaults(fn=cmd_import)
     p = sub.add_parser("export", help="uhd-jax checkpoint -> PyTorch layout")
@@ -168,8 +190,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--image-token-index", type=int,
-                   help="llava_hf: id of the <image> token in the vocabulary (default: the one recorded at import, "
-                        "else <image> and <pad> are appended as llava-hf does)")
+                   help="llava_hf: id of the <image> token in the vocabulary (default: the tokenizer's <image>, else "
+                        "<image> and <pad> are appended as llava-hf does)")
+    p.add_argument("--tokenizer", help="the model's tokenizer directory (default: the one the checkpoint records); "
+                                       "llava_hf needs one, hf_llama and llava_original copy it")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("verify", help="compare our logits with the transformers model in a directory (fp32, CPU)")
     p.add_argument("--checkpoint", required=True)

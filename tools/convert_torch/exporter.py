@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from tools.convert_torch import hf_configs, tables
+from tools.convert_torch import hf_configs, hf_processor, tables
 from tools.convert_torch.torch_io import SafetensorsWriter, save_torch_bin
 from uhd_jax.train.param_tree import flatten, match_layer_layout
 from uhd_jax.train.checkpoints import load_meta, load_params
@@ -23,7 +23,7 @@ class ExportFormat:
 
 FORMATS = {
     "llava_hf": ExportFormat("llava_hf", ("vision", "projector", "llm"), "LlavaForConditionalGeneration directory"),
-    "hf_llama": ExportFormat("hf_llama", ("llm",), "LlamaForCausalLM directory"),
+    "hf_llama": ExportFormat("hf_llama", ("llm",), "LlamaForCausalLM directory (Qwen2ForCausalLM for Qwen2)"),
     "hf_clip": ExportFormat("hf_clip", ("vision",), "CLIPVisionModel directory"),
     "llava_original": ExportFormat("llava_original", ("vision", "projector", "llm"),
                                    "original LLaVA layout (model.mm_projector.*, model.layers.*, vision tower)"),
@@ -51,53 +51,132 @@ def torch_state(flat: dict, layout: tables.Layout, components, projector_type: s
         raise ValueError(f"layout {layout.name!r} has no name for these parameters: {unmapped}")
 
 
-def add_image_and_pad_tokens(flat: dict, model: dict, hf: dict, multiple: int = 64):
-    """llava-hf's convention for original LLaVA checkpoints: `<image>` = old vocab size, `<pad>` = +1, vocabulary
-    padded to a multiple of 64. New embedding and lm_head rows are the mean of the old rows (llava-hf samples around
-    the mean instead; the mean keeps the export deterministic)."""
+def grow_vocabulary(flat: dict, model: dict, size: int, multiple: int = 64) -> dict:
+    """Rows for tokens the tokenizer gained past the model's vocabulary (llava-hf's `<image>` and `<pad>`), the
+    vocabulary padded to a multiple of 64 as llava-hf's converter pads it. New embedding and lm_head rows are the mean
+    of the old rows (llava-hf samples around the mean instead; the mean keeps the export deterministic, and a mean
+    lm_head row never wins a greedy step). Returns the model with its new vocab_size."""
     vocab = model["llm"]["vocab_size"]
-    new_vocab = -(-(vocab + 2) // multiple) * multiple
+    if size <= vocab:
+        return model
+    new_vocab = -(-size // multiple) * multiple
     emb, head = flat["llm/embed_tokens/embedding"], flat["llm/lm_head"]
     flat["llm/embed_tokens/embedding"] = np.concatenate(
         [emb, np.repeat(emb.mean(0, keepdims=True), new_vocab - vocab, 0)], 0)
     flat["llm/lm_head"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), new_vocab - vocab, 1)], 1)
-    model = dict(model, llm=dict(model["llm"], vocab_size=new_vocab))
-    return model, dict(hf, image_token_index=vocab, pad_token_id=vocab + 1)
+    return dict(model, llm=dict(model["llm"], vocab_size=new_vocab))
 
 
-def load_flat(checkpoint: str):
-    meta = load_meta(checkpoint)
+def load_flat(checkpoint: str, meta: dict):
     params = jax.device_get(load_params(checkpoint))
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
-    return meta, match_layer_layout(flat, scanned=bool(meta["model"].get("scan_layers")), want_scanned=False)
+    return match_layer_layout(flat, scanned=bool(meta["model"].get("scan_layers")), want_scanned=False)
+
+
+def family_recipe(meta: dict, checkpoint: str, family: str | None) -> dict:
+    """The family's final training stage, which generation and evaluation follow: its template, image_aspect_ratio
+    and max_length; from configs/<family>.py in the variant of the checkpoint's sizes (else its default variant).
+    {} when there is no such config."""
+    from uhd_jax.cli_errors import UserError, load_config
+    from uhd_jax.eval.checkpoint_config import family_config
+
+    if not family:
+        return {}
+    try:
+        config = family_config(dict(meta, family=family), checkpoint)
+    except (UserError, ValueError):
+        try:
+            config = load_config(f"configs/{family}.py")
+        except (UserError, ValueError):
+            return {}
+    stage = config.stages[list(config.stage_order)[-1]]
+    return dict(template=stage.template, max_length=int(stage.max_length),
+                image_aspect_ratio=stage.get("image_aspect_ratio", config.data.get("image_aspect_ratio")))
+
+
+def write_safetensors(flat: dict, layout_name: str, components, projector_type: str, out: str, dtype: str):
+    os.makedirs(out, exist_ok=True)
+    writer = SafetensorsWriter(out, dtype)
+    for key, array in torch_state(flat, tables.LAYOUTS[layout_name], components, projector_type):
+        writer.add(key, array)
+    writer.close()
+
+
+def write_config(cfg: dict, out: str, dtype: str):
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, default=str)
+
+
+def write_clip(flat: dict, vision: dict, out: str, dtype: str):
+    """A CLIP tower directory as the hub's openai/clip-* ones: weights, config.json and the CLIPImageProcessor config
+    (the originals' CLIPVisionTower loads both from mm_vision_tower)."""
+    import transformers
+
+    write_safetensors(flat, "hf_clip", ["vision"], "", out, dtype)
+    cfg = hf_configs.clip_vision_config(vision).to_dict()
+    cfg["architectures"] = ["CLIPVisionModel"]
+    write_config(cfg, out, dtype)
+    size = vision["image_size"]
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
+
+
+@dataclasses.dataclass
+class Exported:
+    files: list[str]   # what `out` holds
+    notes: list[str]   # what the user should know about the result
 
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32",
-                      image_token_index: int | None = None) -> list[str]:
-    """Write `checkpoint` in format `fmt` into `out`; returns the files written."""
+                      image_token_index: int | None = None, tokenizer: str | None = None) -> Exported:
+    """Write `checkpoint` in format `fmt` into `out`, with the checkpoint's tokenizer (`tokenizer`, else the one it
+    records; required for llava_hf)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if image_token_index is not None and fmt != "llava_hf":
+        raise ValueError(f"--image-token-index is for --format llava_hf, not {fmt}")
+    text = fmt in ("llava_hf", "hf_llama", "llava_original")
+    if tokenizer and not text:
+        raise ValueError(f"--tokenizer: format {fmt} holds no language model, so no tokenizer goes with it")
     spec = FORMATS[fmt]
-    meta, flat = load_flat(checkpoint)
+    meta = load_meta(checkpoint)
+    if fmt == "llava_hf":   # before any weight is read
+        hf_configs.check_llava_hf_projector(meta["model"].get("projector_type", "mlp2x_gelu"))
+    notes = []
+    tok_dir, why = hf_processor.find_tokenizer(checkpoint, meta, tokenizer) if text else (None, "")
+    if fmt == "llava_hf" and tok_dir is None:
+        raise ValueError(f"format llava_hf needs the model's tokenizer (AutoProcessor loads it from the export) and "
+                         f"{why}; pass --tokenizer DIR with the tokenizer the model was trained with")
+    if text and tok_dir is None:
+        notes.append(f"no tokenizer written: {why} (pass --tokenizer DIR to include it)")
+    family = meta.get("family") or ("llava15" if fmt == "llava_hf" else None)
+    flat = load_flat(checkpoint, meta)
     model, hf = meta["model"], dict(meta.get("hf", {}))
-    if image_token_index is not None:
-        hf["image_token_index"] = image_token_index
     have = {k.split("/")[0] for k in flat}
     need = set(spec.components) - ({"vision"} if fmt == "llava_original" else set())
     if not need <= have:
         raise ValueError(f"{checkpoint} holds {sorted(have)}; format {fmt} needs {sorted(need)}")
     components = [c for c in spec.components if c in have]
-    if fmt == "llava_hf" and "image_token_index" not in hf:
-        model, hf = add_image_and_pad_tokens(flat, model, hf)
-    layout = tables.LAYOUTS[spec.layout]
     projector_type = model.get("projector_type", "mlp2x_gelu")
-    state = torch_state(flat, layout, components, projector_type)
-    os.makedirs(out, exist_ok=True)
+    tok = None
+    if tok_dir:   # llava_hf's is saved anew: padded on the left, as batched generate() needs (our Generator pads so)
+        tok = hf_processor.load_tokenizer(tok_dir, **({"padding_side": "left"} if fmt == "llava_hf" else {}))
+    if fmt == "llava_hf":
+        index = hf_processor.add_image_token(tok, model["llm"]["vocab_size"],
+                                             hf.get("image_token_index") if image_token_index is None
+                                             else image_token_index, tok_dir)
+        model = grow_vocabulary(flat, model, len(tok))
+        hf["image_token_index"] = index
+    if tok is not None:
+        hf.update(hf_processor.special_ids(tok))
+    recipe = family_recipe(meta, checkpoint, family) if fmt in ("llava_hf", "llava_original") else {}
 
+    os.makedirs(out, exist_ok=True)
     if fmt == "mm_projector":   # the originals' stage-1 files: SliME saves its sampler beside, as sampler.bin
-        state = dict(state)
+        state = dict(torch_state(flat, tables.LAYOUTS[spec.layout], components, projector_type))
         files = {"mm_projector.bin": {k: v for k, v in state.items() if not k.startswith("model.sampler.")},
                  "sampler.bin": {k: v for k, v in state.items() if k.startswith("model.sampler.")}}
         written = []
@@ -105,26 +184,37 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
             if part:
                 save_torch_bin(os.path.join(out, name), part, dtype)
                 written.append(os.path.join(out, name))
-        return written
-    writer = SafetensorsWriter(out, dtype)
-    for key, array in state:
-        writer.add(key, array)
-    writer.close()
-    if fmt == "llava_hf":
-        cfg = hf_configs.llava_config(model, hf).to_dict()
-    elif fmt == "hf_llama":
-        cfg = hf_configs.llama_config(model["llm"], hf).to_dict()
-    elif fmt == "hf_clip":
-        cfg = hf_configs.clip_vision_config(model["vision"]).to_dict()
-    else:
-        cfg = hf_configs.llava_original_config(model, hf, meta.get("family"))
-    cfg["torch_dtype"] = cfg["dtype"] = dtype
+        return Exported(written, notes)
     if fmt == "hf_clip":
-        cfg["architectures"] = ["CLIPVisionModel"]
+        write_clip(flat, model["vision"], out, dtype)
+        return Exported(sorted(os.listdir(out)), notes)
+    if fmt == "llava_hf":
+        cfg = hf_configs.llava_dict(model, hf)
     elif fmt == "hf_llama":
-        cfg["architectures"] = ["LlamaForCausalLM"]
-    elif fmt == "llava_hf":
-        cfg["architectures"] = ["LlavaForConditionalGeneration"]
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, default=str)
-    return sorted(os.listdir(out))
+        cfg = hf_configs.llm_dict(model["llm"], hf)
+    else:
+        tower = None
+        if "vision" in have and not hf_configs.is_clip_l_336(model["vision"]):
+            # no hub name builds this tower: the originals get a directory of it, as they would for a local CLIP
+            tower = os.path.abspath(os.path.join(out, "vision_tower"))
+            write_clip(flat, model["vision"], tower, dtype)
+        cfg = hf_configs.llava_original_config(model, hf, family, recipe, tower, tower_in_weights="vision" in have)
+    write_safetensors(flat, spec.layout, components, projector_type, out, dtype)
+    write_config(cfg, out, dtype)
+    if fmt in ("llava_hf", "hf_llama") and tok is not None:
+        from transformers import GenerationConfig
+
+        GenerationConfig(**hf_processor.special_ids(tok)).save_pretrained(out)
+    if fmt == "llava_hf":
+        hf_processor.write_llava_processor(out, tok, model["vision"], recipe)
+        if hf_processor.chat_template(recipe.get("template")) is None:
+            why = (f"the family's template {recipe['template']!r} has no Jinja form here" if recipe else
+                   f"configs/{family}.py, which names the template, was not found")
+            notes.append(f"no chat template written: {why}; build prompts as uhd_jax.data.templates renders them")
+        n = hf_configs.llava_config(model, hf).image_seq_length
+        note = hf_processor.image_split_note(tok, recipe.get("template"), hf["image_token_index"], n)
+        if note:
+            notes.append(note)
+    elif tok_dir:
+        hf_processor.copy_tokenizer(tok_dir, out)
+    return Exported(sorted(os.listdir(out)), notes)

@@ -5,6 +5,8 @@ through transformers' own config classes so that what we export is what the inst
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
@@ -22,10 +24,18 @@ def vision_from_hf(cfg: dict, select_layer: int = -2, select_feature: str = "pat
 
 
 def vision_from_tower_name(name: str | None) -> dict | None:
-    """Original LLaVA configs name their tower (`mm_vision_tower`) instead of describing it."""
+    """Original LLaVA configs name their tower (`mm_vision_tower`) instead of describing it: a hub name, or a local
+    CLIP directory (our llava_original exports of towers other than CLIP-L/336 write one beside the weights)."""
+    if name and os.path.isfile(os.path.join(name, "config.json")):
+        with open(os.path.join(name, "config.json")) as f:
+            return vision_from_hf(json.load(f))
     if name and "clip-vit-large-patch14-336" in name:
         return dict(_CLIP_L_336)
     return None
+
+
+def is_clip_l_336(vision: dict) -> bool:
+    return all(vision.get(k) == v for k, v in _CLIP_L_336.items())
 
 
 def _is_qwen2(cfg: dict) -> bool:
@@ -205,47 +215,110 @@ def clip_vision_config(vision: dict):
                             hidden_act=_hf_act(vision["hidden_act"]))
 
 
-def llama_config(llm: dict, meta: dict):
-    from transformers import LlamaConfig
-
-    rope = {"rope_type": "default", "rope_theta": llm["rope_theta"]}
+def _rope_parameters(llm: dict) -> dict:
     if llm.get("rope_scaling"):
-        rope = {"rope_type": "llama3", "rope_theta": llm["rope_theta"], **llm["rope_scaling"]}
+        return {"rope_type": "llama3", "rope_theta": llm["rope_theta"], **llm["rope_scaling"]}
+    return {"rope_type": "default", "rope_theta": llm["rope_theta"]}
+
+
+def llm_config(llm: dict, meta: dict):
+    """LlamaConfig, or Qwen2Config for an LLM with q/k/v biases: the only such LLM we hold is Qwen2, and a Llama with
+    attention_bias would also expect an o_proj bias that Qwen2 does not have."""
+    from transformers import LlamaConfig, Qwen2Config
+
     kw = dict(vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
               intermediate_size=llm["intermediate_size"], num_hidden_layers=llm["num_layers"],
               num_attention_heads=llm["num_heads"], num_key_value_heads=llm["num_kv_heads"],
-              rms_norm_eps=llm["rms_norm_eps"], rope_parameters=rope, attention_bias=llm.get("attention_bias", False),
+              rms_norm_eps=llm["rms_norm_eps"], rope_parameters=_rope_parameters(llm),
               max_position_embeddings=llm["max_position_embeddings"], tie_word_embeddings=False,
               **{k: v for k, v in meta.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if llm.get("head_dim"):
         kw["head_dim"] = llm["head_dim"]
-    return LlamaConfig(**kw)
+    if llm.get("attention_bias"):
+        return Qwen2Config(use_sliding_window=False, **kw)
+    return LlamaConfig(attention_bias=False, **kw)
+
+
+def with_legacy_rope(cfg: dict, llm: dict) -> dict:
+    """transformers 5 writes RoPE only as `rope_parameters`; transformers 4 reads top-level `rope_theta` and
+    `rope_scaling` and silently takes theta 10000 without them (wrong for Llama-3's 500000 and Qwen2's 1e6). Write
+    both spellings, so that either version reads the same RoPE."""
+    cfg["rope_theta"] = float(llm["rope_theta"])
+    cfg["rope_scaling"] = {"rope_type": "llama3", **llm["rope_scaling"]} if llm.get("rope_scaling") else None
+    return cfg
+
+
+def llm_dict(llm: dict, meta: dict) -> dict:
+    """hf_llama's config.json: LlamaForCausalLM (Qwen2ForCausalLM for Qwen2)."""
+    cfg = with_legacy_rope(llm_config(llm, meta).to_dict(), llm)
+    cfg["architectures"] = ["Qwen2ForCausalLM" if llm.get("attention_bias") else "LlamaForCausalLM"]
+    return cfg
+
+
+def check_llava_hf_projector(projector_type: str):
+    if projector_type != "mlp2x_gelu":
+        raise ValueError(f"LlavaForConditionalGeneration has only the mlp2x_gelu projector; this model uses "
+                         f"{projector_type!r}: export with --format llava_original instead")
 
 
 def llava_config(model: dict, meta: dict):
     from transformers import LlavaConfig
 
-    if model["projector_type"] != "mlp2x_gelu":
-        raise ValueError(f"LlavaForConditionalGeneration has only the mlp2x_gelu projector; this model uses "
-                         f"{model['projector_type']!r}: export with --format llava_original instead")
+    check_llava_hf_projector(model["projector_type"])
     vision = model["vision"]
-    return LlavaConfig(vision_config=clip_vision_config(vision), text_config=llama_config(model["llm"], meta),
+    return LlavaConfig(vision_config=clip_vision_config(vision), text_config=llm_config(model["llm"], meta),
                        image_token_index=meta["image_token_index"], projector_hidden_act="gelu",
                        vision_feature_layer=vision["select_layer"],
-                       vision_feature_select_strategy="default" if vision["select_feature"] == "patch" else "full",
-                       image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
+                       vision_feature_select_strategy=feature_select_strategy(vision),
+                       image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2
+                       + (vision["select_feature"] != "patch"))
 
 
-def llava_original_config(model: dict, meta: dict, family: str | None = None) -> dict:
-    """Original LLaVA `config.json`: Llama keys at the top level plus the mm_* keys, written so that
-    `original_family` reads the same model back."""
-    cfg = llama_config(model["llm"], meta).to_dict()
-    cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
-               mm_hidden_size=model["vision"]["hidden_size"], mm_projector_type=model["projector_type"],
-               mm_vision_select_layer=model["vision"]["select_layer"],
-               mm_vision_select_feature=model["vision"]["select_feature"],
-               mm_vision_tower="openai/clip-vit-large-patch14-336", use_mm_proj=True, mm_patch_merge_type="flat",
+def feature_select_strategy(vision: dict) -> str:
+    return "default" if vision["select_feature"] == "patch" else "full"
+
+
+def llava_dict(model: dict, meta: dict) -> dict:
+    """llava_hf's config.json, its text_config with both RoPE spellings."""
+    cfg = llava_config(model, meta).to_dict()
+    with_legacy_rope(cfg["text_config"], model["llm"])
+    cfg["architectures"] = ["LlavaForConditionalGeneration"]
+    if meta.get("pad_token_id") is not None:   # where released llava-hf configs have it too
+        cfg["pad_token_id"] = meta["pad_token_id"]
+    return cfg
+
+
+# The original trainings' fixed arguments (LLaVA-1.5's finetune.sh and the forks'), as their config.json records them.
+ORIGINAL_TRAINING_KEYS = dict(use_mm_proj=True, tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False,
+                              tokenizer_padding_side="right")
+
+
+def llava_original_config(model: dict, meta: dict, family: str | None = None, recipe: dict | None = None,
+                          vision_tower: str | None = None, tower_in_weights: bool = False) -> dict:
+    """Original LLaVA `config.json`: the LLM's keys at the top level plus the mm_* keys the originals' builders read,
+    written so that `original_family` reads the same model back.
+
+    `recipe`: the family's final stage (`image_aspect_ratio`, `max_length`); `vision_tower`: what `mm_vision_tower`
+    names (the originals build the tower from it; default: CLIP-L/336's hub name); `tower_in_weights`: the exported
+    weights hold the tower."""
+    llm, vision = model["llm"], model["vision"]
+    cfg = with_legacy_rope(llm_config(llm, meta).to_dict(), llm)
+    qwen2 = bool(llm.get("attention_bias"))   # the v2 repos' Qwen2 class
+    cfg.update(architectures=["LlavaQwenForCausalLM" if qwen2 else "LlavaLlamaForCausalLM"],
+               model_type="llava_qwen" if qwen2 else "llava_llama", **ORIGINAL_TRAINING_KEYS,
+               mm_hidden_size=vision["hidden_size"], mm_projector_type=model["projector_type"],
+               mm_vision_select_layer=vision["select_layer"], mm_vision_select_feature=vision["select_feature"],
+               mm_vision_tower=vision_tower or "openai/clip-vit-large-patch14-336", mm_patch_merge_type="flat",
                mm_use_im_start_end=family == "llavar", mm_use_im_patch_token=family == "llavar")
+    if tower_in_weights:
+        # the builders load the tower from mm_vision_tower unless this is set, with it from these weights (the tower
+        # may have been trained: UHD v2 fine-tunes it)
+        cfg["unfreeze_mm_vision_tower"] = True
+    recipe = recipe or {}
+    if recipe.get("image_aspect_ratio"):
+        cfg["image_aspect_ratio"] = recipe["image_aspect_ratio"]
+    if recipe.get("max_length"):
+        cfg["tokenizer_model_max_length"] = int(recipe["max_length"])
     if model["projector_type"] == "gated":
         cfg.update(slime_to_original(dict(model.get("slime") or {})))
     if model["projector_type"] in ("adapt_spatial_resampler_v2", "uhd_v2_query64"):

@@ -98,7 +98,7 @@ def compare_logits(checkpoint: str, torch_dir: str, seq_len: int = 24, seed: int
         valid = jnp.ones(ids.shape, bool)
         embeds = llm.apply({"params": params["llm"]}, jnp.asarray(ids), method=Llama.embed)
         ours, _ = llm.apply({"params": params["llm"]}, embeds, positions_from_mask(valid), valid)
-        ref = transformers.LlamaForCausalLM.from_pretrained(torch_dir, dtype=torch.float32).eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(torch_dir, dtype=torch.float32).eval()   # or Qwen2
         with torch.no_grad():
             theirs = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
         return _rel(ours, theirs)
