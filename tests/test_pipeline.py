@@ -1,4 +1,5 @@
 """Grain pipeline: determinism, disjoint process shards, iterator state, batch schema, and bad inputs as counted skips."""
+import collections
 import json
 import os
 import struct
@@ -258,3 +259,33 @@ def test_data_workers_end_with_their_parent_even_when_it_is_killed(tmp_path):
         time.sleep(0.1)
     alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z"
     assert not alive, "the worker outlived its killed parent"
+
+
+def _id_of(index_sample_position):
+    _, sample, _ = index_sample_position
+    return {"id": sample["id"]}
+
+
+def test_an_epoch_holds_every_source_by_its_weight_not_cut_to_the_smallest(tmp_path):
+    """Grain's mix stopped at min(size / weight): with equal weights a 10-sample and a 4-sample file gave 4 + 4 per
+    epoch and the larger file's tail never trained. An epoch now holds round(weight x size) samples of each source:
+    weight 1 all of them once, 2 each twice, 0.5 a seeded half that is not the file's head."""
+    from uhd_jax.data.pipeline import prepared_dataset
+
+    files = {}
+    for name, n in (("big", 10), ("small", 4), ("twice", 3), ("half", 8)):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps([{"id": f"{name}{i}", "conversations": []} for i in range(n)]))
+    sources = [Source(str(files["big"]), "", 1.0), Source(str(files["small"]), "", 1.0),
+               Source(str(files["twice"]), "", 2.0), Source(str(files["half"]), "", 0.5)]
+    ds = prepared_dataset(sources, lambda src: _id_of, seed=0, num_epochs=1, process_index=0, process_count=1)
+    ids = collections.Counter(ex["id"] for ex in ds)
+    assert len(ds) == 10 + 4 + 6 + 4
+    assert all(ids[f"big{i}"] == 1 for i in range(10)) and all(ids[f"small{i}"] == 1 for i in range(4))
+    assert all(ids[f"twice{i}"] == 2 for i in range(3))
+    half = sorted(int(k[4:]) for k in ids if k.startswith("half"))
+    assert len(half) == 4 and all(ids[f"half{i}"] == 1 for i in half) and half != [0, 1, 2, 3]
+    # two processes split the same epoch disjointly
+    shards = [[ex["id"] for ex in prepared_dataset(sources, lambda src: _id_of, seed=0, num_epochs=1,
+                                                   process_index=p, process_count=2)] for p in (0, 1)]
+    assert collections.Counter(shards[0] + shards[1]) == ids

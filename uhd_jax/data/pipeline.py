@@ -1,9 +1,11 @@
 """Grain input pipeline: LLaVA JSON sources -> seeded shuffle -> per-process shard -> preparation (in Grain worker
 processes) -> static batches with skip accounting -> prefetch. The iterator state is checkpointable.
 
-Order of operations: each source is tagged and prepared lazily, sources are mixed by weight, the mixture is shuffled
-with a seed and repeated (a new order each epoch), then process p takes elements p, p+P, ... So all processes agree on
-the global order and their shards are disjoint.
+Order of operations: each source is tagged and prepared lazily; an epoch holds round(weight x size) samples of every
+source (weight 1: each sample once; 2: twice; 0.5: a seeded half), concatenated; the epoch is shuffled with a seed and
+repeated (a new order each epoch), then process p takes elements p, p+P, ... So all processes agree on the global
+order and their shards are disjoint. (Grain's `MapDataset.mix` is not used: its length is min_i(size_i / weight_i),
+so with equal weights the larger files were cut to the smallest one's size and their tails never trained.)
 """
 from __future__ import annotations
 
@@ -27,7 +29,22 @@ from uhd_jax.data.dataset import SamplePreparer, read_samples
 class Source:
     json: str
     image_folder: str
-    weight: float = 1.0
+    weight: float = 1.0   # samples of this source per epoch, as a multiple of its size
+
+
+def source_epoch_samples(size: int, weight: float) -> int:
+    """How many samples of a source of `size` one epoch holds (at least one)."""
+    return max(1, round(size * weight))
+
+
+def _weighted(ds: grain.MapDataset, size: int, weight: float, seed: int) -> grain.MapDataset:
+    """`ds` repeated whole floor(weight) times plus a seeded subset for the fraction (never the file's head)."""
+    n = source_epoch_samples(size, weight)
+    if n == size:
+        return ds
+    whole, rest = divmod(n, size)
+    parts = [ds] * whole + ([ds.shuffle(seed=seed)[:rest]] if rest else [])
+    return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
 
 
 def _with_index(index, sample):
@@ -130,20 +147,18 @@ def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     parts, total = [], 0
-    for src in sources:
+    for i, src in enumerate(sources):
         samples = read_samples(src.json)
         if not samples:   # Grain would repeat an empty dataset forever or stop with a bare StopIteration
             raise UserError(f"data file {src.json} holds no samples (an empty JSON list)")
-        total += len(samples)
         # (position, sample) pairs, never the bare sample: Grain drops a None element (a JSON `null`) silently,
         # where it must be counted as a skip like any other malformed sample.
-        parts.append(grain.MapDataset.source(list(enumerate(samples))).map_with_index(_with_position)
-                     .map(make_preparer(src)))
-    if len(parts) == 1:
-        ds, epoch_length = parts[0], total
-    else:
-        ds = grain.MapDataset.mix(parts, weights=[s.weight for s in sources])
-        epoch_length = len(ds)
+        part = grain.MapDataset.source(list(enumerate(samples))).map_with_index(_with_position)
+        part = _weighted(part, len(samples), src.weight, seed=seed + 7919 * (i + 1))
+        total += len(part)
+        parts.append(part.map(make_preparer(src)))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    epoch_length = total
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds[process_index::process_count]
     return ds.map_with_index(_TagEpoch(max(1, epoch_length // process_count)))
