@@ -11,7 +11,9 @@ keeps its traceback: it is a bug to fix, not a mistake to explain.
 
 `load_config` finds `configs/NAME.py[:variant]` from the current directory, else from the repository that holds this
 package (so the CLIs work from any directory), turns a bad spec into a UserError and applies `--config.KEY=VALUE`
-overrides (the syntax of launch/train.py), naming an unknown key and the keys that exist.
+overrides (the syntax of launch/train.py), naming an unknown key and the keys that exist. A list or tuple field takes
+a literal (`--config.stages.sft.sources='[{"json": "a.json", "image_folder": "imgs"}]'`), comma-separated strings where
+it holds strings (`--config.stages.sft.init_checkpoints=a,b`), or nothing to empty it.
 """
 from __future__ import annotations
 
@@ -110,7 +112,41 @@ def split_overrides(extra: list[str], parser) -> list[str]:
     return overrides
 
 
+def _parse_sequence(text: str, current):
+    """A list or tuple value: a Python/JSON literal ('[...]', '(...)'), an empty value for an empty one, or - where
+    the field holds strings (or nothing yet) - comma-separated strings: `init_checkpoints=a,b`. The result keeps the
+    field's type (a tuple stays a tuple) and the kind of its items (strings stay strings, sources stay dicts), so a
+    quoting slip cannot turn a list of paths into one string or a list of characters."""
+    import json
+
+    stripped = text.strip()
+    items_are = {type(x) for x in current}   # empty: nothing to keep to
+    if not stripped:
+        value = []
+    elif stripped[0] in "[(":
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+            try:
+                value = json.loads(stripped)   # JSON spellings: true, false, null
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a Python or JSON list ({e})") from None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {type(value).__name__}")
+    elif items_are <= {str}:
+        value = [part.strip() for part in stripped.split(",") if part.strip()]
+    else:
+        raise ValueError(f"write the whole list as a literal, e.g. '{json.dumps(list(current[:1]), default=str)}'")
+    if items_are == {str} and not all(isinstance(x, str) for x in value):
+        raise ValueError("every item must be a string (quote each one inside the list)")
+    if current and all(hasattr(x, "keys") for x in current) and not all(isinstance(x, dict) for x in value):
+        raise ValueError("every item must be a {...} mapping like the config's")
+    return tuple(value) if isinstance(current, tuple) else list(value)
+
+
 def _parse_value(text: str, current):
+    if isinstance(current, (list, tuple)):
+        return _parse_sequence(text, current)
     if isinstance(current, bool):
         if text.lower() in ("true", "1", "yes"):
             return True
