@@ -51,7 +51,9 @@ def base_config(vision: dict, llm: dict, *, projector_type: str, tiny: bool) -> 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.axis_rules = None  # None = uhd_jax.parallel.sharding.DEFAULT_RULES
     c.seed = 0
-    c.data_root = "data"  # relative data paths below are resolved against it
+    # Every relative path of the config - data files, image folders, the tokenizer, init checkpoints - is under
+    # data_root (itself relative to the current directory): one layout, `data/checkpoints/...` beside the datasets.
+    c.data_root = "data"
     c.tokenizer = ""
     c.data = ml_collections.ConfigDict(dict(
         image_aspect_ratio="pad", max_images=1, num_workers=4, max_image_pixels=89_478_485, min_image_area=16,

@@ -9,8 +9,9 @@ template: the v2-head code's `adapt_spatial_resampler_v1` on Qwen2), `arxiv64` (
 with one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
 1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes).
 
-  python -m tools.convert_torch import --src vicuna-13b-v1.5/ --vision clip-vit-large-patch14-336/ \\
-      --config configs/uhd_v1.py:13b --out checkpoints/uhd_v1-13b-init
+  python -m tools.convert_torch import --src data/checkpoints/vicuna-13b-v1.5/ \\
+      --vision data/checkpoints/clip-vit-large-patch14-336/ \\
+      --config configs/uhd_v1.py:13b --out data/checkpoints/uhd_v1-13b-init
   python launch/train.py --config configs/uhd_v1.py:13b --workdir runs/uhd_v1-13b
 Expected (spec §8, issue #1 of the original repo, unverified against the PDF): TextVQA 67.7, GQA 65.2, VQAv2 81.7
 for the 13B model; ~1 day on 8xA100.

@@ -10,13 +10,15 @@ ViT on an image folder - COCO-stuff train2017 in the paper; NAdam 1e-3, batch 16
 `clip-large-vdim.ckpt`), `pretrain` (captions, overview only, projector minus the JBU trainable, lr 1e-3, batch 256,
 starting from the `jbu` stage's upsampler) and `sft`.
 
-  python -m tools.convert_torch import --src vicuna-7b-v1.5/ --vision clip-vit-large-patch14-336/ \
-      --config configs/uhd_v2.py:7b --out checkpoints/uhd_v2-7b-init
+  python -m tools.convert_torch import --src data/checkpoints/vicuna-7b-v1.5/ \
+      --vision data/checkpoints/clip-vit-large-patch14-336/ \
+      --config configs/uhd_v2.py:7b --out data/checkpoints/uhd_v2-7b-init
   python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b          # jbu, pretrain, sft
-  # or skip the JBU stage with the released VDIM checkpoint (imported with --layout vdim):
+  # or skip the JBU stage with the released VDIM checkpoint (imported with --layout vdim into
+  # data/checkpoints/clip-large-vdim; config paths are under data_root):
   python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=pretrain,sft \
       --config.stages.pretrain.init_from_stage= \
-      --config.stages.pretrain.init_checkpoints="('checkpoints/uhd_v2-7b-init','checkpoints/clip-large-vdim')"
+      --config.stages.pretrain.init_checkpoints=checkpoints/uhd_v2-7b-init,checkpoints/clip-large-vdim
 Expected (spec §8): +3.7% average over 14 benchmarks vs LLaVA-UHD; TextVQA 70.6 for the Qwen2-7B checkpoint
 (68.92 reproduced by a user).
 """

@@ -17,6 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.cli_mistakes import assert_mistake
 from tests.config_helpers import on_synthetic_data
 from uhd_jax.cli_errors import UserError
 from uhd_jax.config_loading import load_config
@@ -41,9 +42,17 @@ def losses(workdir, stage):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, stage, "metrics.jsonl")) if "loss" in r}
 
 
-def test_loss_decreases_and_frozen_parameters_stay_bit_identical(synthetic_data, tmp_path):
+def test_loss_decreases_and_frozen_parameters_stay_bit_identical(synthetic_data, tmp_path, capsys):
     c = tiny_config(synthetic_data, num_steps=24, init_from_stage="", lrs={"projector": 3e-3, "llm": 3e-3})
     res = run_stage(c, "sft", str(tmp_path))
+    # How the global batch is split, said when the stage starts: 8 = 1 step x 4 devices (data x fsdp) x 2.
+    assert ("stage sft: global batch 8 = 1 accumulation step(s) x 4 data-parallel device(s) (of 8) x 2 per device "
+            "(micro-batch 8; mesh data=2 fsdp=2 tensor=2, 1 process(es)); 48 samples, 24 steps (4.00 epochs)") \
+        in capsys.readouterr().out
+    # final/config.json names the config's variant and the tokenizer's absolute path for launch/generate.py.
+    meta = json.loads(open(os.path.join(res.final_dir, "config.json")).read())
+    assert meta["variant"] == "tiny" and meta["family"] == "llava15" and meta["stage"] == "sft"
+    assert os.path.isabs(meta["tokenizer"]) and os.path.samefile(meta["tokenizer"], synthetic_data["tokenizer"])
     curve = [r["loss"] for r in res.history]
     assert np.mean(curve[-4:]) < np.mean(curve[:4]) - 0.5, curve
     # The vision tower is frozen: bit-identical to the stage's random initialisation; the rest moved. (The trainer
@@ -153,9 +162,9 @@ def test_mistakes_in_a_stage_stop_it_before_training_and_write_no_final(syntheti
     cases = [
         # empty data: trained 0 steps and wrote an untrained final/ (num_steps unset), or a bare StopIteration
         (dict(sources=[dict(json=str(empty), image_folder="images")], num_steps=0),
-         r"stage sft: sources\[0\].json .*empty.json holds no samples"),
+         r"stage sft: stages.sft.sources\[0\].json .*empty.json holds no samples"),
         (dict(sources=[dict(json=str(empty), image_folder="images")], num_steps=8),
-         r"stage sft: sources\[0\].json .*empty.json holds no samples"),
+         r"stage sft: stages.sft.sources\[0\].json .*empty.json holds no samples"),
         (dict(num_steps=0, num_epochs=0.0), r"stage sft: 0 steps to train \(48 samples, num_epochs 0.0"),
         # a misspelt rule trained nothing of the LLM for the whole run, without a word
         (dict(trainable=[("vision/.*", "frozen"), ("projector/.*", "projector"), ("llm/layer/.*", "llm"),
@@ -310,12 +319,17 @@ def test_user_mistakes_on_the_command_line_are_one_line_and_exit_status_2(synthe
         (["--config", "configs/llava15.py:nope", "--workdir", "w"], "unknown variant 'nope'"),
         (base + ["--config.stages.pretrain.batchsize=8"], "unknown config key 'batchsize'"),
         (base + ["--stages=pretrain,sftt"], "--stages: unknown stage(s) ['sftt']"),
-        (base + [f"--config.data_root={tmp_path / 'nowhere'}"], "sources[0].json"),
         (base + ["--config.stages.pretrain.sources=[{'json': 'synthetic/train_pretrain.json', 'image_folder': "
                  "'synthetic/imagez'}]"], "sources[0].image_folder"),
-        (base + ["--config.tokenizer=synthetic/no_tokenizer"], "no_tokenizer: not a directory"),
-        (base + ["--config.stages.pretrain.init_checkpoints=['checkpoints/llava15-init']"],
-         "init checkpoint " + str(tmp_path / "checkpoints" / "llava15-init")),
+        (base + ["--config.stages.pretrain.sources=[{'json': 'synthetic/train_pretrain.json', 'folder': 'x'}]"],
+         "stages.pretrain.sources[0] {'json': 'synthetic/train_pretrain.json', 'folder': 'x'}: expected {'json': "
+         "FILE, 'image_folder': DIR"),
+        (base + ["--config.tokenizer=synthetic/no_tokenizer"], "no_tokenizer: not found"),
+        (base + ["--config.stages.pretrain.init_checkpoints=checkpoints/llava15-init"],
+         "stages.pretrain.init_checkpoints[0] " + str(tmp_path / "checkpoints" / "llava15-init") + ": not found"),
+        (base + ["--config.stages.pretrain.batch_size=12"], "batch_size 12 with grad_accum 1 does not split"),
+        (base + ["--data", "pretrain=synthetic/train_pretrain.json"], "write STAGE=FILE.json:IMAGE_FOLDER"),
+        (base + ["--workdir", str(tmp_path / "synthetic" / "train_sft.json")], "is a file; give a directory"),
     ]
     for argv, needle in cases:
         code = train_cli.main(argv)
@@ -323,6 +337,47 @@ def test_user_mistakes_on_the_command_line_are_one_line_and_exit_status_2(synthe
         assert code == 2, (argv, err)
         assert err.startswith("train.py: error: ") and needle in err and "\n" not in err, (needle, err)
     assert not os.path.exists(tmp_path / "run" / "pretrain" / "final")
+
+
+def test_every_stage_is_checked_before_anything_is_built_and_all_problems_are_reported_at_once(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """`train.py --config configs/uhd_v2.py` with no data and no --workdir: one report of what every stage lacks,
+    each line naming the stage and the config key; a stage that an earlier stage of the same run produces is not
+    missing."""
+    from launch import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert train_cli.main(["--config", "configs/uhd_v2.py"]) == 2
+    out, err = capsys.readouterr()
+    assert "stages jbu, pretrain, sft of configs/uhd_v2.py in runs/uhd_v2-7b" in out   # the default run directory
+    assert err.startswith("train.py: error: 8 problems with the inputs of stage(s) jbu, pretrain, sft, found before "
+                          "anything was built") and "Traceback" not in err
+    lines = err.strip().splitlines()[1:]
+    data = os.path.join("data", "")
+    expected = [
+        f"config.tokenizer {data}checkpoints/vicuna-7b-v1.5: not found",
+        f"stage jbu: stages.jbu.sources[0].image_folder {data}cocostuff/images/train2017: not found",
+        f"stage jbu: stages.jbu.init_checkpoints[0] {data}checkpoints/uhd_v2-7b-init: not found; convert the "
+        f"PyTorch weights with `python -m tools.convert_torch import ... --out {data}checkpoints/uhd_v2-7b-init`",
+        f"stage pretrain: stages.pretrain.sources[0].json {data}LLaVA-Pretrain/blip_laion_cc_sbu_558k.json: not "
+        f"found",
+        f"stage pretrain: stages.pretrain.sources[0].image_folder {data}LLaVA-Pretrain/images: not a directory",
+        f"stage pretrain: stages.pretrain.init_checkpoints[0] {data}checkpoints/uhd_v2-7b-init: not found",
+        f"stage sft: stages.sft.sources[0].json {data}llava_v1_5_mix665k.json: not found",
+        "stage sft: stages.sft.sources[0].image_folder data: not a directory"]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert line.strip().startswith(start), (line, start)
+    assert not os.path.exists(tmp_path / "runs")   # nothing written
+
+    # Run alone, sft needs pretrain finished in the run directory; a misspelt rule of a later stage is in the same
+    # report as the first stage's missing data.
+    err = assert_mistake(capsys, train_cli.main, ["--config", "configs/uhd_v2.py", "--stages=sft", "--workdir", "w",
+                                                  "--config.stages.sft.trainable=[('llm/.*', 'llm')]"], "problems")
+    assert "stage sft starts from stage pretrain (stages.sft.init_from_stage), which has not finished in w: run " \
+           "it first (--stages=pretrain,sft)" in err
+    assert "stage sft: stages.sft.lrs.projector is the rate of a group no parameter is in" in err
 
 
 def test_sigterm_saves_the_current_step_ends_the_data_workers_and_the_same_command_resumes(synthetic_data, tmp_path):

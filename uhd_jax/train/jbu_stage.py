@@ -12,7 +12,6 @@ continues exactly. `<workdir>/jbu/final` holds `projector/upsampler/*` (what LLa
 """
 from __future__ import annotations
 
-import math
 import os
 
 import flax.linen as nn
@@ -131,14 +130,14 @@ def probe_images(paths, preparer: JBUImagePreparer, count: int) -> np.ndarray:
     return np.stack(out)
 
 
-def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = None, stop=None):
+def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = None, stop=None, checked: bool = False):
     import signal
 
     from tqdm import tqdm
 
     from uhd_jax.cli_errors import UserError
-    from uhd_jax.train.trainer import (Preempted, StageResult, _log0, _resolve, check_batch, init_dirs,
-                                       model_for_stage, overlay_checkpoints, stage_mesh)
+    from uhd_jax.train.trainer import (Preempted, StageResult, _log0, _resolve, batch_plan, check_batch, init_dirs,
+                                       model_for_stage, overlay_checkpoints, preflight, stage_mesh, stage_steps)
 
     stage = config.stages[name]
     stage_dir = os.path.join(workdir, name)
@@ -146,9 +145,8 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
     if os.path.exists(os.path.join(final_dir, "config.json")):
         _log0(f"stage {name}: already finished ({final_dir})")
         return StageResult(name, final_dir, -1, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
-    if int(stage.get("grad_accum", 1)) != 1:
-        raise ValueError(f"stage {name}: the JBU stage does not accumulate gradients (batch {stage.batch_size} is "
-                         f"per step); set grad_accum to 1")
+    if not checked:
+        preflight(config, workdir, [name])
     cfg = model_for_stage(config, stage)
     size = int(stage.get("image_size") or cfg.vision.image_size)
     training = JBUTraining(cfg.vision, vdim_spec(stage), size, bool(stage.get("channel_norm", True)))
@@ -163,14 +161,11 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
     pi, pc = jax.process_index(), jax.process_count()
     check_batch(name, int(stage.batch_size), 1, mesh, pc)
     seed = int(config.seed) + list(config.stage_order).index(name)
-    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * len(paths) / stage.batch_size))
-    if total <= 0:
-        raise UserError(f"stage {name}: {total} steps to train ({len(paths)} images, num_epochs {stage.num_epochs}, "
-                        f"num_steps {stage.get('num_steps')}); set stages.{name}.num_epochs or num_steps above 0")
+    total = stage_steps(stage, len(paths))
     iterator = jbu_iterator(paths, preparer, stage.batch_size // pc, seed=seed,
                             num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
-    _log0(f"stage {name}: {len(paths)} images at {size}x{size}, {total} steps of {stage.batch_size}, "
-          f"{training.spec.n_jitters} jitters, mesh {dict(mesh.shape)}")
+    _log0(f"{batch_plan(name, int(stage.batch_size), 1, mesh, pc)}; {len(paths)} images at {size}x{size}, "
+          f"{total} steps, {training.spec.n_jitters} jitters")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         rng = jax.random.PRNGKey(seed)
@@ -264,7 +259,7 @@ def run_jbu_stage(config, name: str, workdir: str, *, stop_after: int | None = N
         compilations = step_fn._cache_size()
         keep = TRAINED + (("vision",) if stage.get("save_featurizer") else ())
         meta = {"model": config.model.to_dict(), "stage": name, "steps": total, "family": config.get("family"),
-                "kind": "jbu", "probe_objective": [probe_before, probe_after]}
+                "variant": config.get("variant"), "kind": "jbu", "probe_objective": [probe_before, probe_after]}
         save_params(final_dir, {k: state.params[k] for k in keep}, meta)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
     if pi == 0 and history:

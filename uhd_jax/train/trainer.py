@@ -34,6 +34,7 @@ from uhd_jax.parallel.mesh import make_mesh
 from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
 from uhd_jax.train import optimizer as opt
 from uhd_jax.train.checkpoints import TrainCheckpointer, load_meta, load_params, save_params
+from uhd_jax.train.cli import run_order
 from uhd_jax.train.metrics_log import MetricsLog, plot_curves, read_metrics, truncate_jsonl
 from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.train.state import TrainState, opt_state_shardings
@@ -114,10 +115,11 @@ def _log0(msg: str):
         print(msg, flush=True)
 
 
-def stage_model(config, stage) -> dict:
+def stage_model(config, stage, lookup_separator: bool = True) -> dict:
     """`config.model` with the stage's overrides: `stage.vision_trainable`, and `stage.model` (merged one level deep,
     e.g. SliME's runs 1a-1c: `model=dict(slime=dict(views='global', expert=0))`). A SliME separator_id of -1 is
-    looked up in the tokenizer as the original does (`tokenizer(',').input_ids[-1]`)."""
+    looked up in the tokenizer as the original does (`tokenizer(',').input_ids[-1]`) unless `lookup_separator` is
+    False (shapes do not depend on it: the preflight checks rules without a tokenizer)."""
     model = config.model.to_dict()
     if "vision_trainable" in stage:
         model["vision_trainable"] = bool(stage.vision_trainable)
@@ -125,7 +127,7 @@ def stage_model(config, stage) -> dict:
         value = value.to_dict() if hasattr(value, "to_dict") else value
         model[key] = {**model[key], **value} if isinstance(value, dict) and isinstance(model.get(key), dict) else value
     slime = model.get("slime")
-    if slime and int(slime.get("separator_id", 0)) < 0:
+    if slime and int(slime.get("separator_id", 0)) < 0 and lookup_separator:
         tok = stage_tokenizer(config)
         model["slime"] = dict(slime, separator_id=int(tok(",", add_special_tokens=False)["input_ids"][-1]))
     return model
@@ -137,12 +139,30 @@ def model_for_stage(config, stage):
 
 def _resolve(path: str, config) -> str:
     root = config.get("data_root") or ""
-    return path if os.path.isabs(path) or not root else os.path.join(root, path)
+    return path if os.path.isabs(path) or not root else os.path.normpath(os.path.join(root, path))
 
 
-def stage_sources(config, stage) -> list[Source]:
-    return [Source(_resolve(s["json"], config), _resolve(s["image_folder"], config), float(s.get("weight", 1.0)))
-            for s in stage.sources]
+SOURCE_KEYS = ("json", "image_folder", "weight")
+
+
+def stage_sources(config, stage, name: str = "") -> list[Source]:
+    """The stage's data sources, paths resolved against `config.data_root`. An entry that is not
+    {'json': FILE, 'image_folder': DIR, 'weight': W} (a hand-written override) is a UserError naming it."""
+    where = f"stages.{name}.sources" if name else "stage.sources"
+    out = []
+    for i, s in enumerate(stage.sources):
+        entry = dict(s) if hasattr(s, "keys") else s
+        ok = isinstance(entry, dict) and isinstance(entry.get("json"), str) and entry["json"] and isinstance(
+            entry.get("image_folder", ""), str) and not set(entry) - set(SOURCE_KEYS)
+        weight = entry.get("weight", 1.0) if ok else None
+        if not ok or isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise UserError(f"{where}[{i}] {entry!r}: expected {{'json': FILE, 'image_folder': DIR, 'weight': "
+                            f"W > 0 (optional)}}")
+        folder = entry.get("image_folder", "")
+        out.append(Source(_resolve(entry["json"], config), _resolve(folder, config) if folder else "", float(weight)))
+    if not out:
+        raise UserError(f"{where} is empty: give the stage data (--data {name or 'STAGE'}=FILE.json:IMAGE_FOLDER)")
+    return out
 
 
 def stage_tokenizer(config):
@@ -350,52 +370,230 @@ def build_training(config, stage, cfg, mesh, rules, seed: int, total: int, init_
     return TrainingSetup(state, state_sh, tx, split, schedules, labels, mesh)
 
 
-def count_samples(name: str, sources: list[Source]) -> int:
-    """Samples in the stage's data files, each file checked: a missing or empty file is the user's to fix, and an
-    empty one would otherwise train 0 steps and write an untrained `final/` that later stages load."""
-    n = 0
+# Sample counts by (file, size, mtime): the preflight and the stage itself both count, and a 665K-sample JSON
+# takes seconds to parse.
+_SAMPLE_COUNTS: dict = {}
+
+
+def _sample_count(path: str) -> int:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SAMPLE_COUNTS:
+        _SAMPLE_COUNTS[key] = len(read_samples(path))
+    return _SAMPLE_COUNTS[key]
+
+
+def source_problems(name: str, sources: list[Source]) -> tuple[int, list[str]]:
+    """(samples in the stage's data files, what is wrong with them): a missing, unreadable or empty file, a missing
+    image folder. An empty file is refused because it would train 0 steps and write an untrained `final/` that later
+    stages load."""
+    n, problems = 0, []
     for i, src in enumerate(sources):
-        where = f"stage {name}: sources[{i}]"
+        where = f"stage {name}: stages.{name}.sources[{i}]"
+        fix = (f"put it there, or give the stage's data with --data {name}=FILE.json:IMAGE_FOLDER, or set "
+               f"config.data_root (the config's relative paths are under it)")
         if not os.path.isfile(src.json):
-            raise UserError(f"{where}.json {src.json}: not found; fix stages.{name}.sources or config.data_root "
-                            f"(relative paths are resolved against it)")
+            state = "is a directory, not a file" if os.path.isdir(src.json) else "not found"
+            problems.append(f"{where}.json {src.json}: {state}; {fix}")
+        else:
+            try:
+                count = _sample_count(src.json)
+            except UserError as e:   # not UTF-8, not JSON, not a list: read_samples names the file and byte
+                problems.append(f"{where}.json: {e}")
+                count = None
+            if count == 0:
+                problems.append(f"{where}.json {src.json} holds no samples (an empty JSON list); nothing to train "
+                                f"on: give stage {name} data, or leave it out (--stages)")
+            n += count or 0
         if src.image_folder and not os.path.isdir(src.image_folder):
-            raise UserError(f"{where}.image_folder {src.image_folder}: not a directory; fix stages.{name}.sources "
-                            f"or config.data_root")
-        count = len(read_samples(src.json))
-        if not count:
-            raise UserError(f"{where}.json {src.json} holds no samples (an empty JSON list); nothing to train on: "
-                            f"give stage {name} data, or leave it out (--stages)")
-        n += count
+            problems.append(f"{where}.image_folder {src.image_folder}: not a directory; {fix}")
+    return n, problems
+
+
+def count_samples(name: str, sources: list[Source]) -> int:
+    """Samples in the stage's data files; the first problem with them (see `source_problems`) as a UserError."""
+    n, problems = source_problems(name, sources)
+    if problems:
+        raise UserError(problems[0])
     return n
 
 
-def check_tokenizer(config) -> None:
-    path = _resolve(config.tokenizer, config)
+def tokenizer_problems(config) -> list[str]:
+    """The config's tokenizer: a directory that transformers loads, with no more tokens than the model's vocabulary."""
+    path = _resolve(config.tokenizer, config) if config.get("tokenizer") else ""
     if not path or not os.path.isdir(path):
-        raise UserError(f"tokenizer {path or '(none)'}: not a directory; set config.tokenizer to a local "
-                        f"transformers tokenizer directory (relative paths are resolved against config.data_root)")
+        state = "is a file, not a directory" if os.path.isfile(path) else "not found"
+        return [f"config.tokenizer {path or '(none)'}: {state}; put the LLM's transformers tokenizer directory there "
+                f"(the HF download of the LLM holds it), or set --config.tokenizer (relative paths are under "
+                f"config.data_root)"]
+    try:
+        tok = stage_tokenizer(config)
+    except (OSError, ValueError) as e:   # a directory without tokenizer files, or with broken ones
+        first = (str(e).splitlines() or [""])[0]
+        return [f"config.tokenizer {path}: transformers cannot load it ({type(e).__name__}: {first}); point "
+                f"config.tokenizer at the LLM's tokenizer directory"]
+    vocab = int(config.model.llm.vocab_size)
+    if len(tok) > vocab:
+        return [f"config.tokenizer {path} has {len(tok)} tokens but model.llm.vocab_size is {vocab}: it is another "
+                f"model's tokenizer, or set --config.model.llm.vocab_size"]
+    return []
+
+
+def init_problems(config, name: str, stage, workdir: str, produced=()) -> list[str]:
+    """Each init checkpoint must be a finished uhd-jax checkpoint; `init_from_stage` must have finished in `workdir`
+    or be among `produced` (stages this run trains before this one)."""
+    problems = []
+    for i, raw in enumerate(stage.get("init_checkpoints", ())):
+        if not isinstance(raw, str) or not raw:
+            problems.append(f"stage {name}: stages.{name}.init_checkpoints[{i}] {raw!r}: expected a checkpoint "
+                            f"directory")
+            continue
+        path = _resolve(raw, config)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            state = "not found" if not os.path.exists(path) else "not a uhd-jax checkpoint (no config.json)"
+            problems.append(f"stage {name}: stages.{name}.init_checkpoints[{i}] {path}: {state}; convert the "
+                            f"PyTorch weights with `python -m tools.convert_torch import ... --out {path}`, or fix "
+                            f"the path (relative paths are under config.data_root)")
+    prev = stage.get("init_from_stage")
+    if prev and prev not in config.stages:
+        problems.append(f"stage {name}: stages.{name}.init_from_stage {prev!r} is not a stage of this config "
+                        f"({list(config.stage_order)})")
+    elif prev and prev not in produced and not os.path.exists(os.path.join(workdir, prev, "final", "config.json")):
+        problems.append(f"stage {name} starts from stage {prev} (stages.{name}.init_from_stage), which has not "
+                        f"finished in {workdir}: run it first (--stages={prev},{name}) or set "
+                        f"--config.stages.{name}.init_from_stage=''")
+    return problems
 
 
 def init_dirs(config, name: str, stage, workdir: str) -> list[str]:
     """The checkpoints the stage starts from, each checked to be a finished uhd-jax checkpoint."""
-    inits = []
-    for i, raw in enumerate(stage.get("init_checkpoints", ())):
-        path = _resolve(raw, config)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            state = "not found" if not os.path.exists(path) else "not a uhd-jax checkpoint (no config.json)"
-            raise UserError(f"stage {name}: init checkpoint {path} (stages.{name}.init_checkpoints[{i}]): {state}; "
-                            f"convert the PyTorch weights with `python -m tools.convert_torch import ... --out "
-                            f"{path}`, or fix the path")
-        inits.append(path)
+    problems = init_problems(config, name, stage, workdir)
+    if problems:
+        raise UserError(problems[0])
+    inits = [_resolve(raw, config) for raw in stage.get("init_checkpoints", ())]
     if stage.get("init_from_stage"):
-        prev = os.path.join(workdir, stage.init_from_stage, "final")
-        if not os.path.exists(os.path.join(prev, "config.json")):
-            raise UserError(f"stage {name} starts from stage {stage.init_from_stage}, which has not finished in "
-                            f"{workdir}: run it first (--stages={stage.init_from_stage}) or set "
-                            f"--config.stages.{name}.init_from_stage=''")
-        inits.append(prev)
+        inits.append(os.path.join(workdir, stage.init_from_stage, "final"))
     return inits
+
+
+def jbu_source_problems(config, name: str, stage) -> tuple[int, list[str]]:
+    """(images under the JBU stage's folders, what is wrong with them)."""
+    from uhd_jax.data.jbu_images import list_images
+
+    n, problems = 0, []
+    for i, src in enumerate(stage.sources):
+        folder = src.get("image_folder") if hasattr(src, "keys") else None
+        if not isinstance(folder, str) or not folder:
+            problems.append(f"stage {name}: stages.{name}.sources[{i}] {src!r}: the JBU stage reads image "
+                            f"folders, {{'image_folder': DIR}}")
+            continue
+        path = _resolve(folder, config)
+        try:
+            n += len(list_images(path))
+        except FileNotFoundError:
+            problems.append(f"stage {name}: stages.{name}.sources[{i}].image_folder {path}: not found; put the "
+                            f"images there, or give them with --data {name}=IMAGE_FOLDER, or set config.data_root")
+        except ValueError as e:   # a folder without images
+            problems.append(f"stage {name}: stages.{name}.sources[{i}].image_folder: {e}")
+    if not stage.sources:
+        problems.append(f"stage {name}: stages.{name}.sources is empty; give it an image folder "
+                        f"(--data {name}=IMAGE_FOLDER)")
+    if int(stage.get("grad_accum", 1)) != 1:
+        problems.append(f"stage {name}: the JBU stage does not accumulate gradients (batch {stage.batch_size} is "
+                        f"per step); set stages.{name}.grad_accum to 1")
+    return n, problems
+
+
+def rule_problems(config, name: str, stage) -> list[str]:
+    """The stage's `trainable` rules and rates against its model's parameter paths (abstract: nothing allocated)."""
+    try:
+        cfg = vlm_config(stage_model(config, stage, lookup_separator=False))
+    except (ValueError, TypeError) as e:   # a model override the towers cannot take
+        return [f"stage {name}: the model (config.model with stages.{name}.model): {e}"]
+    boxed = jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))["params"]
+    try:
+        opt.check_rules(nn.meta.unbox(boxed), [tuple(r) for r in stage.trainable], dict(stage.lrs),
+                        where=f"stages.{name}")
+    except UserError as e:
+        return [f"stage {name}: {e}"]
+    return []
+
+
+def stage_steps(stage, n_samples: int) -> int:
+    """`num_steps`, else `num_epochs` passes over the stage's samples in global batches (the last one rounded up)."""
+    return int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
+
+
+class PreflightError(UserError):
+    """What the stages of a run lack, all of it, found before anything is built. `problems`: one line each."""
+
+    def __init__(self, problems: list[str], config, stages):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0])
+            return
+        root = config.get("data_root") or ""
+        where = (f"config.data_root {root!r} ({os.path.abspath(root)})" if root else
+                 f"the current directory ({os.getcwd()}), as config.data_root is empty")
+        super().__init__(f"{len(problems)} problems with the inputs of stage(s) {', '.join(stages)}, found before "
+                         f"anything was built (relative paths in the config are resolved against {where}):\n  "
+                         + "\n  ".join(problems))
+
+
+def preflight(config, workdir: str, stages) -> dict:
+    """Check everything each stage of `stages` (in run order) reads - data files, image folders, the tokenizer, init
+    checkpoints, an `init_from_stage` (finished in `workdir` or trained earlier in this run), the batch against the
+    mesh, the step count, the template and the trainable rules - and raise one PreflightError listing every
+    problem. A mistake in the last stage then costs seconds, not the hours of the stages before it. Stages already
+    finished in `workdir` are not checked (they will not run). Returns {stage: samples (images for a JBU stage)}."""
+    from uhd_jax.data.templates import get_template
+
+    problems, produced, found, needs_tokenizer = [], set(), {}, False
+    try:
+        mesh = stage_mesh(config)
+    except UserError as e:
+        mesh, problems = None, [str(e)]
+    for name in stages:
+        stage = config.stages[name]
+        if os.path.exists(os.path.join(workdir, name, "final", "config.json")):
+            produced.add(name)
+            continue
+        jbu = stage.get("kind", "llava") == "jbu"
+        here = []
+        if jbu:
+            n, here = jbu_source_problems(config, name, stage)
+        else:
+            needs_tokenizer = True
+            try:
+                get_template(stage.template)
+            except ValueError as e:
+                here.append(f"stage {name}: stages.{name}.template: {e}")
+            try:
+                n, more = source_problems(name, stage_sources(config, stage, name))
+            except UserError as e:   # a malformed sources entry
+                n, more = 0, [str(e)]
+            here += more
+        here += init_problems(config, name, stage, workdir, produced)
+        batch_size, accum = int(stage.batch_size), int(stage.get("grad_accum", 1))
+        if mesh is not None:
+            try:
+                check_batch(name, batch_size, accum, mesh, jax.process_count())
+            except UserError as e:
+                here.append(str(e))
+        if not here and batch_size > 0 and stage_steps(stage, n) <= 0:
+            here.append(f"stage {name}: {stage_steps(stage, n)} steps to train ({n} samples, num_epochs "
+                        f"{stage.num_epochs}, num_steps {stage.get('num_steps')}); set stages.{name}.num_epochs or "
+                        f"num_steps above 0, or leave the stage out (--stages)")
+        if not jbu:
+            here += rule_problems(config, name, stage)
+        problems += here
+        produced.add(name)
+        found[name] = n
+    if needs_tokenizer:
+        problems = tokenizer_problems(config) + problems
+    if problems:
+        raise PreflightError(problems, config, list(stages))
+    return found
 
 
 def stage_mesh(config):
@@ -419,18 +617,30 @@ def check_batch(name: str, batch_size: int, accum: int, mesh, process_count: int
                         f"or change grad_accum or config.mesh")
 
 
+def batch_plan(name: str, batch_size: int, accum: int, mesh, process_count: int) -> str:
+    """How the stage's global batch is split, said once at its start: `batch_size` is the global batch, so lowering
+    it to fit memory changes the recipe, where raising `grad_accum` keeps it."""
+    dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    devices = f"{dp} data-parallel device(s)" + (f" (of {mesh.size})" if mesh.size != dp else "")
+    mesh_axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    return (f"stage {name}: global batch {batch_size} = {accum} accumulation step(s) x {devices} x "
+            f"{batch_size // accum // dp} per device (micro-batch {batch_size // accum}; mesh {mesh_axes}, "
+            f"{process_count} process(es))")
+
+
 def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
-              stop: StopRequests | None = None) -> StageResult:
+              stop: StopRequests | None = None, checked: bool = False) -> StageResult:
     """Train one stage (resuming from its checkpoints) and write `<workdir>/<name>/final`. `stop`: the run's
-    signal handling (run_stage installs its own when None)."""
+    signal handling (run_stage installs its own when None). `checked`: `preflight` passed for this stage already
+    (`run` checks every stage before the first)."""
     if stop is None:
         with StopRequests() as own:
-            return run_stage(config, name, workdir, stop_after=stop_after, stop=own)
+            return run_stage(config, name, workdir, stop_after=stop_after, stop=own, checked=checked)
     stage = config.stages[name]
     if stage.get("kind", "llava") == "jbu":
         from uhd_jax.train.jbu_stage import run_jbu_stage  # the upsampler's own objective, no LLM
 
-        return run_jbu_stage(config, name, workdir, stop_after=stop_after, stop=stop)
+        return run_jbu_stage(config, name, workdir, stop_after=stop_after, stop=stop, checked=checked)
     stage_dir = os.path.join(workdir, name)
     final_dir = os.path.join(stage_dir, "final")
     if os.path.exists(os.path.join(final_dir, "config.json")):
@@ -438,9 +648,10 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
         return StageResult(name, final_dir, -1, read_metrics(os.path.join(stage_dir, "metrics.jsonl")), {})
     pi, pc = jax.process_index(), jax.process_count()
     # Every input the user names is checked before anything is built: a mistake costs seconds, not a model init.
-    sources = stage_sources(config, stage)
+    if not checked:
+        preflight(config, workdir, [name])
+    sources = stage_sources(config, stage, name)
     n_samples = count_samples(name, sources)
-    check_tokenizer(config)
     inits = init_dirs(config, name, stage, workdir)
     cfg = model_for_stage(config, stage)
     model = VLM(cfg)
@@ -448,17 +659,13 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
     rules = rules_from_config(config.get("axis_rules"))
     accum = int(stage.get("grad_accum", 1))
     check_batch(name, int(stage.batch_size), accum, mesh, pc)
-    total = int(stage.get("num_steps") or math.ceil(stage.num_epochs * n_samples / stage.batch_size))
-    if total <= 0:
-        raise UserError(f"stage {name}: {total} steps to train ({n_samples} samples, num_epochs "
-                        f"{stage.num_epochs}, num_steps {stage.get('num_steps')}); set stages.{name}.num_epochs or "
-                        f"num_steps above 0, or leave the stage out (--stages)")
+    total = stage_steps(stage, n_samples)
     local_batch = stage.batch_size // pc
     shape = BatchShape(local_batch, stage.max_length, config.data.max_images * cfg.views_per_image,
                        cfg.vision.image_size, packed_layout(config, cfg, stage))
     seed = int(config.seed) + list(config.stage_order).index(name)
-    _log0(f"stage {name}: {n_samples} samples, {total} steps of {stage.batch_size} ({accum} x "
-          f"{stage.batch_size // accum}), template {stage.template}, mesh {dict(mesh.shape)}")
+    _log0(f"{batch_plan(name, int(stage.batch_size), accum, mesh, pc)}; {n_samples} samples, {total} steps "
+          f"({total * stage.batch_size / n_samples:.2f} epochs), template {stage.template}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         setup = build_training(config, stage, cfg, mesh, rules, seed, total, inits, name=name)
@@ -485,13 +692,20 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
         state, skipped = result
         compilations = step_fn._cache_size()
         _log0(f"  the train step compiled {compilations} time(s)")
-        meta = {"model": stage_model(config, stage), "stage": name, "steps": total, "family": config.get("family"),
-                "tokenizer": _resolve(config.tokenizer, config)}
+        meta = final_meta(config, stage, name, total)
         save_params(final_dir, state.params, meta)
     history = read_metrics(os.path.join(stage_dir, "metrics.jsonl"))
     if pi == 0 and history:
         plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
     return StageResult(name, final_dir, total, history, skip_kinds(skipped), compilations)
+
+
+def final_meta(config, stage, name: str, steps: int) -> dict:
+    """config.json of a trained stage's `final/`: what generation and evaluation need from `--checkpoint` alone.
+    The tokenizer is recorded as an absolute path: a relative one meant "under data_root, from wherever training
+    ran", neither of which is recorded."""
+    return {"model": stage_model(config, stage), "stage": name, "steps": steps, "family": config.get("family"),
+            "variant": config.get("variant"), "tokenizer": os.path.abspath(_resolve(config.tokenizer, config))}
 
 
 def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,
@@ -609,13 +823,15 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
 
 
 def run(config, workdir: str, stages=None) -> list[StageResult]:
-    """The stages in order. One StopRequests for all of them: a signal that lands while one stage writes its
-    `final/` stops the run before the next stage starts."""
+    """The stages in order, every one's inputs checked first (`preflight`). One StopRequests for all of them: a
+    signal that lands while one stage writes its `final/` stops the run before the next stage starts."""
+    names = run_order(config, stages)
+    preflight(config, workdir, names)
     results = []
     with StopRequests() as stop:
-        for name in stages or config.stage_order:
+        for name in names:
             if stop.signum is not None:
                 raise Preempted(f"stopped by {signal.Signals(stop.signum).name} before stage {name}; rerun the same "
                                 f"command to continue", stop.signum)
-            results.append(run_stage(config, name, workdir, stop=stop))
+            results.append(run_stage(config, name, workdir, stop=stop, checked=True))
     return results
