@@ -9,7 +9,8 @@ model: (2) score the untrained model; (3) train its stages with `configs/<model>
 `sft`; UHD v2: `jbu`, `pretrain`, `sft`; SliME: `mlp_adapter`, `attn_adapter`, `local_compressor`, `sft`); (4) score
 the trained model per question type. The summary puts the models side by side on the same held-out questions, beside
 the best a model could do without looking (the most frequent training answer of each question). A rerun resumes or
-skips finished stages.
+skips finished stages. SIGTERM or Ctrl-C saves the current step first and exits with status 128 + the signal's
+number, as launch/train.py does.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from uhd_jax.eval.generate import Generator  # noqa: E402
 from uhd_jax.eval.metrics.exact import plain_match, plain_normalize  # noqa: E402
 from uhd_jax.models.vlm import init_fn  # noqa: E402
 from uhd_jax.train.checkpoints import load_params  # noqa: E402
-from uhd_jax.train.trainer import model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
+from uhd_jax.train.trainer import Preempted, model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
 
 MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo"),
           "slime": ("SliME", "configs/slime.py:demo")}
@@ -124,7 +125,9 @@ def prior_baseline(train_samples, eval_samples):
         conv = s["conversations"]
         for i in range(0, len(conv) - 1, 2):
             answers[question_text(conv[i]["value"])][plain_normalize(conv[i + 1]["value"])] += 1
-    hits = [plain_normalize(s["conversations"][1]["value"]) == answers[question_of(s)].most_common(1)[0][0]
+    # A question no training sample asks (small --train) has no prior answer: a miss, not an IndexError.
+    hits = [plain_normalize(s["conversations"][1]["value"]) == next(iter(answers[question_of(s)].most_common(1)),
+                                                                    (None,))[0]
             for s in eval_samples]
     return sum(hits) / len(hits)
 
@@ -153,7 +156,15 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
     eval_samples = read_samples(os.path.join(data, "eval_sft.json"))
     prior = prior_baseline(read_samples(os.path.join(data, "train_sft.json")), eval_samples)
-    reports = [train_and_score(k, data_root, data, a.workdir, eval_samples, tokenizer) for k in keys]
+    try:
+        reports = [train_and_score(k, data_root, data, a.workdir, eval_samples, tokenizer) for k in keys]
+    except Preempted as e:   # SIGTERM / Ctrl-C: the stage saved its step; a rerun resumes it
+        print(f"demo.py: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:   # a second signal while the first one's checkpoint was being saved
+        print(f"demo.py: interrupted ({e or 'KeyboardInterrupt'}); the last finished checkpoint stays",
+              file=sys.stderr, flush=True)
+        return 130
 
     print(f"\nheld-out exact match on the same {len(eval_samples)} questions (answering without the image, from "
           f"training-answer frequencies: {100 * prior:.1f}%):")

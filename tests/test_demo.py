@@ -19,3 +19,21 @@ def test_demo_cli_user_mistakes(tmp_path, capsys):
     (tokenizer / "tokenizer.json").write_text("{}")
     assert_mistake(capsys, main, work, "lacks ['train_pretrain.json', 'train_sft.json', 'eval_sft.json', 'images']; "
                                        "delete")
+
+
+def test_demo_stopped_by_a_signal_exits_128_plus_the_signal(tmp_path, capsys, monkeypatch):
+    """trainer.run raises Preempted after SIGTERM/SIGINT has checkpointed the step: the demo says so and exits
+    128 + signum like launch/train.py, instead of a traceback."""
+    import signal
+
+    from launch import demo
+    from uhd_jax.train.trainer import Preempted
+
+    def preempted(*args, **kwargs):
+        raise Preempted("stage pretrain: stopped by SIGTERM after step 3 (checkpoint of step 3 in x); rerun the same "
+                        "command to resume", signal.SIGTERM)
+
+    monkeypatch.setattr(demo, "train_and_score", preempted)
+    assert demo.main(["--workdir", str(tmp_path / "demo"), "--train", "4", "--eval", "2"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "demo.py: stage pretrain: stopped by SIGTERM after step 3" in err and "Traceback" not in err
