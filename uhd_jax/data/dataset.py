@@ -74,20 +74,21 @@ def _check_text(value: str, where: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise SampleError(f"{where} holds invalid Unicode: a lone surrogate U+{ord(value[e.start]):04X} at character "
-                          f"{e.start} (an unpaired \\u escape in the JSON); fix or drop the text") from None
+                          f"{e.start} (an unpaired \\u escape in the JSON); fix or drop the text", "schema") from None
 
 
 def check_schema(sample: Any) -> tuple[list[dict], list[str]]:
     """(conversations, image paths) or SampleError naming the bad field."""
     if not isinstance(sample, dict):
-        raise SampleError(f"sample is a {type(sample).__name__}, expected an object")
+        raise SampleError(f"sample is a {type(sample).__name__}, expected an object", "schema")
     conv = sample.get("conversations")
     if not isinstance(conv, list) or not conv:
-        raise SampleError("'conversations' must be a non-empty list")
+        raise SampleError("'conversations' must be a non-empty list", "schema")
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in (
                 "human", "gpt"):
-            raise SampleError(f"conversations[{i}] must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.80}")
+            raise SampleError(f"conversations[{i}] must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r:.80}",
+                              "schema")
         _check_text(turn["value"], f"conversations[{i}].value")
     image = sample.get("image")
     if image is None:
@@ -97,7 +98,7 @@ def check_schema(sample: Any) -> tuple[list[dict], list[str]]:
     elif isinstance(image, list) and all(isinstance(x, str) for x in image):
         images = list(image)
     else:
-        raise SampleError(f"'image' must be a string or a list of strings, got {type(image).__name__}")
+        raise SampleError(f"'image' must be a string or a list of strings, got {type(image).__name__}", "schema")
     for k, path in enumerate(images):
         _check_text(path, f"image[{k}]")
     return conv, images
@@ -147,42 +148,55 @@ class SamplePreparer:
             self._tokenizer = load_tokenizer(self.tokenizer_path, self.extra_tokens)
         return self._tokenizer
 
-    def __call__(self, index_and_sample) -> dict:
+    def __call__(self, index_and_sample, stats: dict | None = None) -> dict:
         """(index, sample) or (index, sample, position in its file); `index` seeds the augmentation (the pipeline
-        passes one that differs per epoch), the position names a sample without an id."""
+        passes one that differs per epoch), the position names a sample without an id. `stats`: filled with what
+        the preparation saw (see `prepare`) and, for a skip, its `kind`."""
         index, sample, *position = index_and_sample
         sid = sample_id(sample, position[0] if position else index, self.source)
         try:
-            return {"id": sid, "index": index, **self.prepare(sample, index)}
+            return {"id": sid, "index": index, **self.prepare(sample, index, stats)}
         except (SampleError, TemplateError, TokenizationMismatch) as e:
             kind = {SampleError: "bad sample", TemplateError: "template", TokenizationMismatch: "tokenization "
                     "mismatch"}[type(e)]
+            if stats is not None:
+                stats["kind"] = getattr(e, "kind", kind)
             return {"id": sid, "index": index, "skip": f"{kind}: {e}"}
 
-    def prepare(self, sample: dict, index: int | None = None) -> dict:
+    def prepare(self, sample: dict, index: int | None = None, stats: dict | None = None) -> dict:
+        """The sample's arrays, or SampleError / TemplateError / TokenizationMismatch. `stats` (a dict, for
+        tools/check_data.py) receives, as far as preparation got: `image_sizes` [(w, h)] of the files, `slices`
+        per image (UHD slices, SliME tiles), `length` (tokens before truncation, image tokens included),
+        `image_tokens`, `truncated`."""
+        stats = {} if stats is None else stats
         conv, image_paths = check_schema(sample)
         template = get_template(self.template)
         n_placeholders = count_images(conv)
         if template.style == "plain" and len(image_paths) != 1:
-            raise SampleError(f"plain (pretraining) samples need exactly one image, this one has {len(image_paths)}")
+            raise SampleError(f"plain (pretraining) samples need exactly one image, this one has {len(image_paths)}",
+                              "image count")
         if n_placeholders != len(image_paths):
             raise SampleError(f"conversation has {n_placeholders} <image> placeholder(s) but the sample has "
-                              f"{len(image_paths)} image(s)")
+                              f"{len(image_paths)} image(s)", "image count")
         if len(image_paths) > self.max_images:
-            raise SampleError(f"sample has {len(image_paths)} images, more than data.max_images={self.max_images}")
+            raise SampleError(f"sample has {len(image_paths)} images, more than data.max_images={self.max_images}",
+                              "image count")
         segments = template.segments(conv)
         tok = tokenize_segments(self.tokenizer, segments)
-        pixels, layouts, pixel_valid = self._images(image_paths, index)
+        pixels, layouts, pixel_valid = self._images(image_paths, index, stats)
         ids, learned, image_map = self._expand_images(tok.ids, tok.learned, layouts)
+        stats.update(length=len(ids), image_tokens=int((image_map >= 0).sum()))
         truncated = len(ids) > self.max_length
+        stats["truncated"] = truncated
         if truncated:
             slots = np.flatnonzero(image_map >= 0)
             if len(slots) and slots[-1] >= self.max_length:
                 raise SampleError(f"image tokens would be cut: the sequence is {len(ids)} tokens and its last image "
-                                  f"token sits at {slots[-1]}, beyond data.max_length={self.max_length}")
+                                  f"token sits at {slots[-1]}, beyond data.max_length={self.max_length}",
+                                  "image tokens beyond max_length")
             ids, learned, image_map = ids[:self.max_length], learned[:self.max_length], image_map[:self.max_length]
         if not learned[1:].any():
-            raise SampleError(f"no supervised token within data.max_length={self.max_length}")
+            raise SampleError(f"no supervised token within data.max_length={self.max_length}", "no supervised token")
         out = {"ids": ids, "learned": learned, "image_map": image_map, "pixels": pixels, "truncated": truncated}
         if pixel_valid is not None:
             out["pixel_valid"] = pixel_valid
@@ -199,11 +213,14 @@ class SamplePreparer:
         ids, _, image_map = self._expand_images(tok.ids, tok.learned, layouts)
         return {"ids": ids, "image_map": image_map, "answer": conv[2 * turn + 1]["value"], "pixels": pixels}
 
-    def _load(self, path):
-        return load_image(os.path.join(self.image_folder, path), max_pixels=self.max_image_pixels,
-                          min_area=self.min_image_area, alpha=self.alpha)
+    def _load(self, path, stats: dict | None = None):
+        image = load_image(os.path.join(self.image_folder, path), max_pixels=self.max_image_pixels,
+                           min_area=self.min_image_area, alpha=self.alpha)
+        if stats is not None:
+            stats.setdefault("image_sizes", []).append(image.size)
+        return image
 
-    def _images(self, image_paths, index):
+    def _images(self, image_paths, index, stats: dict | None = None):
         """Pixels of the sample's images, per image its (token ids, feature rows) in the sequence, and which image
         slots are real (None: all of them).
 
@@ -212,9 +229,10 @@ class SamplePreparer:
         slime: (n_images * views_per_image, S, S, 3) global views and tiles (zeros past a grid's tiles), each
                image's feature rows in SliME's assembly order."""
         if self.image_mode == "slime":
-            return self._slime_images(image_paths)
+            return self._slime_images(image_paths, stats)
         if self.image_mode == "fixed":
-            pixels = [llava15_image(self._load(p), self.image_size, self.image_aspect_ratio) for p in image_paths]
+            pixels = [llava15_image(self._load(p, stats), self.image_size, self.image_aspect_ratio)
+                      for p in image_paths]
             n = self.tokens_per_image
             pre, post = list(self.image_prefix_ids), list(self.image_suffix_ids)
             layouts = [(np.asarray(pre + [self.slot_id] * n + post, np.int32),
@@ -229,7 +247,9 @@ class SamplePreparer:
             rng = np.random.default_rng([self.seed, index])
         pixels, layouts = [], []
         for p in image_paths:
-            sliced, arrays = sliced_images(self._load(p), self.slicing, p, rng)
+            sliced, arrays = sliced_images(self._load(p, stats), self.slicing, p, rng)
+            if stats is not None:
+                stats.setdefault("slices", []).append(len(sliced.slices))
             ids, rows = image_layout(sliced.grid, sliced.separators, query_grid=self.query_grid, schema=self.schema,
                                      separator_ids=dict(self.separator_ids),
                                      first_row=len(pixels) * self.query_grid ** 2)
@@ -239,24 +259,26 @@ class SamplePreparer:
             try:
                 check_images(pixels, self.packed)
             except ValueError as e:
-                raise SampleError(str(e)) from None
+                raise SampleError(str(e), "image budget") from None
         return pixels, layouts, None
 
-    def _slime_images(self, image_paths):
+    def _slime_images(self, image_paths, stats: dict | None = None):
         c, size = self.slime, self.image_size
         n = c.views_per_image
         pixels = np.zeros((len(image_paths) * n, size, size, 3), np.float32)
         valid = np.zeros(len(pixels), bool)
         layouts = []
         for k, p in enumerate(image_paths):
-            image = self._load(p).convert("RGB")
+            image = self._load(p, stats).convert("RGB")
             if c.views == "global":   # runs 1a/1b read the global view alone: no letterboxed canvas to cut
                 views, grid = [slime_global_view(image, size)], None
             else:
                 global_view, tiles, grid = slime_tiles(image, size)
+                if stats is not None:
+                    stats.setdefault("slices", []).append(len(tiles))
                 if len(tiles) > c.max_tiles:
                     raise SampleError(f"image {p} is cut into {len(tiles)} tiles, more than model.slime.max_tiles="
-                                      f"{c.max_tiles}")
+                                      f"{c.max_tiles}", "image budget")
                 views = [global_view, *tiles]
             for j, view in enumerate(views):
                 pixels[k * n + j] = normalize(view)

@@ -16,7 +16,12 @@ DEFAULT_MIN_AREA = 16
 
 
 class SampleError(ValueError):
-    """A sample that cannot be trained on; the message says which file or field and why. Counted, never fatal."""
+    """A sample that cannot be trained on; the message says which file or field and why. Counted, never fatal.
+    `kind` groups the reasons for a summary (tools/check_data.py): 'missing image', 'corrupt image', ..."""
+
+    def __init__(self, message: str, kind: str = "bad sample"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _to_rgb(img: Image.Image, alpha: str) -> Image.Image:
@@ -37,9 +42,10 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_area: int
                alpha: str = "drop") -> Image.Image:
     """Open, orient and convert one image. `alpha='drop'` is the originals' `convert('RGB')`; 'white' composites."""
     if not os.path.exists(path):
-        raise SampleError(f"image file not found: {path} (check the image folder given to the data config)")
+        raise SampleError(f"image file not found: {path} (check the image folder given to the data config)",
+                          "missing image")
     if os.path.getsize(path) == 0:
-        raise SampleError(f"image file is empty (0 bytes): {path}")
+        raise SampleError(f"image file is empty (0 bytes): {path}", "corrupt image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -51,14 +57,14 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_area: int
             w, h = img.size
             if w * h > max_pixels:
                 raise SampleError(f"image {path} is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
-                                  f"{max_pixels} (raise data.max_image_pixels if it is genuine)")
+                                  f"{max_pixels} (raise data.max_image_pixels if it is genuine)", "image too large")
             if w * h < min_area:
                 raise SampleError(f"image {path} is {w}x{h}, below data.min_image_area={min_area} pixels: too small "
-                                  f"to carry content")
+                                  f"to carry content", "image too small")
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img, alpha)
     except SampleError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SampleError(f"cannot decode image {path}: {e}") from None
+        raise SampleError(f"cannot decode image {path}: {e}", "corrupt image") from None

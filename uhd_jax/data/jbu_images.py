@@ -63,12 +63,17 @@ class JBUImagePreparer:
     max_pixels: int = 89_478_485
     min_area: int = 16
 
-    def __call__(self, index_and_path) -> dict:
+    def __call__(self, index_and_path, stats: dict | None = None) -> dict:
+        """`stats` (tools/check_data.py): receives the file's `image_sizes` [(w, h)], or a skip's `kind`."""
         _, path = index_and_path
         try:
             image = load_image(path, max_pixels=self.max_pixels, min_area=self.min_area)
+            if stats is not None:
+                stats["image_sizes"] = [image.size]
             return {"id": path, "image": vdim_image(image, self.size), "truncated": 0}
         except SampleError as e:
+            if stats is not None:
+                stats["kind"] = e.kind
             return {"id": path, "skip": f"bad sample: {e}"}
 
 
