@@ -1,6 +1,8 @@
 """The training config on the command line: list-valued overrides, --data, a config file of one's own, the default
 run directory, and the note when an override changes the global batch. Nothing here builds a model."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +51,11 @@ def test_a_config_of_ones_own_extends_a_shipped_one_from_any_directory(tmp_path,
                    "    c.data_root = '/mnt/data'\n"
                    "    c.stages.sft.sources = [dict(json='mine.json', image_folder='mine')]\n    return c\n")
     monkeypatch.chdir(tmp_path)
+    # Outside the checkout (a notebook, another project) `configs` is not importable by itself.
+    code = "from uhd_jax.config_loading import load_config; print(load_config('elsewhere/my_uhd.py:13b').variant)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "13b", done.stderr
     c = load_run_config(f"{own}:13b", [])
     assert c.family == "uhd_v2" and c.variant == "13b" and c.stages.sft.sources[0]["json"] == "mine.json"
     assert default_workdir(f"{own}:13b", c) == os.path.join("runs", "my_uhd-13b")
