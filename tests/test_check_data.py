@@ -79,7 +79,7 @@ def test_check_data_on_sliced_images_counts_slices_and_budget_overflows(syntheti
             "--config.model.llm.vocab_size=640", "--config.stages.sft.max_length=200"]
     assert main(argv) == 0
     r = json.loads(report.read_text())
-    assert r["samples"] == 10 and r["plan"]["samples"] == 48   # a subset; the plan counts the whole file
+    assert r["samples"] == 10 and r["plan"]["samples_per_epoch"] == 48   # a subset; the plan counts the whole file
     assert sum(r["slices_per_image"].values()) == 10 and max(map(int, r["slices_per_image"])) <= 3
     # 200 tokens hold the overview and at most one slice of 16 tokens: images cut into more are overflows
     assert r["image_token_overflows"] == r["skipped"].get("image tokens beyond max_length", 0) > 0

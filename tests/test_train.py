@@ -380,6 +380,22 @@ def test_every_stage_is_checked_before_anything_is_built_and_all_problems_are_re
     assert "stage sft: stages.sft.lrs.projector is the rate of a group no parameter is in" in err
 
 
+def test_an_epoch_counts_the_sources_as_the_pipeline_weighs_them(synthetic_data, tmp_path):
+    """Weights 2 and 0.5 on two 24-sample files: an epoch the pipeline builds holds 48 + 12 samples, so 1 epoch in
+    batches of 8 is 8 steps (the plain sum, 48 samples, trained 6 steps and stopped mid-epoch)."""
+    from uhd_jax.data.dataset import read_samples
+    from uhd_jax.train.trainer import preflight, stage_steps
+
+    samples = read_samples(synthetic_data["train"]["sft"])
+    for name, part in (("a", samples[:24]), ("b", samples[24:])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    c = tiny_config(synthetic_data, init_from_stage="", num_steps=0, num_epochs=1.0)
+    c.stages.sft.sources = [dict(json=str(tmp_path / "a.json"), image_folder="images", weight=2.0),
+                            dict(json=str(tmp_path / "b.json"), image_folder="images", weight=0.5)]
+    assert preflight(c, str(tmp_path / "run"), ["sft"]) == {"sft": 60}
+    assert stage_steps(c.stages.sft, 60) == 8
+
+
 def test_sigterm_saves_the_current_step_ends_the_data_workers_and_the_same_command_resumes(synthetic_data, tmp_path):
     """A preemption's SIGTERM used to kill the run between checkpoints and orphan its Grain workers (~450 MB
     each)."""

@@ -29,8 +29,9 @@ from uhd_jax.train.cli import add_config_arguments, load_run_config  # noqa: E40
 
 
 def stage_parts(config, name: str):
-    """(record datasets, sample count per source, source names, max_length) of the stage; every problem with its
-    inputs (files, folders, tokenizer, template) at once as a PreflightError, as launch/train.py reports them."""
+    """(record datasets, sample count per source, source names, max_length, samples per epoch) of the stage; every
+    problem with its inputs (files, folders, tokenizer, template) at once as a PreflightError, as launch/train.py
+    reports them."""
     from uhd_jax.data.check import conversation_parts, image_parts
     from uhd_jax.data.templates import get_template
     from uhd_jax.train import trainer
@@ -46,7 +47,7 @@ def stage_parts(config, name: str):
         size = int(stage.get("image_size") or config.model.vision.image_size)
         paths = folder_images(folders)
         preparer = JBUImagePreparer(size, config.data.max_image_pixels, config.data.min_image_area)
-        return image_parts(paths, preparer), [len(paths)], folders, 0
+        return image_parts(paths, preparer), [len(paths)], folders, 0, len(paths)
     problems = []
     try:
         get_template(stage.template)
@@ -59,12 +60,14 @@ def stage_parts(config, name: str):
         raise trainer.PreflightError(problems, config, [name])
     cfg = trainer.model_for_stage(config, stage)
     parts, counts = conversation_parts(sources, trainer.preparer_factory(config, stage, cfg))
-    return parts, counts, [s.json for s in sources], int(stage.max_length)
+    epoch = trainer.source_problems(name, sources)[0]   # weighted as the pipeline weighs its sources
+    return parts, counts, [s.json for s in sources], int(stage.max_length), epoch
 
 
 def plan(config, name: str, samples: int, checked: int, skipped: int) -> dict:
-    """Steps the trainer will run (its own rule) and what they amount to once skips are taken out: skipped samples
-    count towards `num_epochs` (it is a count of samples read) but never fill a batch."""
+    """Steps the trainer will run (its own rule, over `samples` per epoch: the sources weighted) and what they amount
+    to once skips are taken out: skipped samples count towards `num_epochs` (a count of samples read) but never fill
+    a batch."""
     from uhd_jax.train.trainer import stage_steps
 
     stage = config.stages[name]
@@ -74,7 +77,7 @@ def plan(config, name: str, samples: int, checked: int, skipped: int) -> dict:
     usable = samples * (1 - rate)
     return {"global_batch": batch, "grad_accum": int(stage.get("grad_accum", 1)), "steps": steps,
             "num_epochs": float(stage.get("num_epochs", 0)), "num_steps": int(stage.get("num_steps") or 0),
-            "samples": samples, "skip_rate": rate, "usable_samples": round(usable),
+            "samples_per_epoch": samples, "skip_rate": rate, "usable_samples": round(usable),
             "passes_over_usable": steps * batch / usable if usable else None,
             "samples_read": round(steps * batch / (1 - rate)) if rate < 1 else None}
 
@@ -93,9 +96,9 @@ def histogram_lines(title: str, counts: dict, width: int = 30) -> list[str]:
 
 def summary_lines(report: dict) -> list[str]:
     r, p = report, report["plan"]
-    checked = r["samples"]
-    head = (f"{report['config']} stage {report['stage']}: checked {checked:,} of {p['samples']:,} samples"
-            + (f" (a random subset: --limit)" if checked < p["samples"] else "")
+    checked, files = r["samples"], sum(r["source_samples"])
+    head = (f"{report['config']} stage {report['stage']}: checked {checked:,} of {files:,} samples"
+            + (" (a random subset: --limit)" if checked < files else "")
             + f" from {', '.join(f'{s} ({n:,})' for s, n in zip(r['sources'], r['source_samples']))}")
     lines = [head]
     skipped = sum(r["skipped"].values())
@@ -126,9 +129,9 @@ def summary_lines(report: dict) -> list[str]:
     else:
         what = f"num_steps {p['num_steps']}" if p["num_steps"] else f"num_epochs {p['num_epochs']:g}"
         lines.append(f"plan: {p['steps']:,} steps of global batch {p['global_batch']} ({p['grad_accum']} accumulation "
-                     f"step(s)) from {what} over {p['samples']:,} samples; with {100 * p['skip_rate']:.2f}% skipped "
-                     f"that is {p['passes_over_usable']:.3f} passes over ~{p['usable_samples']:,} usable samples, "
-                     f"reading ~{p['samples_read']:,}")
+                     f"step(s)) from {what} over {p['samples_per_epoch']:,} samples per epoch; with "
+                     f"{100 * p['skip_rate']:.2f}% skipped that is {p['passes_over_usable']:.3f} passes over "
+                     f"~{p['usable_samples']:,} usable samples, reading ~{p['samples_read']:,}")
     return lines
 
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
 
     from uhd_jax.data.check import DataSummary, inspect_dataset
 
-    parts, counts, names, max_length = stage_parts(config, a.stage)
+    parts, counts, names, max_length, epoch = stage_parts(config, a.stage)
     workers = int(config.data.num_workers) if a.workers is None else a.workers
     total, records = inspect_dataset(parts, workers=workers, limit=a.limit, seed=int(config.seed))
     summary = DataSummary(max_length)
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
         if close:
             close()
     report = {"config": a.config, "stage": a.stage, "sources": names, "source_samples": counts,
-              **summary.as_dict(), "plan": plan(config, a.stage, sum(counts), summary.samples,
+              **summary.as_dict(), "plan": plan(config, a.stage, epoch, summary.samples,
                                                 sum(summary.skipped.values()))}
     print("\n".join(summary_lines(report)), flush=True)
     if a.report:

@@ -27,7 +27,8 @@ from uhd_jax.data.batch import BatchShape
 from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.uhd_images import PackedLayout, layout_for_model
 from uhd_jax.data.dataset import load_tokenizer, read_samples
-from uhd_jax.data.pipeline import DataExhausted, PreparerFactory, Source, make_iterator, skip_kinds
+from uhd_jax.data.pipeline import (DataExhausted, PreparerFactory, Source, make_iterator, skip_kinds,
+                                   source_epoch_samples)
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.parallel.mesh import make_mesh
@@ -384,9 +385,9 @@ def _sample_count(path: str) -> int:
 
 
 def source_problems(name: str, sources: list[Source]) -> tuple[int, list[str]]:
-    """(samples in the stage's data files, what is wrong with them): a missing, unreadable or empty file, a missing
-    image folder. An empty file is refused because it would train 0 steps and write an untrained `final/` that later
-    stages load."""
+    """(samples in one epoch of the stage's data files, each weighted as the pipeline weighs it; what is wrong with
+    them): a missing, unreadable or empty file, a missing image folder. An empty file is refused because it would
+    train 0 steps and write an untrained `final/` that later stages load."""
     n, problems = 0, []
     for i, src in enumerate(sources):
         where = f"stage {name}: stages.{name}.sources[{i}]"
@@ -404,7 +405,8 @@ def source_problems(name: str, sources: list[Source]) -> tuple[int, list[str]]:
             if count == 0:
                 problems.append(f"{where}.json {src.json} holds no samples (an empty JSON list); nothing to train "
                                 f"on: give stage {name} data, or leave it out (--stages)")
-            n += count or 0
+            if count:   # an epoch as the pipeline builds it: round(weight x size) samples of every source
+                n += source_epoch_samples(count, src.weight)
         if src.image_folder and not os.path.isdir(src.image_folder):
             problems.append(f"{where}.image_folder {src.image_folder}: not a directory; {fix}")
     return n, problems
