@@ -10,6 +10,10 @@ the 2x map through a stop-gradient ("stage loss").
 Everything here is channels-last and has static shapes: the jitter is a per-image pair of 2-tap interpolation
 matrices built from the sampled parameters, so any zoom/offset/flip compiles once; composed with the resize to the
 image and the downsampler's blur, each level costs two small matrix products instead of passes over full maps.
+The downsampler pools the map's random projection (30 channels), not the map: pooling is linear, so the loss is the
+same, and the image-sized map exists in all its channels only for the dropout's scores, one image at a time. (Kept
+whole for the backward pass, the 1024-channel 336^2 map, its dropout mask and its dropped copy took ~1.9 GB per
+image, jitter and level.)
 
 Parameter names follow FeatUp (`downsampler.attention_net.1`, `.w`, `.b`, `scale_net.net`), one downsampler and one
 scale net per level (`*_2x`, `*_4x`); none of them is used by LLaVA (the importer drops them).
@@ -145,6 +149,37 @@ def apply_jitter(x, params: dict, spec: JitterSpec):
 
 # ------------------------------------------------------------------------------------------------- modules
 
+def patch_rows_matrix(size: int, kernel: int, final: int) -> np.ndarray:
+    """(final * kernel, size): the downsampler's blur followed by the selection of its patches' rows (or columns)."""
+    return blur_matrix(size)[patch_index(size, kernel, final)]
+
+
+def patchify(x, kernel: int, final: int):
+    """(B, f * k, f * k, ...) -> (B, f, f, k * k, ...), tap p = row * k + col."""
+    b, rest = x.shape[0], x.shape[3:]
+    x = x.reshape(b, final, kernel, final, kernel, *rest)
+    return jnp.moveaxis(x, 3, 2).reshape(b, final, final, kernel * kernel, *rest)
+
+
+def dropout_scores(key, rows, hr, cols, weight, rate: float):
+    """sum_c weight[c] * dropout(grid)[b, i, j, c], grid = rows @ hr @ cols^T per image (B, I, J, C), float32.
+
+    Dropout masks every channel of every pixel of the full-resolution grid, so these scores cannot be taken on a
+    projection of hr as the rest of the downsampler is. One image at a time and rematerialised: only one image's
+    grid and mask exist at once, in the forward and the backward pass (at 336^2 x 1024 channels, 0.46 GB each in
+    float32, where the whole batch's grid, mask and dropped copy were kept for the backward pass)."""
+    keep = 1.0 - rate
+
+    @jax.checkpoint
+    def one(args):
+        i, r, x, c = args
+        grid = separable_apply(r[None], x[None], c[None])[0]
+        mask = jax.random.bernoulli(jax.random.fold_in(key, i), keep, grid.shape)
+        return jnp.einsum("ijc,c->ij", jnp.where(mask, grid / keep, 0.0), weight)
+
+    return jax.lax.map(one, (jnp.arange(hr.shape[0]), rows, hr.astype(jnp.float32), cols))
+
+
 class AttentionDownsampler(nn.Module):
     """FeatUp's `AttentionDownsampler(dim, kernel_size, final_size, blur_attn=True)`: blur 5x5 (sigma 1), take
     kernel x kernel patches at stride (S - k) // (final - 1), score each pixel with Linear(C -> 1) after dropout .2,
@@ -156,22 +191,30 @@ class AttentionDownsampler(nn.Module):
     dropout: float = 0.2
 
     @nn.compact
-    def __call__(self, hr, deterministic: bool = True, prepared: bool = False):
-        """hr (B, S, S, C); `prepared`: hr is already blurred and restricted to the patches' rows and columns
-        (`patch_index`), shape (B, f * k, f * k, C) - the objective composes both into its resize/jitter matrices."""
+    def __call__(self, hr, deterministic: bool = True, rows=None, cols=None, values=None):
+        """hr (B, h, w, C) -> (B, f, f, C'). The blurred map is `rows @ hr @ cols^T` per image (B, f * k, h) and
+        (B, f * k, w) - by default the blur and patch selection of a square hr; the objective composes its resize and
+        jitter into them. `values` (B, h, w, C'), default hr: what the attention averages, any per-pixel linear map
+        of hr (the objective's random projection). The weighted sum is linear, so averaging projected values equals
+        FeatUp's projecting the average, and the full-resolution grid never exists in C channels (in training,
+        only one image at a time for the dropout's scores)."""
         b, h, w, c = hr.shape
         k, f = self.kernel_size, self.final_size
-        if h != w:
-            raise ValueError(f"the attention downsampler takes square maps, got {h}x{w}")
-        if prepared:
-            x = hr.astype(jnp.float32)
+        if rows is None:
+            if h != w:
+                raise ValueError(f"the attention downsampler takes square maps, got {h}x{w}")
+            rows = cols = jnp.broadcast_to(jnp.asarray(patch_rows_matrix(h, k, f), jnp.float32), (b, f * k, h))
+        values = hr if values is None else values
+        net = conv1x1(1, "attention_net_1", dtype=jnp.float32, param_dtype=jnp.float32)
+        net(jnp.zeros((1, c), jnp.float32))   # creates its parameters: the scores below use them as arrays
+        linear = nn.meta.unbox(net.variables["params"])
+        weight, bias = linear["kernel"][:, 0], linear["bias"][0]
+        if deterministic:
+            scores = separable_apply(rows, (hr.astype(jnp.float32) @ weight)[..., None], cols)[..., 0]
         else:
-            idx = patch_index(h, k, f)
-            x = jnp.take(jnp.take(gaussian_blur(hr), idx, axis=1), idx, axis=2)
-        x = x.reshape(b, f, k, f, k, c)
-        patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, f, f, k * k, c)              # tap p = row * k + col
-        dropped = nn.Dropout(self.dropout, name="attention_net_0")(patches, deterministic=deterministic)
-        logits = conv1x1(1, "attention_net_1", dtype=jnp.float32, param_dtype=jnp.float32)(dropped)[..., 0]
+            # `attention_net_0`, FeatUp's Dropout(.2) before the scoring Linear
+            scores = dropout_scores(self.make_rng("dropout"), rows, hr, cols, weight, self.dropout)
+        logits = patchify(scores + bias, k, f)                                            # (B, f, f, k * k)
         if not deterministic:
             keep = jax.random.uniform(self.make_rng("dropout"), (b, f, f, 1)) > self.dropout
             logits = logits * keep
@@ -179,6 +222,7 @@ class AttentionDownsampler(nn.Module):
         wk = self.param("w", init(1.0), (k, k))
         bk = self.param("b", init(0.0), (k, k))
         attention = jax.nn.softmax(logits * wk.reshape(-1) + bk.reshape(-1), axis=-1)
+        patches = patchify(separable_apply(rows, values.astype(jnp.float32), cols), k, f)   # (B, f, f, k * k, C')
         return jnp.einsum("bhwpc,bhwp->bhwc", patches, attention)
 
 
@@ -278,7 +322,7 @@ class VDIMObjective(nn.Module):
         pad = pad_matrix(size, s.jitter.max_pad)
         to_padded = {lv: jnp.asarray(pad @ bilinear_matrix(lv * lr_feats.shape[1], size), jnp.float32)
                      for lv in LEVELS}
-        patch_rows = jnp.asarray(blur_matrix(size)[patch_index(size, self.patch_size, self.grid)], jnp.float32)
+        patch_rows = jnp.asarray(patch_rows_matrix(size, self.patch_size, self.grid), jnp.float32)
         for i, view in enumerate(views):
             # FeatUp recomputes the upsampled maps per jitter (fresh dropout); the 4x stage learns on a detached 2x.
             s2, s4 = upsampler(lr_feats, image, deterministic, stage_stop_gradient=True)
@@ -287,8 +331,9 @@ class VDIMObjective(nn.Module):
             rows, cols = jitter_matrices(view["params"], size, s.jitter)                    # (B, S, S + 2p)
             for lv, hr in ((2, s2), (4, s4)):
                 r_map, c_map = rows @ to_padded[lv], cols @ to_padded[lv]                           # (B, S, h)
-                grid = separable_apply(patch_rows @ r_map, hr.astype(jnp.float32), patch_rows @ c_map)
-                down = jnp.einsum("bhwc,bcd->bhwd", downsamplers[lv](grid, deterministic, prepared=True), proj)
+                hr_proj = jnp.einsum("bhwc,bcd->bhwd", hr.astype(jnp.float32), proj)
+                down = downsamplers[lv](hr, deterministic, rows=patch_rows @ r_map, cols=patch_rows @ c_map,
+                                        values=hr_proj)
                 scales = scale_nets[lv](view["lr_feats"])
                 rec = jnp.mean((down - target) ** 2 / (2 * scales ** 2) + jnp.log(scales)) / n
                 metrics[f"rec_{lv}x"] += rec
@@ -296,7 +341,6 @@ class VDIMObjective(nn.Module):
                 if i == 0 and s.crf.weight > 0:
                     # As the original: the guidance is the un-jittered image, the features the jittered map.
                     coords = view["crf_coords"]
-                    hr_proj = jnp.einsum("bhwc,bcd->bhwd", hr.astype(jnp.float32), proj)
                     at = jnp.einsum("bnqd,bnq->bnd", jnp.einsum("bnp,bpqd->bnqd", r_map[:, coords[:, 0]], hr_proj),
                                     c_map[:, coords[:, 1]])
                     crf = crf_loss(image, at, coords, s.crf)

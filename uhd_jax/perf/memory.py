@@ -1,0 +1,55 @@
+"""Device memory of a compiled step from XLA's own buffer assignment (`compiled.memory_analysis()`), with abstract
+inputs: no weights and no device of the target's size, so whether a step fits in 80 GB is answered on a CPU.
+
+`peak` is what one device must hold at once: the arguments, the outputs that do not reuse a donated argument, and
+the temporaries. XLA's CPU and GPU backends fuse differently (fusion decides which intermediates exist), so a CPU
+number estimates the GPU's; it is not its exact value.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+GB = 1e9
+
+
+def analysis_bytes(compiled) -> dict:
+    """argument / output / temp / alias / peak bytes of a compiled executable."""
+    m = compiled.memory_analysis()
+    arg, out, temp = int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes)
+    alias = int(m.alias_size_in_bytes)
+    # outputs written into donated arguments (the train state) are not held twice
+    return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
+            "peak_bytes": arg + out - alias + temp}
+
+
+def jbu_step_memory(config, stage_name: str, batch: int) -> dict:
+    """XLA's memory analysis of the `jbu` stage's real train step (`make_jbu_step`: the stage's model, dtypes and
+    optimizer, state donated as `run_jbu_stage` does) for `batch` images on one device, compiled from abstract
+    shapes."""
+    from uhd_jax.train import optimizer as opt
+    from uhd_jax.train.jbu_stage import TRAINED, JBUTraining, make_jbu_step, vdim_spec
+    from uhd_jax.train.state import TrainState
+    from uhd_jax.train.trainer import model_for_stage
+
+    stage = config.stages[stage_name]
+    cfg = model_for_stage(config, stage)
+    size = int(stage.get("image_size") or cfg.vision.image_size)
+    training = JBUTraining(cfg.vision, vdim_spec(stage), size, bool(stage.get("channel_norm", True)))
+    tx = optax.chain(opt.clip_first_steps(float(stage.get("warm_clip_norm", 1e-4)),
+                                          int(stage.get("warm_clip_steps", 10))),
+                     opt.torch_nadam(float(stage.lr)))
+    params = jax.eval_shape(lambda r: nn.meta.unbox(training.init(r)), jax.random.PRNGKey(0))
+    trainable = {k: params[k] for k in TRAINED}
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                       opt_state=jax.eval_shape(tx.init, trainable))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    step = jax.jit(make_jbu_step(training, tx, int(config.seed)), donate_argnums=0)
+    out = analysis_bytes(step.lower(state, images).compile())
+    count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    out.update(batch=batch, image_size=size, n_jitters=training.spec.n_jitters,
+               vision_dtype=jnp.dtype(cfg.vision.dtype).name, trained_parameters=count(trainable),
+               frozen_parameters=count(params["vision"]))
+    return out
