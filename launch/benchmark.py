@@ -4,15 +4,18 @@
       --images 672x1088,1920x1080,336x336 [--seq-len 2048] [--peak-tflops 989]
   python launch/benchmark.py --config configs/uhd_v2.py:7b --mode generate [--new-tokens 64]
   python launch/benchmark.py --config configs/uhd_v2.py:7b --stage sft --mode data [--workers 0,1,4]
+  python launch/benchmark.py --config configs/uhd_v2.py:7b --stage jbu --mode memory --batch 16
   python launch/benchmark.py --compare-compute
 
 The model is built from the config with random weights (abstract init, sharded over `config.mesh`; no checkpoint).
 Train mode compiles, warms up, then times each step with device synchronisation and reports step time (median, min,
 max), tokens/s, images/s, model TFLOP/s and MFU (model FLOPs by formula, `uhd_jax/perf/flops.py`, against the peak
 given or detected), XLA's own FLOP count of the step for comparison, peak device memory, compile time and the
-number of compilations. Results append to a JSON-lines file (`--out`, default benchmarks/results.jsonl).
-`--config.KEY=VALUE` overrides a config entry as launch/train.py's flag does (e.g. --config.model.attention_impl=cudnn
-on a GPU).
+number of compilations. Memory mode compiles the `jbu` stage's real step for --batch images on one device from
+abstract inputs (no weights; any machine, the CPU included) and reports XLA's own buffer assignment: argument,
+output, temporary and peak bytes (`uhd_jax/perf/memory.py`). Results append to a JSON-lines file (`--out`, default
+benchmarks/results.jsonl). `--config.KEY=VALUE` overrides a config entry as launch/train.py's flag does (e.g.
+--config.model.attention_impl=cudnn on a GPU).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from uhd_jax.models.vlm import VLM, init_fn  # noqa: E402
 from uhd_jax.parallel.mesh import make_mesh  # noqa: E402
 from uhd_jax.parallel.sharding import rules_from_config  # noqa: E402
 from uhd_jax.perf import flops  # noqa: E402
+from uhd_jax.perf.memory import GB, jbu_step_memory  # noqa: E402
 from uhd_jax.perf.workload import parse_sizes, prepared_batches, write_workload  # noqa: E402
 from uhd_jax.train import optimizer as opt  # noqa: E402
 from uhd_jax.train.step import model_inputs  # noqa: E402
@@ -72,14 +76,30 @@ def load(a):
         raise UserError(f"--stage {a.stage}: {a.config} has no such stage; choose from {list(config.stage_order)}")
     stage = config.stages[a.stage or list(config.stage_order)[-1]]
     if stage.get("kind", "llava") == "jbu":
-        raise UserError(f"--stage {a.stage} trains the JBU alone; benchmark a LLaVA stage "
-                        f"({[s for s in config.stage_order if config.stages[s].get('kind', 'llava') != 'jbu']})")
+        llava = [s for s in config.stage_order if config.stages[s].get("kind", "llava") != "jbu"]
+        raise UserError(f"--stage {a.stage} trains the JBU alone; benchmark a LLaVA stage ({llava}), or its step's "
+                        f"memory with --mode memory")
     stage.batch_size, stage.grad_accum = a.batch, 1
     if a.seq_len:
         stage.max_length = a.seq_len
     if a.mesh:
         config.mesh = dict(zip(("data", "fsdp", "tensor"), (int(x) for x in a.mesh.split(","))))
     return config, stage
+
+
+def memory_mode(a) -> dict:
+    config = load_config(a.config, a.overrides)
+    jbu = [s for s in config.stage_order if config.stages[s].get("kind", "llava") == "jbu"]
+    name = a.stage or (jbu[0] if jbu else None)
+    if name not in jbu:
+        raise UserError(f"--mode memory compiles a JBU stage's step; {a.config} has "
+                        + (f"{jbu}" if jbu else "none") + (f", not --stage {name}" if name else ""))
+    t0 = time.perf_counter()
+    result = jbu_step_memory(config, name, a.batch)
+    out = {"mode": "memory", "config": a.config, "stage": name, "devices": 1,
+           "compile_s": time.perf_counter() - t0, **result}
+    out.update({k.replace("_bytes", "_gb"): v / GB for k, v in result.items() if k.endswith("_bytes")})
+    return out
 
 
 def vocab(config) -> int:
@@ -342,7 +362,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config")
     p.add_argument("--stage", default=None, help="default: the config's last stage")
-    p.add_argument("--mode", choices=("train", "generate", "data"), default="train")
+    p.add_argument("--mode", choices=("train", "generate", "data", "memory"), default="train")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=0, help="default: the stage's max_length")
     p.add_argument("--steps", type=int, default=20)
@@ -373,7 +393,7 @@ def main(argv=None) -> int:
     else:
         if not a.config:
             p.error("--config is required (except with --compare-compute)")
-        result = {"train": train_mode, "generate": generate_mode, "data": data_mode}[a.mode](a)
+        result = {"train": train_mode, "generate": generate_mode, "data": data_mode, "memory": memory_mode}[a.mode](a)
     result.update(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, backend=jax.default_backend())
     print(json.dumps(result, indent=2))
     if a.out:

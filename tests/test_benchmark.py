@@ -92,6 +92,29 @@ def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
     assert np.isfinite(c["uhd_v1:tiny"]["forward_tflop_xla"])
 
 
+def test_memory_mode_reports_xlas_analysis_of_the_jbu_step(tmp_path, monkeypatch):
+    """The mode's plumbing, with the compile stubbed (the real step's analysis: tests/test_jbu_memory.py's pieces,
+    benchmarks/README.md's numbers); and `analysis_bytes` on a donated step, where the output reuses the argument."""
+    from launch import benchmark
+    from uhd_jax.perf.memory import analysis_bytes
+
+    seen = {}
+
+    def fake(config, name, batch):
+        seen.update(stage=name, batch=batch, kind=config.stages[name].kind)
+        return {"peak_bytes": 3 * 10 ** 9, "temp_bytes": 2 * 10 ** 9, "batch": batch}
+
+    monkeypatch.setattr(benchmark, "jbu_step_memory", fake)
+    r = run_benchmark(tmp_path, "--config", "configs/uhd_v2.py:tiny", "--mode", "memory", "--batch", "16")
+    assert seen == {"stage": "jbu", "batch": 16, "kind": "jbu"}
+    assert r["peak_gb"] == 3.0 and r["temp_gb"] == 2.0 and r["stage"] == "jbu" and r["devices"] == 1
+
+    x = jax.ShapeDtypeStruct((256, 1024), jnp.float32)
+    m = analysis_bytes(jax.jit(lambda v: v * 2.0, donate_argnums=0).lower(x).compile())
+    assert m["argument_bytes"] == m["output_bytes"] == m["alias_bytes"] == 2 ** 20
+    assert m["peak_bytes"] == 2 ** 20 + m["temp_bytes"]
+
+
 def test_benchmark_cli_user_mistakes(tmp_path, capsys):
     from launch.benchmark import main
     from tests.cli_mistakes import assert_mistake
@@ -105,7 +128,12 @@ def test_benchmark_cli_user_mistakes(tmp_path, capsys):
     assert_mistake(capsys, main, tiny + ["--config.model.scan_layers=maybe"], "expected true or false")
     assert_mistake(capsys, main, tiny + ["--stage", "sfft"], "--stage sfft: configs/llava15.py:tiny has no such stage")
     assert_mistake(capsys, main, ["--config", "configs/uhd_v2.py:tiny", "--stage", "jbu"] + out,
-                   "trains the JBU alone; benchmark a LLaVA stage (['pretrain', 'sft'])")
+                   "trains the JBU alone; benchmark a LLaVA stage (['pretrain', 'sft']), or its step's memory with "
+                   "--mode memory")
+    assert_mistake(capsys, main, ["--config", "configs/uhd_v2.py:tiny", "--stage", "sft", "--mode", "memory"] + out,
+                   "--mode memory compiles a JBU stage's step; configs/uhd_v2.py:tiny has ['jbu'], not --stage sft")
+    assert_mistake(capsys, main, tiny + ["--mode", "memory"], "--mode memory compiles a JBU stage's step; "
+                                                              "configs/llava15.py:tiny has none")
     assert_mistake(capsys, main, tiny + ["--images", "672by1088"], "expected WIDTHxHEIGHT")
     assert_mistake(capsys, main, tiny + ["--mesh", "2,2"], "give three sizes data,fsdp,tensor")
     assert_mistake(capsys, main, tiny + ["--mesh", "3,1,1"], "needs 3 devices, have 8")
