@@ -75,7 +75,7 @@ def test_train_mode_reports_a_consistent_step(tmp_path):
 
 def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
     g = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "generate", "--new-tokens", "4",
-                      "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10")
+                      "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10", "--cache-mb", "0")
     assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes", "kv_bytes_per_row"}
     bound = lambda b: b * 10e9 / (g["llm_weight_bytes"] + b * g["kv_bytes_per_row"])  # noqa: E731
     assert g["batch1"]["bandwidth_bound_tokens_per_s"] == pytest.approx(bound(1))
@@ -90,6 +90,22 @@ def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
     assert c["uhd_v1:tiny"]["relative_to_llava15"] == pytest.approx(
         c["uhd_v1:tiny"]["forward_tflop_xla"] / c["llava15:tiny"]["forward_tflop_xla"])
     assert np.isfinite(c["uhd_v1:tiny"]["forward_tflop_xla"])
+
+
+def test_decode_bound_is_not_applicable_when_the_working_set_fits_in_the_cache():
+    from launch.benchmark import decode_bound, last_level_cache_bytes
+
+    # the llava15:demo decode on the 2-core CPU (32 MiB L3): 7.9 MB of weights stay in the cache
+    fits = decode_bound(7_900_000, 170_000, 32, 4.7, 32 * 2 ** 20)
+    assert fits["bandwidth_bound_tokens_per_s"] is None
+    assert fits["bandwidth_bound"].startswith("n/a (weights fit in cache): 7.9 MB weights + 32 x 0.17 MB KV")
+    # a 7B model streams from memory: the bound holds and says against which cache it was judged
+    big = decode_bound(13_500_000_000, 1_000_000, 1, 3350.0, 50 * 2 ** 20)
+    assert big["bandwidth_bound_tokens_per_s"] == pytest.approx(3350e9 / 13_501_000_000)
+    assert "> 52.4 MB last-level cache" in big["bandwidth_bound"]
+    assert "cache size unknown" in decode_bound(1000, 10, 1, 1.0, None)["bandwidth_bound"]
+    cache = last_level_cache_bytes(jax.devices()[0])   # this CPU's, from sysfs (None where Linux does not say)
+    assert cache is None or cache >= 2 ** 20
 
 
 def test_memory_mode_reports_xlas_analysis_of_the_jbu_step(tmp_path, monkeypatch):
@@ -134,6 +150,7 @@ def test_benchmark_cli_user_mistakes(tmp_path, capsys):
                    "--mode memory compiles a JBU stage's step; configs/uhd_v2.py:tiny has ['jbu'], not --stage sft")
     assert_mistake(capsys, main, tiny + ["--mode", "memory"], "--mode memory compiles a JBU stage's step; "
                                                               "configs/llava15.py:tiny has none")
+    assert_mistake(capsys, main, tiny + ["--cache-mb", "-1"], "--cache-mb cannot be negative")
     assert_mistake(capsys, main, tiny + ["--images", "672by1088"], "expected WIDTHxHEIGHT")
     assert_mistake(capsys, main, tiny + ["--mesh", "2,2"], "give three sizes data,fsdp,tensor")
     assert_mistake(capsys, main, tiny + ["--mesh", "3,1,1"], "needs 3 devices, have 8")
