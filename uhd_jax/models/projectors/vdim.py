@@ -69,11 +69,6 @@ def blur_matrix(n: int, kernel_size: int = 5, sigma: float = 1.0) -> np.ndarray:
     return m
 
 
-def gaussian_blur(x, kernel_size: int = 5, sigma: float = 1.0):
-    """kornia `gaussian_blur2d` on a (B, H, W, C) map, float32."""
-    return resize_separable(x, blur_matrix(x.shape[1], kernel_size, sigma), blur_matrix(x.shape[2], kernel_size, sigma))
-
-
 def pad_matrix(n: int, pad: int) -> np.ndarray:
     """(n + 2 pad, n) matrix of reflect padding along one axis."""
     m = np.zeros((n + 2 * pad, n), np.float64)
