@@ -10,7 +10,7 @@ Variants: `7b` (default), `13b`, `1b` (TinyLlama-1.1B: the 1B-class speed compar
       --config configs/llava15.py:7b --out data/checkpoints/llava15-7b-init
   python launch/train.py --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
-The demo (`make demo`, ~8 min on 2 CPU cores): held-out exact match 0.0% untrained -> 23.5% trained, vs 16.5% for the
+The demo (`make demo`, ~8 min on 2 idle CPU cores): held-out exact match 0.0% untrained -> 22.0% trained, vs 16.5% for the
 best image-blind answers (README).
 """
 from __future__ import annotations
