@@ -125,7 +125,8 @@ def family_config(meta: dict, checkpoint: str):
     return config
 
 
-def _get(node, dotted: str):
+def field_at(node, dotted: str):
+    """node["a"]["b"] for "a.b" in dicts or ConfigDicts; None where a part is missing."""
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node.keys():
             return None
@@ -163,7 +164,7 @@ def experiment(checkpoint: str, spec: str | None = None, overrides=(), *, model_
         key = item.partition("=")[0]
         if not key.startswith("model."):
             continue
-        value = _plain(_get(config, key))
+        value = _plain(field_at(config, key))
         if is_runtime(key):
             *path, name = key.split(".")[1:]
             node = model
@@ -173,8 +174,8 @@ def experiment(checkpoint: str, spec: str | None = None, overrides=(), *, model_
             if not path:   # the whole model's setting: a tower's own value recorded in the checkpoint would win
                 for tower in ("vision", "llm"):
                     (model.get(tower) or {}).pop(name, None)
-        elif value != _plain(_get(meta["model"], key[len("model."):])):
-            raise UserError(f"--config.{item}: the checkpoint's {key} is {_get(meta['model'], key[len('model.'):])!r} "
+        elif value != _plain(trained := field_at(meta["model"], key[len("model."):])):
+            raise UserError(f"--config.{item}: the checkpoint's {key} is {trained!r} "
                             f"({_meta_file(checkpoint)}) and its model cannot change; of the model only the run "
                             f"settings ({', '.join(RUNTIME)}) can be overridden")
     check_config_fits(config, meta, checkpoint)

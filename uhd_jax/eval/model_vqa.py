@@ -22,6 +22,7 @@ from uhd_jax.data.images import SampleError
 from uhd_jax.data.pipeline import Source
 from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
 from uhd_jax.eval.benchmarks import EvalRule, eval_rule, prompt_text
+from uhd_jax.eval.checkpoint_config import field_at
 from uhd_jax.eval.decoding import GenerationConfig
 from uhd_jax.eval.generate import Generator
 from uhd_jax.models.config import vlm_config
@@ -47,14 +48,6 @@ IDENTITY = ("projector_type", "resampler_heads", "llm.hidden_size", "llm.interme
             "vision.num_layers", "vision.num_heads", "vision.patch_size", "vision.image_size")
 
 
-def _field(model: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(model, dict) or model.get(part) is None:
-            return None
-        model = model[part]
-    return model
-
-
 def config_difference(config, meta: dict) -> str | None:
     """The first field where the checkpoint's model (`meta`, its config.json) is not the experiment config's, as
     "model.X is A there, B in the config"; None when family and sizes agree."""
@@ -63,7 +56,7 @@ def config_difference(config, meta: dict) -> str | None:
         return f"family is {trained!r} there, {config.family!r} in the config"
     ours = config.model.to_dict()
     for name in IDENTITY:
-        theirs, mine = _field(meta["model"], name), _field(ours, name)
+        theirs, mine = field_at(meta["model"], name), field_at(ours, name)
         if theirs is not None and mine is not None and theirs != mine:
             return f"model.{name} is {theirs!r} there, {mine!r} in the config"
     return None
