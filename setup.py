@@ -27,6 +27,18 @@ TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]
 # libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
 ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
 
+# The commands `pip install .` puts on PATH; in a checkout `python launch/<name>.py` runs the same programs.
+COMMANDS = {
+    "uhd-train": "uhd_jax.cli.train:main",
+    "uhd-generate": "uhd_jax.cli.generate:main",
+    "uhd-evaluate": "uhd_jax.cli.evaluate:main",
+    "uhd-convert": "uhd_jax.convert.cli:main",
+    "uhd-check-data": "uhd_jax.cli.check_data:main",
+    "uhd-show-slices": "uhd_jax.cli.show_slices:main",
+    "uhd-benchmark": "uhd_jax.cli.benchmark:main",
+    "uhd-demo": "uhd_jax.cli.demo:main",
+}
+
 setup(
     name="uhd-jax",
     version="0.1.0",
@@ -34,5 +46,6 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["uhd_jax", "uhd_jax.*"]),
     install_requires=CORE,
+    entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()]},
     extras_require={"torch": TORCH, "test": TORCH + TEST, **ACCELERATORS},
 )

@@ -44,7 +44,7 @@ def llama_style(out_dir: str, size: int, added: tuple[str, ...] = ()) -> str:
 def random_checkpoint(path, spec: str, llm=None, seed=0, **meta) -> str:
     """A checkpoint of config `spec`'s model (its LLM updated by `llm`) with random parameters, as a trained stage
     saves it (`meta`: e.g. its tokenizer). Shapes come from tracing the model, so nothing is compiled."""
-    from tools.convert_torch.importer import expected_params
+    from uhd_jax.convert.importer import expected_params
     from uhd_jax.config_loading import load_config
     from uhd_jax.train.checkpoints import save_params
     from uhd_jax.train.param_tree import unflatten

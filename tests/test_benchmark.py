@@ -49,7 +49,7 @@ def test_training_multipliers():
 
 
 def run_benchmark(tmp_path, *args):
-    from launch import benchmark
+    from uhd_jax.cli import benchmark
 
     out = tmp_path / "results.jsonl"
     assert benchmark.main([*args, "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
@@ -93,7 +93,7 @@ def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
 
 
 def test_decode_bound_is_not_applicable_when_the_working_set_fits_in_the_cache():
-    from launch.benchmark import decode_bound, last_level_cache_bytes
+    from uhd_jax.cli.benchmark import decode_bound, last_level_cache_bytes
 
     # the llava15:demo decode on the 2-core CPU (32 MiB L3): 7.9 MB of weights stay in the cache
     fits = decode_bound(7_900_000, 170_000, 32, 4.7, 32 * 2 ** 20)
@@ -111,7 +111,7 @@ def test_decode_bound_is_not_applicable_when_the_working_set_fits_in_the_cache()
 def test_memory_mode_reports_xlas_analysis_of_the_jbu_step(tmp_path, monkeypatch):
     """The mode's plumbing, with the compile stubbed (the real step's analysis: tests/test_jbu_memory.py's pieces,
     benchmarks/README.md's numbers); and `analysis_bytes` on a donated step, where the output reuses the argument."""
-    from launch import benchmark
+    from uhd_jax.cli import benchmark
     from uhd_jax.perf.memory import analysis_bytes
 
     seen = {}
@@ -132,7 +132,7 @@ def test_memory_mode_reports_xlas_analysis_of_the_jbu_step(tmp_path, monkeypatch
 
 
 def test_benchmark_cli_user_mistakes(tmp_path, capsys):
-    from launch.benchmark import main
+    from uhd_jax.cli.benchmark import main
     from tests.cli_mistakes import assert_mistake
 
     out = ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "r.jsonl")]

@@ -9,7 +9,7 @@ from tests.cli_mistakes import assert_mistake
 from uhd_jax.data.dataset import read_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "llava15.py") + ":tiny"
+TINY = os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":tiny"
 
 
 def planted_data(d, tmp_path):
@@ -36,7 +36,7 @@ def planted_data(d, tmp_path):
 
 
 def test_check_data_counts_skips_truncations_and_the_plan(synthetic_data, tmp_path, capsys):
-    from tools.check_data import main
+    from uhd_jax.cli.check_data import main
 
     d = synthetic_data
     path, img_dir = planted_data(d, tmp_path)
@@ -69,11 +69,11 @@ def test_check_data_counts_skips_truncations_and_the_plan(synthetic_data, tmp_pa
 
 def test_check_data_on_sliced_images_counts_slices_and_budget_overflows(synthetic_data, tmp_path, capsys):
     """UHD slicing: slices per image, and a sample whose image tokens the length budget would cut is an overflow."""
-    from tools.check_data import main
+    from uhd_jax.cli.check_data import main
 
     d = synthetic_data
     report = tmp_path / "report.json"
-    argv = ["--config", os.path.join(REPO, "configs", "uhd_v1.py") + ":tiny", "--stage", "sft",
+    argv = ["--config", os.path.join(REPO, "uhd_jax", "configs", "uhd_v1.py") + ":tiny", "--stage", "sft",
             "--data", f"sft={d['train']['sft']}:{d['images']}", "--workers", "0", "--limit", "10",
             "--report", str(report), f"--config.data_root={d['root']}", "--config.tokenizer=tokenizer",
             "--config.model.llm.vocab_size=640", "--config.stages.sft.max_length=200"]
@@ -100,7 +100,7 @@ def test_the_record_maker_pickles_for_grain_workers(synthetic_data):
 
 
 def test_check_data_mistakes(synthetic_data, tmp_path, capsys):
-    from tools.check_data import main
+    from uhd_jax.cli.check_data import main
 
     base = ["--config", TINY, f"--config.data_root={synthetic_data['root']}", "--config.tokenizer=tokenizer"]
     assert_mistake(capsys, main, base + ["--stage", "sfft"], "--stage sfft: unknown stage")

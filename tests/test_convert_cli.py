@@ -1,4 +1,4 @@
-"""`python -m tools.convert_torch`: without --config the model and family come from the config.json keys the originals
+"""`uhd-convert`: without --config the model and family come from the config.json keys the originals
 write (uhd.md §0, §4.1; llava15_slime_llavar.md A, C, D), and every common mistake is one line with exit status 2."""
 import json
 import os
@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from tests.convert_helpers import llama_style, random_checkpoint
 from tests.torch_helpers import tiny_llava
-from tools.convert_torch.__main__ import main as convert_cli
-from tools.convert_torch.__main__ import model_for_sources
-from tools.convert_torch.importer import Source
+from uhd_jax.convert.cli import main as convert_cli
+from uhd_jax.convert.cli import model_for_sources
+from uhd_jax.convert.importer import Source
 from uhd_jax.config_loading import load_config
 from uhd_jax.models.config import vlm_config
 from uhd_jax.train.checkpoints import load_meta, load_params, save_params
@@ -215,9 +215,10 @@ def test_corrupt_checkpoint_exits_2_without_traceback_from_the_shell(tmp_path):
     path = os.path.join(ckpt, "model.safetensors")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:40])
-    proc = subprocess.run([sys.executable, "-m", "tools.convert_torch", "import", "--src", ckpt, "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    # the installed command, from a directory outside the checkout
+    command = os.path.join(os.path.dirname(sys.executable), "uhd-convert")
+    proc = subprocess.run([command, "import", "--src", ckpt, "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and path in proc.stderr
 

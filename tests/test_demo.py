@@ -6,7 +6,7 @@ from tests.cli_mistakes import assert_mistake
 
 
 def test_demo_cli_user_mistakes(tmp_path, capsys):
-    from launch.demo import main
+    from uhd_jax.cli.demo import main
 
     work = ["--workdir", str(tmp_path / "demo")]
     assert_mistake(capsys, main, work + ["--models", "llava15,uhd_v3"], "unknown ['uhd_v3']; choose from ['llava15'")
@@ -26,7 +26,7 @@ def test_demo_stopped_by_a_signal_exits_128_plus_the_signal(tmp_path, capsys, mo
     128 + signum like launch/train.py, instead of a traceback."""
     import signal
 
-    from launch import demo
+    from uhd_jax.cli import demo
     from uhd_jax.train.trainer import Preempted
 
     def preempted(*args, **kwargs):

@@ -139,7 +139,7 @@ def test_question_file_answers_resume_and_skip_broken_images(synthetic_data, tin
 
 
 def test_generate_cli_one_image_and_a_question_file(synthetic_data, tiny_checkpoint, tmp_path, capsys):
-    from launch import generate
+    from uhd_jax.cli import generate
 
     config, ckpt = tiny_checkpoint
     image = os.path.join(synthetic_data["images"], "eval", sorted(os.listdir(synthetic_data["images"] + "/eval"))[0])
@@ -167,7 +167,7 @@ def generate_args(synthetic_data, ckpt):
 def test_generate_skips_prompts_past_the_model_context(synthetic_data, tiny_checkpoint, tmp_path, capsys):
     """The tiny LLM has 512 positions: with 4 new tokens a prompt may hold 508, and a longer one is skipped with the
     reason, not answered from positions the model never saw."""
-    from launch import generate
+    from uhd_jax.cli import generate
 
     _, ckpt = tiny_checkpoint
     image = sorted(os.listdir(synthetic_data["images"] + "/eval"))[0]
@@ -197,7 +197,7 @@ def fake_checkpoint(path, meta):
 
 
 def test_generate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, capsys):
-    from launch.generate import main
+    from uhd_jax.cli.generate import main
     from uhd_jax.config_loading import load_config
 
     config, ckpt = tiny_checkpoint
@@ -253,7 +253,7 @@ def test_generate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, c
 
 
 def test_evaluate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, capsys):
-    from launch.evaluate import main
+    from uhd_jax.cli.evaluate import main
 
     _, ckpt = tiny_checkpoint
     answers = write_json(tmp_path / "a.jsonl", [answer(1, "What?", "two")], lines=True)
@@ -294,7 +294,7 @@ def test_evaluate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, c
 
 
 def test_show_slices_cli_user_mistakes(tmp_path, capsys):
-    from tools.show_slices import main
+    from uhd_jax.cli.show_slices import main
 
     image = tmp_path / "sq.png"
     Image.new("RGB", (64, 48)).save(image)
@@ -321,9 +321,10 @@ def test_a_mistake_run_from_the_shell_is_one_line_and_status_2(tmp_path):
     r = subprocess.run([sys.executable, "launch/generate.py", "--config", "configs/nope.py", "--checkpoint", "ckpt",
                         "--image", str(image), "--prompt", "What?"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    package = os.path.join(os.getcwd(), "uhd_jax")
     assert r.stderr.strip().splitlines()[-1] == (f"generate.py: error: --config configs/nope.py: config file "
-                                                 f"'configs/nope.py' not found in {os.getcwd()} (expected e.g. "
-                                                 f"configs/llava15.py:7b)")
+                                                 f"'configs/nope.py' not found in {os.getcwd()} or under the "
+                                                 f"installed package ({package}) (expected e.g. configs/llava15.py:7b)")
 
 
 def test_checkpoint_that_does_not_fit_is_named(tiny_checkpoint, tmp_path):
@@ -360,7 +361,7 @@ def test_generate_needs_only_the_checkpoint(synthetic_data, trained_layout, tmp_
     """--checkpoint alone: model, family and tokenizer from its config.json (the tokenizer found under the directory
     training ran in), prompt format and slicing from the family's config in the variant of its sizes, found from any
     directory. The answers are those of --config with --tokenizer; the answer file names the run and stage."""
-    from launch import generate
+    from uhd_jax.cli import generate
 
     folder = synthetic_data["images"] + "/eval"
     qpath = str(tmp_path / "q.jsonl")
@@ -411,7 +412,7 @@ def test_run_settings_of_a_checkpoint_can_change_and_its_model_cannot(synthetic_
 
 
 def test_checkpoint_alone_user_mistakes(synthetic_data, tiny_checkpoint, trained_layout, tmp_path, capsys):
-    from launch.generate import main
+    from uhd_jax.cli.generate import main
     from uhd_jax.config_loading import load_config
 
     config, _ = tiny_checkpoint
@@ -449,8 +450,8 @@ def test_checkpoint_alone_user_mistakes(synthetic_data, tiny_checkpoint, trained
 
 
 def test_reading_benchmark_and_slice_picture_from_a_checkpoint_alone(synthetic_data, trained_layout, tmp_path):
-    from launch.evaluate import main as evaluate
-    from tools.show_slices import main as show_slices
+    from uhd_jax.cli.evaluate import main as evaluate
+    from uhd_jax.cli.show_slices import main as show_slices
     from uhd_jax.config_loading import load_config
 
     work = str(tmp_path / "reading")
@@ -558,7 +559,7 @@ def test_synthetic_reading_benchmark_buckets_and_scores(tmp_path):
 
 def test_slice_picture_shows_the_spec_worked_example(tmp_path):
     """uhd.md §1.2: at evaluation v1 resizes a 336x336 image to 1024x1024 and slices it 3x2: 1014 tokens."""
-    from tools.show_slices import main, picture_size, slice_plan
+    from uhd_jax.cli.show_slices import main, picture_size, slice_plan
     from uhd_jax.config_loading import load_config
 
     image = Image.new("RGB", (336, 336), (200, 120, 40))

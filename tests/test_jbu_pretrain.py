@@ -16,7 +16,7 @@ from PIL import Image
 from tests.test_uhd_v2 import TorchJBU4x, randomized
 from tests.torch_helpers import rel_err
 from tests.uhd_helpers import convert_state, tiny_uhd
-from tools.convert_torch import tables
+from uhd_jax.convert import tables
 from uhd_jax.models.projectors import vdim
 from uhd_jax.train.param_tree import flatten
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.torch_helpers import rel_err, tiny_llama
-from tools.convert_torch.hf_configs import llm_from_hf
-from tools.convert_torch.importer import Source, import_checkpoint
+from uhd_jax.convert.hf_configs import llm_from_hf
+from uhd_jax.convert.importer import Source, import_checkpoint
 from uhd_jax.models.config import llm_config
 from uhd_jax.models.llama import Llama, init_cache, positions_from_mask
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.convert_helpers import llama_style, random_checkpoint
 from tests.torch_helpers import random_pixels, rel_err, tiny_llava, to_nchw
-from tools.convert_torch.__main__ import main as convert_cli
-from tools.convert_torch.importer import CheckpointMismatchError, Source, import_checkpoint
+from uhd_jax.convert.cli import main as convert_cli
+from uhd_jax.convert.importer import CheckpointMismatchError, Source, import_checkpoint
 from uhd_jax.train.param_tree import flatten
 from uhd_jax.config_loading import load_config
 from uhd_jax.models.config import vlm_config

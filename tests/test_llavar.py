@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from tests.config_helpers import on_synthetic_data
 from tests.torch_helpers import random_pixels, rel_err, tiny_clip, tiny_llama, to_nchw
-from tools.convert_torch.__main__ import main as convert_cli
-from tools.convert_torch.torch_io import iter_tensors
+from uhd_jax.convert.cli import main as convert_cli
+from uhd_jax.convert.torch_io import iter_tensors
 from uhd_jax.data.pipeline import Source
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import VLM, init_fn

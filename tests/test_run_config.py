@@ -10,7 +10,7 @@ from uhd_jax.cli_errors import UserError, load_config
 from uhd_jax.train.cli import default_workdir, load_run_config, parse_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UHD_V2 = os.path.join(REPO, "configs", "uhd_v2.py")
+UHD_V2 = os.path.join(REPO, "uhd_jax", "configs", "uhd_v2.py")
 
 
 def test_list_fields_take_literals_comma_separated_strings_or_nothing():
@@ -47,7 +47,7 @@ def test_data_flag_replaces_a_stages_sources_with_paths_from_the_current_directo
 def test_a_config_of_ones_own_extends_a_shipped_one_from_any_directory(tmp_path, monkeypatch):
     own = tmp_path / "elsewhere" / "my_uhd.py"
     os.makedirs(own.parent)
-    own.write_text("from configs import uhd_v2\n\n\ndef get_config(arg=None):\n    c = uhd_v2.get_config(arg)\n"
+    own.write_text("from uhd_jax.configs import uhd_v2\n\n\ndef get_config(arg=None):\n    c = uhd_v2.get_config(arg)\n"
                    "    c.data_root = '/mnt/data'\n"
                    "    c.stages.sft.sources = [dict(json='mine.json', image_folder='mine')]\n    return c\n")
     monkeypatch.chdir(tmp_path)
@@ -63,10 +63,10 @@ def test_a_config_of_ones_own_extends_a_shipped_one_from_any_directory(tmp_path,
 
 
 def test_changing_batch_size_says_it_is_the_global_batch(capsys):
-    load_run_config(os.path.join(REPO, "configs", "llava15.py") + ":7b",
+    load_run_config(os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":7b",
                     ["stages.sft.batch_size=64", "stages.sft.grad_accum=2"])
     out = capsys.readouterr().out
     assert "stages.sft.batch_size 64 replaces the config's 128: batch_size is the global batch" in out
     assert "trains at 64, not 128" in out and "(--config.stages.sft.grad_accum=2: micro-batches of 64)" in out
-    load_run_config(os.path.join(REPO, "configs", "llava15.py") + ":7b", ["stages.sft.grad_accum=2"])
+    load_run_config(os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":7b", ["stages.sft.grad_accum=2"])
     assert capsys.readouterr().out == ""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools.convert_torch import tables
+from uhd_jax.convert import tables
 from uhd_jax.data.slicing import slime_grid, slime_grid_candidates, slime_tiles
 from uhd_jax.models.projectors import slime as S
 from uhd_jax.train.param_tree import flatten, unflatten

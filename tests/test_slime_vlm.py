@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from tests.test_slime import TorchGatedBlock, TorchQueryResampler, randomise, torch_router
 from tests.torch_helpers import rel_err, tiny_clip, tiny_llama, to_nchw
-from tools.convert_torch.__main__ import main as convert_cli
-from tools.convert_torch.torch_io import iter_tensors
+from uhd_jax.convert.cli import main as convert_cli
+from uhd_jax.convert.torch_io import iter_tensors
 from uhd_jax.data.image_processing import normalize
 from uhd_jax.data.slicing import slime_tiles
 from uhd_jax.models.config import vlm_config

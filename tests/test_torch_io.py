@@ -8,9 +8,9 @@ import torch
 import transformers
 
 from tests.torch_helpers import tiny_llama
-from tools.convert_torch.hf_configs import llm_from_hf
-from tools.convert_torch.importer import Source, import_checkpoint
-from tools.convert_torch.torch_io import SafetensorsWriter, checkpoint_files, iter_tensors
+from uhd_jax.convert.hf_configs import llm_from_hf
+from uhd_jax.convert.importer import Source, import_checkpoint
+from uhd_jax.convert.torch_io import SafetensorsWriter, checkpoint_files, iter_tensors
 from uhd_jax.train.param_tree import flatten
 
 

@@ -196,7 +196,7 @@ def test_every_shipped_config_names_only_rules_and_rates_that_train_something():
     from uhd_jax.models.vlm import init_fn as init
 
     checked = []
-    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    for path in sorted(glob.glob(os.path.join(REPO, "uhd_jax", "configs", "*.py"))):
         if os.path.basename(path) in ("__init__.py", "common.py"):
             continue
         for variant in ("tiny", "demo"):
@@ -251,7 +251,7 @@ def test_two_processes_train_in_lockstep(synthetic_data, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1")
     args = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
-            os.path.join(REPO, "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
+            os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
             "--stages=pretrain", f"--config.data_root={tmp_path}",
             "--config.model.llm.vocab_size=640", "--config.stages.pretrain.num_steps=4",
             "--config.stages.pretrain.batch_size=8", "--config.stages.pretrain.max_length=112",
@@ -277,7 +277,7 @@ def test_two_processes_train_in_lockstep(synthetic_data, tmp_path):
 def test_init_checkpoints_overlay_converted_weights_in_either_layer_layout(tmp_path):
     """A converter output (unscanned) initialises a model whose config scans its layers, and vice versa."""
     from tests.torch_helpers import tiny_llava
-    from tools.convert_torch.__main__ import main as convert_cli
+    from uhd_jax.convert.cli import main as convert_cli
     from uhd_jax.parallel.mesh import make_mesh
     from uhd_jax.parallel.sharding import DEFAULT_RULES, init_sharded
     from uhd_jax.train.trainer import overlay_checkpoints
@@ -310,10 +310,10 @@ def test_init_checkpoints_overlay_converted_weights_in_either_layer_layout(tmp_p
 
 
 def test_user_mistakes_on_the_command_line_are_one_line_and_exit_status_2(synthetic_data, tmp_path, capsys):
-    from launch import train as train_cli
+    from uhd_jax.cli import train as train_cli
 
     os.symlink(synthetic_data["root"], tmp_path / "synthetic")   # the tiny config reads synthetic/*
-    base = ["--config", os.path.join(REPO, "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
+    base = ["--config", os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
             "--stages=pretrain", f"--config.data_root={tmp_path}", "--config.model.llm.vocab_size=640"]
     cases = [
         (["--config", "configs/llava15.py:nope", "--workdir", "w"], "unknown variant 'nope'"),
@@ -344,7 +344,7 @@ def test_every_stage_is_checked_before_anything_is_built_and_all_problems_are_re
     """`train.py --config configs/uhd_v2.py` with no data and no --workdir: one report of what every stage lacks,
     each line naming the stage and the config key; a stage that an earlier stage of the same run produces is not
     missing."""
-    from launch import train as train_cli
+    from uhd_jax.cli import train as train_cli
 
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
@@ -359,7 +359,7 @@ def test_every_stage_is_checked_before_anything_is_built_and_all_problems_are_re
         f"config.tokenizer {data}checkpoints/vicuna-7b-v1.5: not found",
         f"stage jbu: stages.jbu.sources[0].image_folder {data}cocostuff/images/train2017: not found",
         f"stage jbu: stages.jbu.init_checkpoints[0] {data}checkpoints/uhd_v2-7b-init: not found; convert the "
-        f"PyTorch weights with `python -m tools.convert_torch import ... --out {data}checkpoints/uhd_v2-7b-init`",
+        f"PyTorch weights with `uhd-convert import ... --out {data}checkpoints/uhd_v2-7b-init`",
         f"stage pretrain: stages.pretrain.sources[0].json {data}LLaVA-Pretrain/blip_laion_cc_sbu_558k.json: not "
         f"found",
         f"stage pretrain: stages.pretrain.sources[0].image_folder {data}LLaVA-Pretrain/images: not a directory",
@@ -403,7 +403,7 @@ def test_sigterm_saves_the_current_step_ends_the_data_workers_and_the_same_comma
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"))
     cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
-           os.path.join(REPO, "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
+           os.path.join(REPO, "uhd_jax", "configs", "llava15.py") + ":tiny", "--workdir", str(tmp_path / "run"),
            "--stages=pretrain", f"--config.data_root={tmp_path}", "--config.model.llm.vocab_size=640",
            "--config.stages.pretrain.num_steps=1000", "--config.stages.pretrain.batch_size=8",
            "--config.stages.pretrain.max_length=112", "--config.stages.pretrain.save_every=500",

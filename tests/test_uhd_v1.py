@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.torch_helpers import rel_err
 from tests.uhd_helpers import convert_state, tiny_uhd, windows_reference
-from tools.convert_torch import tables
+from uhd_jax.convert import tables
 from uhd_jax.data.slicing import best_grid, resize_keep_ratio, slice_image
 from uhd_jax.data.uhd_images import PackedLayout, fill_row
 from uhd_jax.models.projectors.resampler import ResamplerGeometry, SpatialResampler, sincos_2d
@@ -298,7 +298,7 @@ def test_uhd_training_compiles_once_and_trains_the_named_parameters(synthetic_da
 def test_resampler_checkpoint_round_trip(tmp_path):
     """mm_projector.bin with the original `model.mm_projector.*` names (§7), and a full original checkpoint,
     export and re-import bit-exact."""
-    from tools.convert_torch.__main__ import main as convert_cli
+    from uhd_jax.convert.cli import main as convert_cli
     from uhd_jax.config_loading import load_config
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.train.checkpoints import save_params

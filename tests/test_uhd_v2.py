@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.torch_helpers import rel_err
 from tests.uhd_helpers import convert_state, tiny_uhd
-from tools.convert_torch import tables
+from uhd_jax.convert import tables
 from uhd_jax.models.projectors.jbu import MAP_NEIGHBOURHOOD, JBU4xStack, JBUStage, adaptive_avg_pool
 from uhd_jax.train.param_tree import flatten
 
@@ -285,8 +285,8 @@ def test_v2_projector_round_trip_and_skips(tmp_path):
     unused parts (CLIP copy, ChannelNorm, v1 query/kv_proj, unkept levels) are reported as skipped."""
     from safetensors.numpy import load_file, save_file
 
-    from tools.convert_torch.__main__ import main as convert_cli
-    from tools.convert_torch.importer import Source, import_checkpoint
+    from uhd_jax.convert.cli import main as convert_cli
+    from uhd_jax.convert.importer import Source, import_checkpoint
     from uhd_jax.config_loading import load_config
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.train.checkpoints import save_params
@@ -322,7 +322,7 @@ def test_v2_projector_round_trip_and_skips(tmp_path):
 def test_vdim_checkpoint_imports_into_the_v2_upsampler(tmp_path):
     """A FeatUp/VDIM Lightning .ckpt: the JBU stack lands in projector/upsampler, the downsamplers, scale nets and the
     featurizer are reported as skipped, and nothing else of the projector is expected from it."""
-    from tools.convert_torch.__main__ import main as convert_cli
+    from uhd_jax.convert.cli import main as convert_cli
     from uhd_jax.config_loading import load_config
     from uhd_jax.train.checkpoints import load_params
 

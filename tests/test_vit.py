@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.torch_helpers import random_pixels, rel_err, tiny_clip, to_nchw
-from tools.convert_torch.importer import Source, import_checkpoint
-from tools.convert_torch.hf_configs import vision_from_hf
+from uhd_jax.convert.importer import Source, import_checkpoint
+from uhd_jax.convert.hf_configs import vision_from_hf
 from uhd_jax.data.packing import pack_images_for_vit
 from uhd_jax.models.config import vit_config
 from uhd_jax.models.interpolate import position_taps, torch_bicubic_matrix

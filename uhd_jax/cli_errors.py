@@ -9,9 +9,9 @@ keeps its traceback: it is a bug to fix, not a mistake to explain.
   @reports_user_errors
   def main(argv=None) -> int: ...
 
-`load_config` finds `configs/NAME.py[:variant]` from the current directory, else from the repository that holds this
-package (so the CLIs work from any directory), turns a bad spec into a UserError and applies `--config.KEY=VALUE`
-overrides (the syntax of launch/train.py), naming an unknown key and the keys that exist. A list or tuple field takes
+`load_config` finds `configs/NAME.py[:variant]` from the current directory, else among the configs shipped
+in this package (so the commands work from any directory), turns a bad spec into a UserError and applies `--config.KEY=VALUE`
+overrides (the syntax of uhd-train), naming an unknown key and the keys that exist. A list or tuple field takes
 a literal (`--config.stages.sft.sources='[{"json": "a.json", "image_folder": "imgs"}]'`), comma-separated strings where
 it holds strings (`--config.stages.sft.init_checkpoints=a,b`), or nothing to empty it.
 """
@@ -30,10 +30,13 @@ class UserError(ValueError):
 
 def reports_user_errors(main):
     """`main(argv) -> int`, with a UserError printed as one line on stderr and returned as exit status 2."""
-    script = os.path.basename(inspect.getfile(main))
+    module_file = os.path.basename(inspect.getfile(main))
 
     @functools.wraps(main)
     def wrapped(argv=None):
+        # The name the user typed (uhd-train, launch/train.py), as argparse's usage errors say it; in-process calls
+        # with an argv list are named by the module.
+        script = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else module_file
         try:
             return main(argv)
         except UserError as e:
@@ -58,21 +61,16 @@ def require_dir(path: str, what: str, hint: str) -> str:
     return path
 
 
-# The checkout (or install) whose configs/ a relative config spec falls back to.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def find_config(spec: str, flag: str = "--config") -> str:
-    """`spec` with its file found: a relative path is tried in the current directory, then in REPO. A UserError
-    naming both places when it is in neither."""
+    """`spec` with its file found (see `config_loading.config_path`); a UserError naming where it looked when it is
+    in neither place."""
+    from uhd_jax.config_loading import PACKAGE, config_path
+
     path, colon, variant = spec.partition(":")
-    if os.path.isfile(path):
-        return spec
-    if not os.path.isabs(path) and os.path.isfile(os.path.join(REPO, path)):
-        return os.path.join(REPO, path) + colon + variant
-    here = os.getcwd()
-    where = "" if os.path.isabs(path) else f" in {here}" if os.path.realpath(here) == os.path.realpath(REPO) \
-        else f" in {here} or {REPO}"
+    found = config_path(path)
+    if found is not None:
+        return found + colon + variant
+    where = "" if os.path.isabs(path) else f" in {os.getcwd()} or under the installed package ({PACKAGE})"
     raise UserError(f"{flag} {spec}: config file {path!r} not found{where} (expected e.g. configs/llava15.py:7b)")
 
 

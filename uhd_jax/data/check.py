@@ -1,4 +1,4 @@
-"""A dry run of a stage's data (tools/check_data.py): every sample through the training pipeline's own preparation
+"""A dry run of a stage's data (uhd-check-data): every sample through the training pipeline's own preparation
 (`SamplePreparer`, or the JBU stage's `JBUImagePreparer`) in Grain workers, summarised instead of batched: why
 samples would be skipped, image sizes and aspect ratios, slices per image, sequence lengths against `max_length`.
 

@@ -165,7 +165,7 @@ class SamplePreparer:
 
     def prepare(self, sample: dict, index: int | None = None, stats: dict | None = None) -> dict:
         """The sample's arrays, or SampleError / TemplateError / TokenizationMismatch. `stats` (a dict, for
-        tools/check_data.py) receives, as far as preparation got: `image_sizes` [(w, h)] of the files, `slices`
+        uhd-check-data) receives, as far as preparation got: `image_sizes` [(w, h)] of the files, `slices`
         per image (UHD slices, SliME tiles), `length` (tokens before truncation, image tokens included),
         `image_tokens`, `truncated`."""
         stats = {} if stats is None else stats

@@ -17,7 +17,7 @@ DEFAULT_MIN_AREA = 16
 
 class SampleError(ValueError):
     """A sample that cannot be trained on; the message says which file or field and why. Counted, never fatal.
-    `kind` groups the reasons for a summary (tools/check_data.py): 'missing image', 'corrupt image', ..."""
+    `kind` groups the reasons for a summary (uhd-check-data): 'missing image', 'corrupt image', ..."""
 
     def __init__(self, message: str, kind: str = "bad sample"):
         super().__init__(message)

@@ -64,7 +64,7 @@ class JBUImagePreparer:
     min_area: int = 16
 
     def __call__(self, index_and_path, stats: dict | None = None) -> dict:
-        """`stats` (tools/check_data.py): receives the file's `image_sizes` [(w, h)], or a skip's `kind`."""
+        """`stats` (uhd-check-data): receives the file's `image_sizes` [(w, h)], or a skip's `kind`."""
         _, path = index_and_path
         try:
             image = load_image(path, max_pixels=self.max_pixels, min_area=self.min_area)

@@ -92,7 +92,7 @@ def read_answers(path: str) -> list[dict]:
             continue
         if not isinstance(a, dict) or "question_id" not in a or not isinstance(a.get("text"), str):
             raise UserError(f"{path}:{lineno}: an answer needs 'question_id' and a 'text' string, got "
-                            f"{line.strip()[:80]}; is this an answer file written by launch/generate.py?")
+                            f"{line.strip()[:80]}; is this an answer file written by uhd-generate?")
         out.append(a)
     return out
 

@@ -39,7 +39,7 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("chartqa", "chartqa"),
     Benchmark("ai2d", "ai2d", suffix=LETTER, v2_long_side=0),
     Benchmark("synthetic_reading", "synthetic", v2_long_side=0),
-    Benchmark("open", "none", suffix="", v2_long_side=1024),   # free-form questions (launch/generate.py --prompt)
+    Benchmark("open", "none", suffix="", v2_long_side=1024),   # free-form questions (uhd-generate --prompt)
 )}
 
 

@@ -23,7 +23,8 @@ import os
 import re
 from typing import Any
 
-from uhd_jax.cli_errors import REPO, UserError, apply_override, find_config, load_config
+from uhd_jax.cli_errors import UserError, apply_override, find_config, load_config
+from uhd_jax.config_loading import PACKAGE
 from uhd_jax.train.checkpoints import CONFIG_FILE
 
 # Settings of how a model runs, not of what it computes: overridable on any checkpoint, at the top of config.model
@@ -97,7 +98,7 @@ def family_config(meta: dict, checkpoint: str):
         path = find_config(f"configs/{family}.py").partition(":")[0]
     except UserError:
         raise UserError(f"{where} records family {family!r}, but configs/{family}.py is neither in {os.getcwd()} nor "
-                        f"in {REPO}; pass --config with the checkpoint's config file") from None
+                        f"in {PACKAGE}; pass --config with the checkpoint's config file") from None
     if meta.get("variant"):
         from uhd_jax.config_loading import load_config as load
 

@@ -74,7 +74,7 @@ def check_config_fits(config, meta: dict, checkpoint: str) -> None:
 
 
 def read_meta(checkpoint: str) -> dict:
-    hint = "pass a stage's final/ directory (runs/NAME/STAGE/final) or a converted one (python -m tools.convert_torch)"
+    hint = "pass a stage's final/ directory (runs/NAME/STAGE/final) or a converted one (uhd-convert)"
     if not os.path.isdir(checkpoint):
         raise UserError(f"checkpoint {checkpoint} not found; {hint}")
     try:

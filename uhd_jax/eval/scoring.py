@@ -118,7 +118,7 @@ def _need_prompts(answers, benchmark):
     without = next((a for a in answers if not isinstance(a.get("prompt"), str)), None)
     if without is not None:
         raise UserError(f"{benchmark} matches answers by their question, but answer {without['question_id']!r} has no "
-                        f"'prompt'; score an answer file written by launch/generate.py (or LLaVA's model_vqa)")
+                        f"'prompt'; score an answer file written by uhd-generate (or LLaVA's model_vqa)")
 
 
 def _mean(values):

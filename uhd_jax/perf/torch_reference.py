@@ -1,4 +1,4 @@
-"""The PyTorch side of `launch/benchmark.py --compare torch`: transformers' `LlavaForConditionalGeneration` with the
+"""The PyTorch side of `uhd-benchmark --compare torch`: transformers' `LlavaForConditionalGeneration` with the
 same vision tower and LLM as the benchmarked config (projector: LLaVA-1.5's MLP), SDPA attention, bf16 on a GPU
 (float32 on CPU, where torch's bf16 matmuls are emulated), AdamW, no gradient checkpointing, trained on random batches
 of one 336-px image and `seq_len` tokens per sample: the HF/LLaVA training loop users run today, minus DeepSpeed.
@@ -15,7 +15,7 @@ def torch_train_step(model: dict, trains: dict, batch: int, seq_len: int, steps:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from tools.convert_torch.hf_configs import llava_config
+    from uhd_jax.convert.hf_configs import llava_config
 
     vocab = int(model["llm"]["vocab_size"])
     image_token = vocab - 1

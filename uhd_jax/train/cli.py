@@ -1,4 +1,4 @@
-"""What launch/train.py and tools/check_data.py share on the command line: the experiment config with its
+"""What uhd-train and uhd-check-data share on the command line: the experiment config with its
 `--config.KEY=VALUE` overrides and `--data STAGE=...` sources, the stages to run, the default run directory.
 
 Paths: one given as a flag (`--workdir`, `--data`, `--config FILE`) is relative to the current directory, as in any

@@ -1,7 +1,7 @@
 """The `jbu` stage of LLaVA-UHD v2 (spec uhd.md §4.4): pretrain the JBU inverse feature pyramid with FeatUp's
 multi-view reconstruction objective (`uhd_jax.models.projectors.vdim`) against the frozen ViT, on an image folder.
 
-  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=jbu
+  uhd-train --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=jbu
 
 One jitted step: ViT features of the image and of `n_jitters` jittered views (no gradient), the JBU 2x/4x maps, the
 downsamplers, scale nets and CRF; torch-semantics NAdam (lr 1e-3) with the global gradient norm clipped to 1e-4 for

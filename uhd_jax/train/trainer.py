@@ -322,7 +322,7 @@ def batch_to_device(arrays: dict, accum: int, mesh):
 
 @dataclasses.dataclass
 class TrainingSetup:
-    """A stage's sharded train state and what compiles its step (shared by training and launch/benchmark.py)."""
+    """A stage's sharded train state and what compiles its step (shared by training and uhd-benchmark)."""
 
     state: TrainState
     state_sh: TrainState
@@ -454,7 +454,7 @@ def init_problems(config, name: str, stage, workdir: str, produced=()) -> list[s
         if not os.path.isfile(os.path.join(path, "config.json")):
             state = "not found" if not os.path.exists(path) else "not a uhd-jax checkpoint (no config.json)"
             problems.append(f"stage {name}: stages.{name}.init_checkpoints[{i}] {path}: {state}; convert the "
-                            f"PyTorch weights with `python -m tools.convert_torch import ... --out {path}`, or fix "
+                            f"PyTorch weights with `uhd-convert import ... --out {path}`, or fix "
                             f"the path (relative paths are under config.data_root)")
     prev = stage.get("init_from_stage")
     if prev and prev not in config.stages:

@@ -1,9 +1,9 @@
 """Draw how a model cuts an image: the slice grid on the image, the overview (global view) at the size the vision
 tower sees it, and each view's pixel size and LLM token count.
 
-  python tools/show_slices.py photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
+  uhd-show-slices photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
       [--config.data.slicing.max_slices=4]
-  python tools/show_slices.py photo.jpg --checkpoint runs/uhd_v2-7b/sft/final   # the checkpoint's model and config
+  uhd-show-slices photo.jpg --checkpoint runs/uhd_v2-7b/sft/final   # the checkpoint's model and config
 
 Schemes: LLaVA-UHD (v1/v2: pre-resize by the benchmark rule, `slice_image`, the spatial schema's token count with
 separators), SliME (letterboxed tiles and a squashed global view; local tokens before the router drops any) and the
@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from tools.convert_torch import tables
-from tools.convert_torch.torch_io import iter_tensors, list_keys
+from uhd_jax.convert import tables
+from uhd_jax.convert.torch_io import iter_tensors, list_keys
 from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.models import config as model_config
 from uhd_jax.models.llama import Llama

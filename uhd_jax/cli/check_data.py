@@ -1,14 +1,14 @@
 """A dry run over one stage's data before a long job: every sample through the training pipeline's own preparation
 (Grain workers, the same skip checks, slicing and tokenization), nothing trained.
 
-  python tools/check_data.py --config configs/llava15.py:7b --stage sft [--workers 8] [--report sft_data.json]
-  python tools/check_data.py --config configs/uhd_v2.py:7b --stage sft --data sft=mix665k.json:images/ --limit 20000
+  uhd-check-data --config configs/llava15.py:7b --stage sft [--workers 8] [--report sft_data.json]
+  uhd-check-data --config configs/uhd_v2.py:7b --stage sft --data sft=mix665k.json:images/ --limit 20000
 
 Prints how many samples would be skipped and why (with examples), the image sizes and aspect ratios, slices per
 image, the sequence lengths (text and image tokens) against the stage's max_length with the truncations, the
 image-token budget overflows, and the steps and passes over the data that the stage's batch, epochs and skip rate
 imply. `--report FILE` writes all of it, with every skipped sample's id and reason, as JSON. `--data`,
-`--config.KEY=VALUE` and the path rules are launch/train.py's. `--limit N` checks a seeded random subset.
+`--config.KEY=VALUE` and the path rules are uhd-train's. `--limit N` checks a seeded random subset.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags, logging  # noqa: E402
 
@@ -30,7 +29,7 @@ from uhd_jax.train.cli import add_config_arguments, load_run_config  # noqa: E40
 
 def stage_parts(config, name: str):
     """(record datasets, sample count per source, source names, max_length, samples per epoch) of the stage; every
-    problem with its inputs (files, folders, tokenizer, template) at once as a PreflightError, as launch/train.py
+    problem with its inputs (files, folders, tokenizer, template) at once as a PreflightError, as uhd-train
     reports them."""
     from uhd_jax.data.check import conversation_parts, image_parts
     from uhd_jax.data.templates import get_template

@@ -11,17 +11,17 @@ Stages = the original's four runs (§C.6), each 1 epoch, cosine, warmup 0.03, ba
 Variants: `7b` (default, Vicuna-7B v1.5, `vicuna_v1`), `13b`, `8b` (Llama-3-8B-Instruct, `llama3` template,
 separator ',' = 11), `tiny` (tests), `demo` (CPU sizes on the synthetic dataset). Seed 3407 as the original scripts.
 
-  python -m tools.convert_torch import --src data/checkpoints/vicuna-7b-v1.5/ \\
+  uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
       --config configs/slime.py:7b --out data/checkpoints/slime-7b-init
-  python launch/train.py --config configs/slime.py:7b --workdir runs/slime-7b
+  uhd-train --config configs/slime.py:7b --workdir runs/slime-7b
 A released model (HF yifanzhang114/SliME-vicuna-7B) imports directly: --src SliME-vicuna-7B/ --vision clip.../
 Expected: the only number verified in the spec is SliME-8B's Video-MME 45.3 (8 frames, w/o subtitles); the paper's
 image benchmarks could not be retrieved (spec §C.10).
 """
 from __future__ import annotations
 
-from configs import common
+from uhd_jax.configs import common
 
 VARIANTS = ("7b", "13b", "8b", "tiny", "demo")
 PRETRAIN = [dict(json="LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="LLaVA-Pretrain/images")]

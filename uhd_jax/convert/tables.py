@@ -12,7 +12,7 @@ import functools
 import re
 from typing import Callable
 
-from tools.convert_torch import transforms as T
+from uhd_jax.convert import transforms as T
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]*))?\}")
 

@@ -8,8 +8,8 @@ import os
 import jax
 import numpy as np
 
-from tools.convert_torch import hf_configs, hf_processor, tables
-from tools.convert_torch.torch_io import SafetensorsWriter, save_torch_bin
+from uhd_jax.convert import hf_configs, hf_processor, tables
+from uhd_jax.convert.torch_io import SafetensorsWriter, save_torch_bin
 from uhd_jax.train.param_tree import flatten, match_layer_layout
 from uhd_jax.train.checkpoints import load_meta, load_params
 

@@ -11,12 +11,12 @@ Stages (README of the original):
   sft       158K LLaVA-Instruct + 16K LLaVAR-Instruct, everything but CLIP, lr 2e-5, 3 epochs, batch 32, max 2048
 Both cosine, warmup 0.03, no weight decay. Variants: `13b` (default, Vicuna-13B v1.1), `7b`, `tiny` (tests).
 
-  python -m tools.convert_torch import --src data/checkpoints/vicuna-13b-v1.1/ \\
+  uhd-convert import --src data/checkpoints/vicuna-13b-v1.1/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
       --config configs/llavar.py:13b --out data/checkpoints/llavar-13b-init
-  python launch/train.py --config configs/llavar.py:13b --workdir runs/llavar-13b
+  uhd-train --config configs/llavar.py:13b --workdir runs/llavar-13b
 A released checkpoint (SALT-NLP/LLaVAR, merged) imports with its three extra rows:
-  python -m tools.convert_torch import --src LLaVAR-13b/ \\
+  uhd-convert import --src LLaVAR-13b/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
       --config configs/llavar.py:13b --out data/checkpoints/llavar-13b
 Expected (spec §D, recomputed from the released answer files, containment accuracy): TextVQA 50.5, ST-VQA 40.0,
@@ -24,7 +24,7 @@ OCR-VQA 27.0, DocVQA 12.9; MME OCR 80.0 (LLaVA 50.0).
 """
 from __future__ import annotations
 
-from configs import common
+from uhd_jax.configs import common
 
 EXTRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")
 VARIANTS = ("13b", "7b", "tiny")

@@ -5,17 +5,17 @@ then `sft` (mix665k, `vicuna_v1`, projector + LLM at 2e-5, batch 128, `pad`); vi
 Variants: `7b` (default), `13b`, `1b` (TinyLlama-1.1B: the 1B-class speed comparison, benchmarks/README.md),
 `tiny` (tests), `demo` (the CPU demo on the synthetic dataset).
 
-  python -m tools.convert_torch import --src data/checkpoints/vicuna-7b-v1.5/ \
+  uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \
       --vision data/checkpoints/clip-vit-large-patch14-336/ \
       --config configs/llava15.py:7b --out data/checkpoints/llava15-7b-init
-  python launch/train.py --config configs/llava15.py:7b --workdir runs/llava15-7b
+  uhd-train --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
 The demo (`make demo`, ~8 min on 2 idle CPU cores): held-out exact match 0.0% untrained -> 22.0% trained, vs 16.5% for the
 best image-blind answers (README).
 """
 from __future__ import annotations
 
-from configs import common
+from uhd_jax.configs import common
 
 
 def get_config(arg: str | None = None):

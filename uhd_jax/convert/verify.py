@@ -10,8 +10,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from tools.convert_torch import hf_configs, tables
-from tools.convert_torch.torch_io import list_keys, read_config
+from uhd_jax.convert import hf_configs, tables
+from uhd_jax.convert.torch_io import list_keys, read_config
 from uhd_jax.models.config import llm_config, vit_config, vlm_config
 from uhd_jax.models.llama import Llama, positions_from_mask
 from uhd_jax.models.vit import VisionTransformer

@@ -1,11 +1,11 @@
 """Convert checkpoints between PyTorch layouts and uhd-jax.
 
-  python -m tools.convert_torch import --src DIR [--vision DIR] [--projector mm_projector.bin]
+  uhd-convert import --src DIR [--vision DIR] [--projector mm_projector.bin]
                                        [--config configs/llava15.py:7b] --out CKPT
-  python -m tools.convert_torch export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
+  uhd-convert export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
                                        [--tokenizer DIR]
-  python -m tools.convert_torch verify --checkpoint CKPT --torch DIR      # logit check against transformers
-  python -m tools.convert_torch layouts
+  uhd-convert verify --checkpoint CKPT --torch DIR      # logit check against transformers
+  uhd-convert layouts
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import argparse
 import os
 import sys
 
-from tools.convert_torch import hf_configs, hf_processor, tables
-from tools.convert_torch.exporter import FORMATS, export_checkpoint
-from tools.convert_torch.importer import Source, import_checkpoint
-from tools.convert_torch.torch_io import list_keys, read_config
+from uhd_jax.convert import hf_configs, hf_processor, tables
+from uhd_jax.convert.exporter import FORMATS, export_checkpoint
+from uhd_jax.convert.importer import Source, import_checkpoint
+from uhd_jax.convert.torch_io import list_keys, read_config
 
 
-PROG = "python -m tools.convert_torch"
+PROG = "uhd-convert"
 
 
 def load_experiment(spec: str):
@@ -145,7 +145,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from tools.convert_torch.verify import compare_logits
+    from uhd_jax.convert.verify import compare_logits
 
     err = compare_logits(args.checkpoint, args.torch)
     ok = err <= args.tolerance

@@ -151,7 +151,7 @@ def write_llava_processor(out: str, tok, vision: dict, recipe: dict) -> None:
     """LlavaProcessor (tokenizer, image processor, chat template) as `AutoProcessor.from_pretrained(out)` loads it."""
     from transformers import LlavaProcessor
 
-    from tools.convert_torch.hf_configs import feature_select_strategy
+    from uhd_jax.convert.hf_configs import feature_select_strategy
 
     images = image_processor(vision, recipe.get("image_aspect_ratio") == "pad")
     processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=vision["patch_size"],

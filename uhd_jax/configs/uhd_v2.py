@@ -10,13 +10,13 @@ ViT on an image folder - COCO-stuff train2017 in the paper; NAdam 1e-3, batch 16
 `clip-large-vdim.ckpt`), `pretrain` (captions, overview only, projector minus the JBU trainable, lr 1e-3, batch 256,
 starting from the `jbu` stage's upsampler) and `sft`.
 
-  python -m tools.convert_torch import --src data/checkpoints/vicuna-7b-v1.5/ \
+  uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \
       --vision data/checkpoints/clip-vit-large-patch14-336/ \
       --config configs/uhd_v2.py:7b --out data/checkpoints/uhd_v2-7b-init
-  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b          # jbu, pretrain, sft
+  uhd-train --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b          # jbu, pretrain, sft
   # or skip the JBU stage with the released VDIM checkpoint (imported with --layout vdim into
   # data/checkpoints/clip-large-vdim; config paths are under data_root):
-  python launch/train.py --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=pretrain,sft \
+  uhd-train --config configs/uhd_v2.py:7b --workdir runs/uhd_v2-7b --stages=pretrain,sft \
       --config.stages.pretrain.init_from_stage= \
       --config.stages.pretrain.init_checkpoints=checkpoints/uhd_v2-7b-init,checkpoints/clip-large-vdim
 Expected (spec §8): +3.7% average over 14 benchmarks vs LLaVA-UHD; TextVQA 70.6 for the Qwen2-7B checkpoint
@@ -24,7 +24,7 @@ Expected (spec §8): +3.7% average over 14 benchmarks vs LLaVA-UHD; TextVQA 70.6
 """
 from __future__ import annotations
 
-from configs import common, uhd_v1
+from uhd_jax.configs import common, uhd_v1
 
 QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                 num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True,

@@ -9,16 +9,16 @@ template: the v2-head code's `adapt_spatial_resampler_v1` on Qwen2), `arxiv64` (
 with one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
 1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes).
 
-  python -m tools.convert_torch import --src data/checkpoints/vicuna-13b-v1.5/ \\
+  uhd-convert import --src data/checkpoints/vicuna-13b-v1.5/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
       --config configs/uhd_v1.py:13b --out data/checkpoints/uhd_v1-13b-init
-  python launch/train.py --config configs/uhd_v1.py:13b --workdir runs/uhd_v1-13b
+  uhd-train --config configs/uhd_v1.py:13b --workdir runs/uhd_v1-13b
 Expected (spec §8, issue #1 of the original repo, unverified against the PDF): TextVQA 67.7, GQA 65.2, VQAv2 81.7
 for the 13B model; ~1 day on 8xA100.
 """
 from __future__ import annotations
 
-from configs import common
+from uhd_jax.configs import common
 
 LLM_OF = {"13b": "13b", "7b": "7b", "qwen2_7b": "7b", "1b": "1b", "arxiv64": "13b", "tiny": "tiny", "demo": "demo"}
 
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     small = variant in ("tiny", "demo")
     llm = common.choose_llm("configs/uhd_v1.py", LLM_OF[variant])
     if variant == "qwen2_7b":
-        from configs.uhd_v2 import QWEN2_7B  # one copy of the Qwen2 sizes (uhd_v2 imports this module at load time)
+        from uhd_jax.configs.uhd_v2 import QWEN2_7B  # one copy of the Qwen2 sizes (uhd_v2 imports this module at load time)
 
         llm = dict(QWEN2_7B)
     projector = {"arxiv64": "arxiv_resampler", "demo": "uhd_v1_query64"}.get(variant, "adapt_spatial_resampler")

@@ -1,0 +1,10 @@
+"""`uhd-check-data` run from a checkout (`python launch/check_data.py --help`): the program is uhd_jax/cli/check_data.py."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout, without installing
+
+from uhd_jax.cli.check_data import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""PyTorch <-> uhd-jax checkpoint conversion: `python -m tools.convert_torch --help`."""

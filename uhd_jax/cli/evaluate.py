@@ -1,0 +1,145 @@
+"""Score answers with a benchmark's official rule, or run the synthetic high-resolution reading benchmark.
+
+  uhd-evaluate --benchmark textvqa --answers answers/textvqa.jsonl --annotations TextVQA_0.5.1_val.json
+  uhd-evaluate --benchmark synthetic_reading --checkpoint runs/demo/run/uhd_v2/sft/final \
+      --workdir runs/reading
+  # several models on the same images, one chart: repeat --checkpoint (and --name), or --config/--checkpoint in pairs;
+  # --config.KEY=VALUE overrides apply to every model (of the model, only its run settings: uhd-generate)
+
+Results go to a JSON file next to the answers (`<answers>.scores.json`, or `<workdir>/results.json` with a bar chart
+`<workdir>/results.png` of accuracy per resolution bucket) and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+from absl import flags, logging  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.WARNING)
+
+from uhd_jax.cli_errors import UserError, reports_user_errors, require_file, split_overrides  # noqa: E402
+from uhd_jax.eval.benchmarks import BENCHMARKS  # noqa: E402
+
+
+def print_scores(result: dict) -> None:
+    print(f"{result['benchmark']}: {result['score']:.2f}  ({result['scored']} of {result['answers']} answers scored"
+          + (f"; {result['unmatched_count']} without annotation, e.g. {result['unmatched'][:3]}"
+             if result["unmatched_count"] else "") + ")")
+    for key, value in result["metrics"].items():
+        if isinstance(value, dict):
+            print(f"  {key:<24}" + "  ".join(f"{k}={v:.4g}" for k, v in value.items()))
+        else:
+            print(f"  {key:<24}{value:.2f}")
+
+
+def score_file(a) -> int:
+    from uhd_jax.eval.answers import read_answers
+    from uhd_jax.eval.scoring import score_answers
+
+    require_file(a.answers, "--answers", "give the answer file uhd-generate wrote")
+    answers = read_answers(a.answers)
+    if not answers:
+        raise UserError(f"--answers {a.answers}: no answers to score; run uhd-generate first")
+    if a.benchmark != "mme" or not os.path.isdir(a.annotations):   # MME's annotations are its release folder
+        require_file(a.annotations, "--annotations", f"give the {a.benchmark} annotation file")
+    result = score_answers(a.benchmark, answers, a.annotations)
+    print_scores(result)
+    out = a.out or a.answers + ".scores.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"scores -> {out}")
+    return 0
+
+
+def synthetic_reading(a) -> int:
+    import types
+
+    from uhd_jax.cli.generate import answering_for, check_model, load
+    from uhd_jax.eval import synthetic_bench
+    from uhd_jax.eval.answers import read_answers, read_questions
+    from uhd_jax.eval.checkpoint_config import checkpoint_name
+    from uhd_jax.eval.model_vqa import answer_questions
+
+    checkpoints, configs = a.checkpoint or [], a.config or []
+    if not checkpoints or (configs and len(configs) != len(checkpoints)):
+        raise UserError("synthetic_reading needs --checkpoint once per model (with --config: one per --checkpoint, "
+                        "in pairs)")
+    configs = configs or [None] * len(checkpoints)
+    names = a.name or [checkpoint_name(k) if c is None else os.path.basename(c.split(":")[0]).removesuffix(".py")
+                       + (":" + c.split(":")[1] if ":" in c else "") for c, k in zip(configs, checkpoints)]
+    if len(names) != len(checkpoints) or len(set(names)) != len(names):
+        raise UserError(f"--name: one distinct name per model, got {names} for {len(checkpoints)} model(s)")
+    if a.per_bucket < 1 or any(s < 1 for s in a.sides):
+        raise UserError(f"--per-bucket {a.per_bucket} --sides {a.sides}: give positive numbers")
+    runs = [(name, config, checkpoint, types.SimpleNamespace(**{**vars(a), "config": config, "checkpoint": checkpoint}))
+            for name, config, checkpoint in zip(names, configs, checkpoints)]
+    for *_, args in runs:   # a mistake in the last pair stops the run before the first model's answers
+        check_model(args)
+    os.makedirs(a.workdir, exist_ok=True)
+    paths = synthetic_bench.build(os.path.join(a.workdir, "bench"), a.per_bucket, tuple(a.sides))
+    questions = read_questions(paths["questions"])
+    results = {}
+    for name, config, checkpoint, args in runs:
+        model = load(args)
+        answering = answering_for(model, args, "synthetic_reading", paths["images"])
+        answers_path = os.path.join(a.workdir, f"answers_{name.replace(':', '_').replace('/', '_')}.jsonl")
+        summary = answer_questions(answering, questions, answers_path, log=lambda *_: None)
+        results[name] = synthetic_bench.score(read_answers(answers_path), paths["annotations"])
+        results[name].update(config=config, checkpoint=checkpoint, compilations=summary["compilations"],
+                             skipped=len(summary["skipped"]), answer_seconds=summary["seconds"])
+        print(f"{name}: {summary['answered_now']} answered in {summary['seconds']:.0f}s, "
+              f"{summary['compilations']} compilation(s), {len(summary['skipped'])} skipped")
+    sides = sorted({s for r in results.values() for s in r["buckets"]})
+    print(f"\nsynthetic_reading, exact match % per image long side ({a.per_bucket} questions each):")
+    print(f"  {'model':<20}" + "".join(f"{str(s) + 'px':>9}" for s in sides) + f"{'all':>9}")
+    for name, r in results.items():
+        print(f"  {name:<20}" + "".join(f"{r['buckets'][s]['exact']:9.1f}" if s in r["buckets"] else f"{'-':>9}"
+                                        for s in sides) + (f"{r['overall']['exact']:9.1f}" if r["overall"]
+                                                           else f"{'-':>9}"))
+    with open(os.path.join(a.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    png = synthetic_bench.bar_chart(results, os.path.join(a.workdir, "results.png"))
+    print(f"results -> {a.workdir}/results.json, chart -> {png}")
+    return 0
+
+
+@reports_user_errors
+def main(argv=None) -> int:
+    from uhd_jax.cli.generate import add_model_flags
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", required=True, choices=sorted(b for b in BENCHMARKS if b != "open"), metavar="NAME",
+                   help="one of: " + ", ".join(sorted(b for b in BENCHMARKS if b != "open")))
+    p.add_argument("--answers", help="answer file to score (with --annotations)")
+    p.add_argument("--annotations", help="the benchmark's annotation file (MME: its release folder)")
+    p.add_argument("--out", default=None, help="scores JSON (default: <answers>.scores.json)")
+    models = argparse.ArgumentParser(add_help=False)
+    add_model_flags(models)
+    for action in models._actions:   # the model flags, repeatable here for side-by-side runs
+        if action.dest in ("config", "checkpoint"):
+            p.add_argument(*action.option_strings, action="append", help=action.help)
+        elif action.dest != "help":
+            p.add_argument(*action.option_strings, default=action.default, type=action.type, help=action.help)
+    p.add_argument("--name", action="append", help="label per model (default: the config, or the checkpoint's name)")
+    p.add_argument("--workdir", default="runs/synthetic_reading")
+    p.add_argument("--per-bucket", type=int, default=40)
+    p.add_argument("--sides", type=int, nargs="+", default=[336, 672, 1024, 1536, 2048])
+    a, extra = p.parse_known_args(argv)
+    a.overrides = split_overrides(extra, p)
+    if a.benchmark == "synthetic_reading":
+        return synthetic_reading(a)
+    if a.overrides:
+        p.error(f"{' '.join('--config.' + o for o in a.overrides)}: overrides apply to the models of "
+                f"synthetic_reading; scoring an answer file runs no model")
+    if not (a.answers and a.annotations):
+        p.error(f"--benchmark {a.benchmark} scores an answer file: give --answers and --annotations")
+    return score_file(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

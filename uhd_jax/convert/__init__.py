@@ -1,0 +1,1 @@
+"""PyTorch <-> uhd-jax checkpoint conversion: `uhd-convert --help`."""
