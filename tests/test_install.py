@@ -30,3 +30,55 @@ def test_accelerator_extra_resolves_with_the_pinned_jax(tmp_path, extra, plugin)
         assert resolved["jax-cuda12-pjrt"] == jax.__version__
         assert "nvidia-cudnn-cu12" in resolved
     assert "jax" not in resolved and "jaxlib" not in resolved, "the extra must not move the jax pin"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`pip install .` of this checkout into a folder of its own (no dependencies: they are this venv's), so the
+    commands below run from that install and not from the checkout."""
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), REPO], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+def run_installed(installed, cwd, *argv):
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    return subprocess.run([str(installed / "bin" / argv[0]), *argv[1:]], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_pip_install_gives_every_command_outside_the_checkout(installed, tmp_path):
+    import configparser
+    import glob
+
+    scripts = configparser.ConfigParser()
+    scripts.read(glob.glob(str(installed / "uhd_jax-*.dist-info" / "entry_points.txt")))
+    names = sorted(scripts["console_scripts"])
+    assert names == ["uhd-benchmark", "uhd-check-data", "uhd-convert", "uhd-demo", "uhd-evaluate", "uhd-generate",
+                     "uhd-show-slices", "uhd-train"]
+    # Every script's target resolves in the install (one process: each import of jax costs seconds) ...
+    check = ("import importlib, sys, uhd_jax\n"
+             "for target in sys.argv[1:]:\n"
+             "    module, _, function = target.partition(':')\n"
+             "    assert callable(getattr(importlib.import_module(module), function)), target\n"
+             "print(uhd_jax.__file__)")
+    proc = subprocess.run([sys.executable, "-c", check, *(scripts["console_scripts"][n] for n in names)],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(installed)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(installed / "uhd_jax" / "__init__.py")
+    # ... and a script runs as the user would start it
+    proc = run_installed(installed, tmp_path, "uhd-generate", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: uhd-generate"), proc.stderr[-2000:]
+
+
+def test_installed_commands_find_the_shipped_configs_from_any_directory(installed, tmp_path):
+    """The shipped configs travel with the package: `--config configs/llava15.py:tiny` from an empty directory is
+    the installed file, and its stage's missing data is the preflight report (exit 2), not a missing config."""
+    proc = run_installed(installed, tmp_path, "uhd-train", "--config", "configs/llava15.py:tiny", "--stages=sft")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "stages.sft.sources[0].json" in proc.stderr
+    assert f"in {os.path.join('runs', 'llava15-tiny')}" in proc.stdout   # the run directory, relative to the cwd
+    proc = run_installed(installed, tmp_path, "uhd-convert", "layouts")
+    assert proc.returncode == 0 and "llava_hf" in proc.stdout, proc.stderr
