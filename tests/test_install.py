@@ -36,9 +36,16 @@ def test_accelerator_extra_resolves_with_the_pinned_jax(tmp_path, extra, plugin)
 def installed(tmp_path_factory):
     """`pip install .` of this checkout into a folder of its own (no dependencies: they are this venv's), so the
     commands below run from that install and not from the checkout."""
+    import shutil
+
+    # What a source distribution holds, copied: setuptools builds in the source folder, and this keeps its build/
+    # out of the checkout (and shows that nothing outside these files is needed).
+    source = tmp_path_factory.mktemp("source")
+    shutil.copy(os.path.join(REPO, "setup.py"), source)
+    shutil.copytree(os.path.join(REPO, "uhd_jax"), source / "uhd_jax", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), REPO], capture_output=True, text=True, timeout=600)
+                           "--target", str(target), str(source)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return target
 

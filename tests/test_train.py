@@ -256,9 +256,9 @@ def test_two_processes_train_in_lockstep(synthetic_data, tmp_path):
             "--config.model.llm.vocab_size=640", "--config.stages.pretrain.num_steps=4",
             "--config.stages.pretrain.batch_size=8", "--config.stages.pretrain.max_length=112",
             "--config.stages.pretrain.save_every=2", "--config.mesh.fsdp=2",
-            f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+            f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
     with open(tmp_path / "p0.log", "w") as l0, open(tmp_path / "p1.log", "w") as l1:
-        procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs = [subprocess.Popen(args + [f"--process-id={i}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=REPO) for i, log in enumerate((l0, l1))]
         codes = [p.wait(timeout=600) for p in procs]
     logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]

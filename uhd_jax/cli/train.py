@@ -13,7 +13,7 @@ Before anything is built, every stage to run is checked - data files, image fold
 the earlier stage of this run they come from), batch vs devices, trainable rules - and everything missing is
 reported at once.
 
-Multi-host: --coordinator=HOST:PORT --num_processes=N --process_id=I, or --distributed_auto (SLURM / TPU pods).
+Multi-host: --coordinator=HOST:PORT --num-processes=N --process-id=I, or --distributed-auto (SLURM / TPU pods).
 A run killed at any point resumes from its last checkpoint with the same command. SIGTERM (a preemption) or Ctrl-C
 first saves a checkpoint of the current step, then exits with status 128 + the signal's number.
 
@@ -59,14 +59,18 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None,
                    help="run directory: checkpoints, logs, final parameters per stage (default: runs/NAME-VARIANT)")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 for multi-process runs")
-    p.add_argument("--num_processes", type=int, default=None, help="number of processes (with --coordinator)")
-    p.add_argument("--process_id", type=int, default=None, help="this process's index (with --coordinator)")
-    p.add_argument("--distributed_auto", action="store_true",
+    p.add_argument("--num-processes", type=int, default=None, help="number of processes (with --coordinator)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator)")
+    p.add_argument("--distributed-auto", action="store_true",
                    help="jax.distributed.initialize() with cluster auto-detection")
+    # the spellings of earlier versions, still accepted
+    p.add_argument("--num_processes", dest="num_processes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--process_id", dest="process_id", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--distributed_auto", dest="distributed_auto", action="store_true", help=argparse.SUPPRESS)
     a, extra = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     config = load_run_config(a.config, split_overrides(extra, p), a.data)
     if a.coordinator and (a.num_processes is None or a.process_id is None):
-        p.error("--coordinator needs --num_processes and --process_id")
+        p.error("--coordinator needs --num-processes and --process-id")
     stages = run_order(config, a.stages)
     workdir = a.workdir or default_workdir(a.config, config)
     if os.path.isfile(workdir):
