@@ -299,12 +299,15 @@ def test_show_slices_cli_user_mistakes(tmp_path, capsys):
     image = tmp_path / "sq.png"
     Image.new("RGB", (64, 48)).save(image)
     (tmp_path / "notes.png").write_text("not an image")
-    ok = [str(image), "--config", "configs/uhd_v2.py:tiny", "--out", str(tmp_path / "out" / "s.png")]
+    ok = ["--image", str(image), "--config", "configs/uhd_v2.py:tiny", "--out", str(tmp_path / "out" / "s.png")]
     assert exit_status(main, ok + ["--config.data.slicing.max_slices=2"]) == 0
-    assert_mistake(capsys, main, [str(tmp_path / "x.png")] + ok[1:], "x.png: not found")
-    assert_mistake(capsys, main, [str(tmp_path / "notes.png")] + ok[1:], "notes.png cannot be read")
-    assert_mistake(capsys, main, ok[:2] + ["configs/uhd_v3.py"] + ok[3:], "'configs/uhd_v3.py' not found")
-    assert_mistake(capsys, main, ok[:2] + ["configs/uhd_v2.py:8b"] + ok[3:], "unknown variant '8b'")
+    assert exit_status(main, ok[1:]) == 0   # the positional image of earlier versions
+    assert_mistake(capsys, main, ok[2:], "give the image once: --image IMAGE")
+    assert_mistake(capsys, main, ok + [str(image)], "give the image once")
+    assert_mistake(capsys, main, ["--image", str(tmp_path / "x.png")] + ok[2:], "x.png: not found")
+    assert_mistake(capsys, main, ["--image", str(tmp_path / "notes.png")] + ok[2:], "notes.png cannot be read")
+    assert_mistake(capsys, main, ok[:3] + ["configs/uhd_v3.py"] + ok[4:], "'configs/uhd_v3.py' not found")
+    assert_mistake(capsys, main, ok[:3] + ["configs/uhd_v2.py:8b"] + ok[4:], "unknown variant '8b'")
     assert_mistake(capsys, main, ok + ["--config.data.slicing.max_slice=2"],
                    "unknown config key 'max_slice'; config.data.slicing has [")
     assert_mistake(capsys, main, ok + ["--config.data.slicing.max_slices=many"], "not a valid int")
@@ -390,7 +393,7 @@ def test_run_settings_of_a_checkpoint_can_change_and_its_model_cannot(synthetic_
 
     src = experiment(trained_layout, None, ["model.attention_impl=cudnn", "model.param_dtype=bfloat16",
                                             "model.scan_layers=true", "model.dtype=bfloat16"])
-    assert src.config.variant == "tiny" and src.meta["model"]["attention_impl"] == "xla"
+    assert src.config.variant == "tiny" and src.meta["model"]["attention_impl"] == "auto"
     assert os.path.samefile(choose_tokenizer(src), synthetic_data["tokenizer"])   # WORK/data/tokenizer
     model = load_model(src.config, trained_layout, model=src.model, model_id=src.model_id)
     assert model.cfg.llm.attention_impl == model.cfg.vision.attention_impl == "cudnn"
@@ -467,7 +470,7 @@ def test_reading_benchmark_and_slice_picture_from_a_checkpoint_alone(synthetic_d
     image = str(tmp_path / "wide.png")
     Image.new("RGB", (300, 120)).save(image)
     outs = [str(tmp_path / f"{k}.png") for k in range(2)]
-    assert show_slices([image, "--checkpoint", ckpt, "--out", outs[0]]) == 0
+    assert show_slices(["--image", image, "--checkpoint", ckpt, "--out", outs[0]]) == 0
     assert show_slices([image, "--config", "configs/uhd_v2.py:tiny", "--out", outs[1]]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
 

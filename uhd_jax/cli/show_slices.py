@@ -1,9 +1,9 @@
 """Draw how a model cuts an image: the slice grid on the image, the overview (global view) at the size the vision
 tower sees it, and each view's pixel size and LLM token count.
 
-  uhd-show-slices photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
+  uhd-show-slices --image photo.jpg --config configs/uhd_v2.py [--benchmark textvqa] [--out slices.png]
       [--config.data.slicing.max_slices=4]
-  uhd-show-slices photo.jpg --checkpoint runs/uhd_v2-7b/sft/final   # the checkpoint's model and config
+  uhd-show-slices --image photo.jpg --checkpoint runs/uhd_v2-7b/sft/final   # the checkpoint's model and config
 
 Schemes: LLaVA-UHD (v1/v2: pre-resize by the benchmark rule, `slice_image`, the spatial schema's token count with
 separators), SliME (letterboxed tiles and a squashed global view; local tokens before the router drops any) and the
@@ -134,7 +134,8 @@ def open_image(path: str) -> Image.Image:
 @reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image")
+    p.add_argument("--image", dest="image_flag", metavar="IMAGE", help="the image (as uhd-generate's --image)")
+    p.add_argument("image", nargs="?", help=argparse.SUPPRESS)   # the positional form of earlier versions
     p.add_argument("--config", help="configs/NAME.py[:variant]; --config.KEY=VALUE overrides an entry")
     p.add_argument("--checkpoint", help="a checkpoint directory: its model, in its family's config (instead of, or "
                                         "checked against, --config)")
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
     overrides = split_overrides(extra, p)
     if a.display < 1:
         p.error(f"--display {a.display}: give the panel's long side in pixels, at least 1")
+    if bool(a.image) == bool(a.image_flag):
+        p.error("give the image once: --image IMAGE")
+    a.image = a.image or a.image_flag
     if not (a.config or a.checkpoint):
         p.error("give --config configs/NAME.py[:variant] or --checkpoint DIR")
     image = open_image(a.image)
