@@ -22,6 +22,7 @@ import jax
 
 from uhd_jax.cli_errors import UserError
 from uhd_jax.data.batch import BatchShape, collate
+from uhd_jax.data.buckets import LengthBucketBatch, bucket_lengths
 from uhd_jax.data.dataset import SamplePreparer, read_samples
 
 
@@ -166,10 +167,18 @@ def prepared_dataset(sources: Sequence[Source], make_preparer, *, seed: int, num
 
 def make_iterator(sources: Sequence[Source], make_preparer, shape: BatchShape, *, seed: int,
                   num_epochs: int | None = None, num_workers: int = 0, prefetch: int = 2,
-                  process_index: int | None = None, process_count: int | None = None):
+                  process_index: int | None = None, process_count: int | None = None,
+                  length_buckets: tuple = (), length_window: int = 8):
+    """Batches of `shape`; with `length_buckets` (see `buckets.py`), grouped by length within windows of
+    `length_window` batches and each padded to the smallest bucket (or `shape.max_length`) that holds it."""
     ds = prepared_dataset(sources, make_preparer, seed=seed, num_epochs=num_epochs, process_index=process_index,
                           process_count=process_count)
-    it_ds = SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)), shape)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+    if length_buckets:
+        it_ds = LengthBucketBatch(it_ds, shape, bucket_lengths(shape.max_length, length_buckets),
+                                  window_batches=length_window, seed=seed)
+    else:
+        it_ds = SkipCountingBatch(it_ds, shape)
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                 per_worker_buffer_size=prefetch),

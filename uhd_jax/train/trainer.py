@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uhd_jax.cli_errors import UserError
 from uhd_jax.data.batch import BatchShape
+from uhd_jax.data.buckets import bucket_lengths, pad_batch
 from uhd_jax.data.slicing import SlicingOptions
 from uhd_jax.data.uhd_images import PackedLayout, layout_for_model
 from uhd_jax.data.dataset import load_tokenizer, read_samples
@@ -588,6 +589,10 @@ def preflight(config, workdir: str, stages) -> dict:
                         f"num_steps above 0, or leave the stage out (--stages)")
         if not jbu:
             here += rule_problems(config, name, stage)
+            try:
+                stage_length_buckets(stage, name)
+            except UserError as e:
+                here.append(f"stage {name}: {e}")
         problems += here
         produced.add(name)
         found[name] = n
@@ -676,7 +681,8 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
         ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), save_every=int(stage.save_every),
                                  keep=int(stage.get("keep", 2)))
         iterator = make_iterator(sources, preparer_factory(config, stage, cfg), shape, seed=seed,
-                                 num_workers=int(config.data.num_workers), process_index=pi, process_count=pc)
+                                 num_workers=int(config.data.num_workers), process_index=pi, process_count=pc,
+                                 **stage_length_buckets(stage, name))
         try:
             state, start = ckpt.resume(state, state_sh, iterator)
             if start:
@@ -700,6 +706,29 @@ def run_stage(config, name: str, workdir: str, *, stop_after: int | None = None,
     if pi == 0 and history:
         plot_curves(history, os.path.join(stage_dir, "curves.png"), title=f"{config.get('family', '')} {name}")
     return StageResult(name, final_dir, total, history, skip_kinds(skipped), compilations)
+
+
+def stage_length_buckets(stage, name: str = "") -> dict:
+    """`make_iterator`'s length bucketing from `stage.length_buckets` (token lengths below max_length; () pads every
+    row to max_length) and `stage.length_window` (batches sorted together: wider groups tighter, holds more
+    prepared samples in memory and re-prepares more on resume)."""
+    where = f"stages.{name}" if name else "stage"
+    buckets = tuple(stage.get("length_buckets", ()) or ())
+    window = stage.get("length_window", 8)
+    bucket_lengths(int(stage.max_length), buckets, where=f"{where}.length_buckets")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"{where}.length_window {window!r}: expected a number of batches >= 1")
+    return {"length_buckets": buckets, "length_window": window}
+
+
+def same_length_everywhere(arrays: dict) -> dict:
+    """Every process pads its batch to the longest bucket any of them drew: one global array has one shape."""
+    if jax.process_count() == 1:
+        return arrays
+    from jax.experimental import multihost_utils
+
+    lengths = multihost_utils.process_allgather(np.int32(arrays["input_ids"].shape[1]))
+    return pad_batch(arrays, int(np.max(lengths)))
 
 
 def final_meta(config, stage, name: str, steps: int) -> dict:
@@ -731,7 +760,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
 
     def finish(pending_item):
         nonlocal bad_streak, last_time
-        step, metrics, ids = pending_item
+        step, metrics, ids, pad = pending_item
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not m.pop("finite"):
             bad_streak += 1
@@ -749,7 +778,8 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
         dt, last_time = now - last_time, now
         lr = {f"lr_{g}": float(s(int(step) - 1)) for g, s in schedules.items()}  # the rate this update used
         row = {**m, **lr, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
-               "images_per_s": window["images"] / max(dt, 1e-9), "skipped_total": len(skipped)}
+               "images_per_s": window["images"] / max(dt, 1e-9), "skipped_total": len(skipped),
+               "pad_fraction": pad}
         window.update(tokens=0, images=0)
         if step % log_every == 0 or step == total:
             log.write(step, row)
@@ -796,13 +826,14 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
                 _log0(f"  epoch {epoch} done: {len(skipped)} samples skipped so far "
                       f"{skip_kinds(skipped)}, {truncated} truncated")
             epoch = meta_b["epoch"]
-            arrays = batch["arrays"]
+            arrays = same_length_everywhere(batch["arrays"])
             window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
             window["images"] += int(arrays["image_valid"].sum()) * jax.process_count()
             state, metrics = step_fn(state, batch_to_device(arrays, accum, mesh))
             if pending is not None:
                 finish(pending)
-            pending = (step, metrics, meta_b["ids"])
+            # This process's share of padding in the step (length buckets cut it; see data/buckets.py).
+            pending = (step, metrics, meta_b["ids"], 1.0 - float(arrays["token_valid"].mean()))
             if step == total:   # its loss goes into the last checkpoint
                 finish(pending)
                 pending = None
