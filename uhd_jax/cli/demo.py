@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from uhd_jax.cli_errors import UserError, load_config, reports_user_errors  # noqa: E402
+from uhd_jax.config_loading import PACKAGE  # noqa: E402
 from uhd_jax.data import synthetic  # noqa: E402
 from uhd_jax.data.dataset import read_samples  # noqa: E402
 from uhd_jax.data.pipeline import Source  # noqa: E402
@@ -43,7 +44,6 @@ from uhd_jax.train.trainer import Preempted, model_for_stage, packed_layout, pre
 
 MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo"),
           "slime": ("SliME", "configs/slime.py:demo")}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the configs are found from any directory
 DATA_FILES = ("tokenizer/tokenizer.json", "train_pretrain.json", "train_sft.json", "eval_sft.json", "images")
 
 
@@ -97,7 +97,7 @@ class Scorer:
 
 def train_and_score(key: str, data_root: str, data: str, workdir: str, eval_samples, tokenizer) -> dict:
     title, spec = MODELS[key]
-    config = load_config(os.path.join(ROOT, spec))
+    config = load_config(os.path.join(PACKAGE, spec))   # the shipped demo configs, from any directory
     config.data_root = data_root
     score = Scorer(config, data, eval_samples, tokenizer)
     untrained = nn.meta.unbox(jax.jit(init_fn(score.cfg))(jax.random.PRNGKey(config.seed))["params"])
