@@ -27,13 +27,19 @@ TINY_LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 
 
+# `<variant>_tiny` (e.g. llava15 `7b_tiny`): a shipped recipe at test sizes, so that the README's commands run as
+# written with only the variant changed (tests/test_readme_commands.py). Two vision layers instead of `tiny`'s three,
+# so that a checkpoint's sizes name one variant (generation finds an unrecorded variant by its sizes).
+RECIPE_TINY_VISION = dict(TINY_VISION, num_layers=2)
+
 LLMS = {"1b": TINYLLAMA_1B, "7b": VICUNA_7B, "13b": VICUNA_13B, "tiny": TINY_LLM, "demo": DEMO_LLM}
 VISIONS = {"1b": CLIP_L_336, "7b": CLIP_L_336, "13b": CLIP_L_336, "tiny": TINY_VISION, "demo": DEMO_VISION}
 
 
-def choose_llm(config_file: str, variant: str) -> dict:
+def choose_llm(config_file: str, variant: str, also: tuple = ()) -> dict:
+    """The LLM sizes of `variant`; `also`: the file's other variants, named in the error for an unknown one."""
     if variant not in LLMS:
-        raise ValueError(f"{config_file}: unknown variant {variant!r}; choose one of {sorted(LLMS)}")
+        raise ValueError(f"{config_file}: unknown variant {variant!r}; choose one of {sorted(LLMS) + list(also)}")
     return dict(LLMS[variant])
 
 
@@ -73,3 +79,22 @@ def stage(*, template: str, sources: list, trainable: list, lrs: dict, batch_siz
         init_checkpoints=[], init_from_stage="")
     fields.update(extra)
     return ml_collections.ConfigDict(fields)
+
+
+def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
+                llm: dict | None = None) -> ml_collections.ConfigDict:
+    """Config `c` (a full-size variant) at test sizes as `variant` ('7b_tiny'): the same stages, templates, trainable
+    rules, data sources and tokenizer, the init checkpoints renamed after `variant` (checkpoints/llava15-7b-init ->
+    checkpoints/llava15-7b_tiny-init, as the README's `--out` with the variant changed), tiny towers, global batch 8
+    (the test mesh's 8 devices) without accumulation, `max_length` tokens, in-process data loading."""
+    base = c.variant
+    c.variant = variant
+    c.model.vision = dict(c.model.vision.to_dict(), **RECIPE_TINY_VISION)
+    c.model.llm = dict(llm or TINY_LLM)
+    c.model.update(dtype="float32", remat_policy="none", scan_layers=False)
+    c.data.num_workers = 0
+    for st in c.stages.values():
+        st.init_checkpoints = [p.replace(f"-{base}-init", f"-{variant}-init") for p in st.init_checkpoints]
+        if st.get("kind", "llava") != "jbu":
+            st.update(batch_size=8, grad_accum=1, max_length=max_length, save_every=100)
+    return c

@@ -3,7 +3,8 @@
 Stages (spec A.8): `pretrain` (LCS-558K captions, `plain`, projector only, lr 1e-3, batch 256, images center-cropped)
 then `sft` (mix665k, `vicuna_v1`, projector + LLM at 2e-5, batch 128, `pad`); vision frozen throughout.
 Variants: `7b` (default), `13b`, `1b` (TinyLlama-1.1B: the 1B-class speed comparison, benchmarks/README.md),
-`tiny` (tests), `demo` (the CPU demo on the synthetic dataset).
+`tiny` (tests), `demo` (the CPU demo on the synthetic dataset), `7b_tiny` (the 7b recipe - stages, data paths,
+tokenizer - at `tiny`'s sizes: the README's commands at test size).
 
   uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \
       --vision data/checkpoints/clip-vit-large-patch14-336/ \
@@ -20,7 +21,9 @@ from uhd_jax.configs import common
 
 def get_config(arg: str | None = None):
     variant = arg or "7b"
-    llm = common.choose_llm("configs/llava15.py", variant)
+    if variant == "7b_tiny":
+        return common.tiny_recipe(get_config("7b"), variant, max_length=160)
+    llm = common.choose_llm("configs/llava15.py", variant, also=("7b_tiny",))
     small = variant in ("tiny", "demo")
     c = common.base_config(common.VISIONS[variant], llm, projector_type="mlp2x_gelu", tiny=small)
     c.family = "llava15"

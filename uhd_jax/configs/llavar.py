@@ -9,7 +9,8 @@ Stages (README of the original):
             the projector and only the <im_start>/<im_end> embedding rows learn (the original detaches every other
             text position; <im_patch> rows are overwritten by image features)
   sft       158K LLaVA-Instruct + 16K LLaVAR-Instruct, everything but CLIP, lr 2e-5, 3 epochs, batch 32, max 2048
-Both cosine, warmup 0.03, no weight decay. Variants: `13b` (default, Vicuna-13B v1.1), `7b`, `tiny` (tests).
+Both cosine, warmup 0.03, no weight decay. Variants: `13b` (default, Vicuna-13B v1.1), `7b`, `tiny` (tests),
+`13b_tiny` (the 13b recipe at `tiny`'s sizes: the README's commands at test size).
 
   uhd-convert import --src data/checkpoints/vicuna-13b-v1.1/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
@@ -27,11 +28,14 @@ from __future__ import annotations
 from uhd_jax.configs import common
 
 EXTRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")
-VARIANTS = ("13b", "7b", "tiny")
+VARIANTS = ("13b", "7b", "tiny", "13b_tiny")
 
 
 def get_config(arg: str | None = None):
     variant = arg or "13b"
+    if variant == "13b_tiny":   # the tiny LLM's vocabulary + the three tokens, as 32000 + 3
+        llm = dict(common.TINY_LLM, vocab_size=common.TINY_LLM["vocab_size"] + len(EXTRA_TOKENS))
+        return common.tiny_recipe(get_config("13b"), variant, max_length=160, llm=llm)
     if variant not in VARIANTS:
         raise ValueError(f"configs/llavar.py: unknown variant {variant!r}; choose one of {list(VARIANTS)}")
     tiny = variant == "tiny"

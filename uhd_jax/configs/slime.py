@@ -9,7 +9,8 @@ Stages = the original's four runs (§C.6), each 1 epoch, cosine, warmup 0.03, ba
   local_compressor  (1c, `*-pt`)    local tokens only (top-p 1.0 keeps all), only the sampler trains   lr 1e-3 (8b: 5e-4)
   sft               (2)             ShareGPT4V mix665k + SMR, LLM + projector + sampler, CLIP frozen  lr 2e-5 (8b: 1e-5)
 Variants: `7b` (default, Vicuna-7B v1.5, `vicuna_v1`), `13b`, `8b` (Llama-3-8B-Instruct, `llama3` template,
-separator ',' = 11), `tiny` (tests), `demo` (CPU sizes on the synthetic dataset). Seed 3407 as the original scripts.
+separator ',' = 11), `tiny` (tests), `demo` (CPU sizes on the synthetic dataset), `7b_tiny` (the 7b recipe at `tiny`'s
+sizes: the README's commands at test size). Seed 3407 as the original scripts.
 
   uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from uhd_jax.configs import common
 
-VARIANTS = ("7b", "13b", "8b", "tiny", "demo")
+VARIANTS = ("7b", "13b", "8b", "tiny", "demo", "7b_tiny")
 PRETRAIN = [dict(json="LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="LLaVA-Pretrain/images")]
 SFT_DATA = [dict(json="sharegpt4v_mix665k_cap23k_coco-ap9k_lcs3k_sam9k_div2k.json", image_folder="."),
             dict(json="SMR/SMR.json", image_folder="SMR")]
@@ -34,6 +35,12 @@ POS_TABLES = [("projector/(attn|sampler/post_qformer)/pos_embed", "frozen"), ("p
 
 def get_config(arg: str | None = None):
     variant = arg or "7b"
+    if variant == "7b_tiny":
+        c = common.tiny_recipe(get_config("7b"), variant, max_length=160)
+        grid = c.model.vision.image_size // c.model.vision.patch_size
+        # the ',' separator looked up in the tokenizer, as in `tiny`
+        c.model.slime.update(separator_id=-1, global_grid=grid, local_grid=grid // 2)
+        return c
     if variant not in VARIANTS:
         raise ValueError(f"configs/slime.py: unknown variant {variant!r}; choose one of {list(VARIANTS)}")
     small = variant in ("tiny", "demo")

@@ -7,7 +7,8 @@ resampler at 2e-5, ViT frozen, batch 128 = 4/GPU x 8 x accum 4, max length 2048)
 Variants: `13b` (default; HF guozonghao96/llava-uhd-144-13b), `7b`, `qwen2_7b` (Qwen2-7B-Instruct with the `qwen_1_5`
 template: the v2-head code's `adapt_spatial_resampler_v1` on Qwen2), `arxiv64` (the March-2024 64-query resampler
 with one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
-1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes).
+1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes), `13b_tiny` (the 13b recipe at `tiny`'s
+sizes: the README's commands at test size).
 
   uhd-convert import --src data/checkpoints/vicuna-13b-v1.5/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
@@ -25,8 +26,11 @@ LLM_OF = {"13b": "13b", "7b": "7b", "qwen2_7b": "7b", "1b": "1b", "arxiv64": "13
 
 def get_config(arg: str | None = None):
     variant = arg or "13b"
+    if variant == "13b_tiny":
+        return tiny_recipe(get_config("13b"), variant)
     if variant not in LLM_OF:
-        raise ValueError(f"configs/uhd_v1.py: unknown variant {variant!r}; choose one of {sorted(LLM_OF)}")
+        raise ValueError(f"configs/uhd_v1.py: unknown variant {variant!r}; choose one of "
+                         f"{sorted(LLM_OF) + ['13b_tiny']}")
     small = variant in ("tiny", "demo")
     llm = common.choose_llm("configs/uhd_v1.py", LLM_OF[variant])
     if variant == "qwen2_7b":
@@ -79,4 +83,13 @@ def get_config(arg: str | None = None):
                       save_every=100, batch_size=8, grad_accum=1)
         c.stages.pretrain.update(lrs={"projector": 2e-3})
         c.stages.sft.update(lrs={"projector": 1e-3, "llm": 1e-3}, grad_clip_norm=1.0)
+    return c
+
+
+def tiny_recipe(c, variant: str):
+    """`c` (a full-size UHD config) at test sizes (common.tiny_recipe), with `tiny`'s slicing for the small tower and
+    the separators looked up in whatever tokenizer the recipe names."""
+    common.tiny_recipe(c, variant, max_length=640)
+    c.data.slicing.update(scale_resolution=c.model.vision.image_size, max_slices=3, textvqa_long_side=0)
+    c.data.update(separator_tokens=(",", "\n"), box_dtype="")
     return c

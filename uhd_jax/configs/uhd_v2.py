@@ -3,7 +3,8 @@ hierarchical window (HiWin) projector (144 tokens per slice), spec uhd.md §3.3-
 
 Variants: `7b` (default; the paper's Vicuna-7B model, v2-dec2024 code: grid spatial schema, pretrain max length 3072,
 SFT 4096 with ViT + HiWin + JBU fixup + LLM trainable at 2e-5, batch 128, M=7), `qwen2_7b` and `13b` (v2-head:
-v1 spatial schema, Qwen2-7B-Instruct with the `qwen_1_5` template / Vicuna-13B), `tiny` (tests), `demo`.
+v1 spatial schema, Qwen2-7B-Instruct with the `qwen_1_5` template / Vicuna-13B), `tiny` (tests), `demo`, `7b_tiny`
+(the 7b recipe at `tiny`'s sizes: the README's commands at test size).
 `model.feature_scale_mask`: 5 = {1x, 4x} (v2-head scripts); the dec2024 script's value is not recorded, 7 = all.
 Stages (spec §4.4, §6): `jbu` (the JBU inverse pyramid alone, FeatUp multi-view reconstruction against the frozen
 ViT on an image folder - COCO-stuff train2017 in the paper; NAdam 1e-3, batch 16, 2000 steps as the released
@@ -35,8 +36,11 @@ JBU_STAGES = "projector/upsampler/up[12]/.*"   # the JBU itself: trained in its 
 
 def get_config(arg: str | None = None):
     variant = arg or "7b"
+    if variant == "7b_tiny":
+        return tiny_recipe(get_config("7b"), variant)
     if variant not in BASE:
-        raise ValueError(f"configs/uhd_v2.py: unknown variant {variant!r}; choose one of {sorted(BASE)}")
+        raise ValueError(f"configs/uhd_v2.py: unknown variant {variant!r}; choose one of "
+                         f"{sorted(BASE) + ['7b_tiny']}")
     c = uhd_v1.get_config(BASE[variant])
     small = variant in ("tiny", "demo")
     c.family = "uhd_v2"
@@ -101,3 +105,13 @@ def jbu_stage(variant: str, c, init: list):
         stage.update(batch_size=8, num_steps=40 if variant == "demo" else 6, save_every=20,
                      crf_samples=256 if variant == "demo" else 64)
     return stage
+
+
+def tiny_recipe(c, variant: str):
+    """The 7b recipe at test sizes (uhd_v1.tiny_recipe); its `jbu` stage at `tiny`'s sizes, still reading the
+    recipe's image folder and init checkpoint."""
+    uhd_v1.tiny_recipe(c, variant)
+    size = c.model.vision.image_size
+    c.stages.jbu.update(image_size=size, max_pad=max(1, round(30 * size / 336)), batch_size=8, num_steps=2,
+                        save_every=20, crf_samples=64)
+    return c
