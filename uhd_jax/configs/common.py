@@ -48,8 +48,9 @@ def base_config(vision: dict, llm: dict, *, projector_type: str, tiny: bool) -> 
     c.model = ml_collections.ConfigDict(dict(
         vision=dict(vision), llm=dict(llm), projector_type=projector_type,
         dtype="float32" if tiny else "bfloat16", param_dtype="float32",
-        # 'cudnn' on GPU (flash attention); 'xla' on CPU/TPU and for parity tests.
-        attention_impl="xla",
+        # 'auto': cuDNN flash attention on GPU, Pallas flash on TPU, a chunked causal einsum on CPU
+        # (uhd_jax.models.layers.resolve_attention_impl); 'xla' forces the plain kernel everywhere.
+        attention_impl="auto",
         remat_policy="none" if tiny else "save_attn_mlp_out",
         scan_layers=not tiny,
         vision_trainable=False,

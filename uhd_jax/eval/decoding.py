@@ -1,8 +1,10 @@
 """Decoding loops over the Llama KV cache: greedy, sampling (temperature, top-p) and beam search, each one jitted
 program (prefill, then a `lax.while_loop` of one-token steps) with static shapes.
 
-Prompts are left-padded (B, T) with `token_valid`; positions count real tokens, as HF `generate()` does, so a padded
-batch decodes exactly like each prompt alone. A row stops at EOS or at one of `stop_sequences` (token ids) and then
+Prompts are (B, T) with `token_valid`, padded on either side (or with holes: SliME's routed-out tokens); positions
+count real tokens, as HF `generate()` does, so a padded batch decodes exactly like each prompt alone. The prefill
+stores each row's real tokens from slot 0 of the KV cache and every step appends at the row's own length, so
+attention reads the cache by per-row lengths (no mask). A row stops at EOS or at one of `stop_sequences` (token ids) and then
 emits `pad_id`. Sampling draws each row from its own key (`row_keys`), so a question's sampled answer does not depend
 on which other questions share its batch.
 
@@ -85,8 +87,10 @@ def _prefill(model, params, inputs_embeds, token_valid, extra: int):
     b, t = token_valid.shape
     cache = init_cache(model.cfg, b, t + extra)
     positions = positions_from_mask(token_valid)
-    logits, cache = model.apply(params, inputs_embeds, positions, token_valid, cache=cache)
-    return logits[:, -1], cache, jnp.max(positions, axis=-1)
+    hidden, cache = model.apply(params, inputs_embeds, positions, token_valid, cache=cache, return_hidden=True)
+    last = jnp.max(jnp.where(token_valid, jnp.arange(t), 0), axis=-1)   # each row's last real token
+    logits = model.apply(params, hidden[jnp.arange(b), last][:, None], method=Llama.logits)
+    return logits[:, 0], cache, jnp.max(positions, axis=-1)
 
 
 def _step(model, params, tokens, positions, cache: KVCache):
@@ -139,8 +143,7 @@ def beam_search(params, cfg: LlamaConfig, inputs_embeds, token_valid, gen: Gener
     logits, cache, last_pos = _prefill(model, params, inputs_embeds, token_valid, n)
     # every beam starts as the prompt; only beam 0 may expand at the first step (the others score NEG)
     logits = jnp.repeat(logits, k, axis=0)
-    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1), jnp.repeat(cache.valid, k, axis=0),
-                    cache.index)
+    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1), jnp.repeat(cache.lengths, k))
     pos = jnp.repeat(last_pos, k)
     running = jnp.full((b, k, n), gen.pad_id, jnp.int32)
     running_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG)
@@ -178,7 +181,7 @@ def beam_search(params, cfg: LlamaConfig, inputs_embeds, token_valid, gen: Gener
         improvable = improvable & jnp.any(best_running[:, None] > worst_finished, axis=1)
         go = jnp.any(improvable) & ~jnp.all(ends) & (step + 1 < n)
         rows = (jnp.arange(b)[:, None] * k + source).reshape(-1)
-        cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.valid[rows], cache.index)
+        cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.lengths[rows])
         logits, cache = _step(model, params, running[:, :, step].reshape(-1), pos + 1, cache)
         return (step + 1, logits, cache, pos + 1, running, running_scores, finished, finished_scores, finished_real,
                 improvable, go)

@@ -91,13 +91,86 @@ def gelu_exact(x):
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact, "silu": jax.nn.silu, "gelu_tanh": jax.nn.gelu}
 
 
-def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None):
-    """The one attention entry point: q (B, T, N, D), k/v (B, S, K, D) with N % K == 0; mask (B|1, 1|N, T, S) bool.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "pallas")
 
-    `implementation` comes from config: 'cudnn' (flash attention on GPU), 'xla' (CPU/TPU and the reference), or None
-    (JAX chooses). Softmax runs in float32 inside XLA's implementation for bf16 inputs.
+
+def resolve_attention_impl(implementation: str | None, *, dtype, head_dim: int, q_len: int, kv_len: int,
+                           is_causal: bool, has_mask: bool, platform: str | None = None) -> str:
+    """The kernel an attention call runs, decided at trace time. 'auto' picks per platform: cuDNN flash attention on
+    GPU (it computes in bf16/fp16 only, head_dim a multiple of 8 up to 128), the Pallas TPU flash kernel for causal
+    self-attention whose length fills its 128-token blocks, and on CPU the chunked causal einsum (XLA's dense one
+    computes and exponentiates the whole (T, S) score matrix, half of which a causal mask throws away). Everything
+    else falls back to XLA. None is JAX's own choice (XLA)."""
+    if implementation is None:
+        return "xla"
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {implementation!r}; choose one of {list(ATTENTION_IMPLS)}")
+    if implementation != "auto":
+        return implementation
+    if has_mask:
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
+            and head_dim <= 128
+        return "cudnn" if fits and platform != "rocm" else "xla"
+    if platform == "tpu":
+        return "pallas" if is_causal and q_len == kv_len and q_len % 128 == 0 else "xla"
+    return "chunked" if is_causal and q_len == kv_len else "xla"
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, q_lengths=None, kv_lengths=None,
+                          implementation: str | None = "auto"):
+    """The one attention entry point: q (B, T, N, D), k/v (B, S, K, D) with N % K == 0.
+
+    Which keys a query sees is said by `is_causal` (query t sees keys <= t; T == S) and per-row `kv_lengths` (B,)
+    (keys at or past it are padding); `q_lengths` (B,) marks padding queries, whose outputs are unspecified (finite).
+    `mask` (B|1, 1|N, T|1, S) bool is for callers whose validity is not a prefix (the vision tower's packed rows); a
+    mask forces the XLA kernel. `implementation` (config `attention_impl`): see `resolve_attention_impl`.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+    impl = resolve_attention_impl(implementation, dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1],
+                                  kv_len=k.shape[1], is_causal=is_causal, has_mask=mask is not None)
+    if impl == "chunked" and mask is None:
+        return chunked_attention(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+    if impl == "pallas" and mask is None:
+        from uhd_jax.models.pallas_attention import tpu_flash_attention  # TPU only: keeps Pallas off the CPU import
+        return tpu_flash_attention(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+    if impl in ("chunked", "pallas"):
+        impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, query_seq_lengths=q_lengths,
+                                        key_value_seq_lengths=kv_lengths, implementation=impl)
+
+
+def _attention_block(q, k, v, keep, scale):
+    """q (B, t, K, G, D), k/v (B, s, K, D), keep (B, t, s) bool -> (B, t, K, G, D); softmax in float32."""
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(keep[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def chunked_attention(q, k, v, *, is_causal: bool, kv_lengths=None, block: int = 64):
+    """Causal attention in query blocks: block i reads only keys [0, end of block i), so the keys a causal mask
+    would zero out are never multiplied (about half the work at long T). Each block's small mask comes from iotas
+    and the lengths, inside. Same inputs and outputs as `dot_product_attention`."""
+    b, t, n, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    scale = 1.0 / float(d) ** 0.5
+    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths
+    if not is_causal or t <= block:
+        ends = [(0, t, s)]
+    else:
+        ends = [(start, min(start + block, t), min(start + block, t)) for start in range(0, t, block)]
+    outs = []
+    for start, stop, keys in ends:
+        key_slot = jnp.arange(keys)
+        keep = key_slot[None, None, :] < lengths[:, None, None]
+        if is_causal:
+            keep = keep & (key_slot[None, :] <= jnp.arange(start, stop)[:, None])[None]
+        outs.append(_attention_block(qg[:, start:stop], k[:, :keys], v[:, :keys], keep, scale))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out.reshape(b, t, n, d)
 
 
 # Remat policies by name, chosen in config. The named policy keeps the tensors tagged with `checkpoint_name` in the

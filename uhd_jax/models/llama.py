@@ -1,11 +1,18 @@
 """Llama-family decoder (Llama-2/Vicuna, Llama-3; Qwen2 via `attention_bias`) with a KV cache.
 
 HF `LlamaForCausalLM` semantics: RMSNorm (float32 inside), RoPE on halves (`rotate_half`), grouped-query attention,
-SwiGLU MLP, untied `lm_head`, logits in float32. Masks are built from per-token validity, so left- and right-padded
-batches both work; positions come from the caller (cumulative count of real tokens for left padding).
+SwiGLU MLP, untied `lm_head`, logits in float32. Positions come from the caller (the count of real tokens before
+each one, `positions_from_mask`).
 
-KV cache: `KVCache(k, v, valid, index)` with k/v (layers, B, S, kv_heads, head_dim). A call writes its T tokens at
-slots [index, index + T) and attends to every valid slot at or before its own, so prefill and decode are the same code.
+Attention never sees a (T, S) mask: it is causal with per-row lengths (`layers.dot_product_attention`), the form
+cuDNN's and Pallas' flash kernels take. A row's real tokens must therefore be a prefix; any other validity pattern
+(left padding, tokens dropped by SliME's router) is first made one by a stable gather that moves each row's real tokens
+to its front, and the outputs are gathered back to the caller's layout. For a real token this computes exactly what
+the masked form computed; outputs at padding are unspecified (finite).
+
+KV cache: `KVCache(k, v, lengths)` with k/v (layers, B, S, kv_heads, head_dim) and lengths (B,) the tokens each row
+holds. A multi-token call is a prefill into an empty cache (rows written from slot 0, compacted); a one-token call
+writes each row at its own `lengths[b]` and reads slots [0, lengths[b]] (vLLM/MaxText style per-row positions).
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str | None = "xla"
+    attention_impl: str | None = "auto"   # see layers.resolve_attention_impl
     remat_policy: str = "none"
     scan_layers: bool = False
 
@@ -56,17 +63,26 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    k: Any       # (L, B, S, K, D)
+    k: Any        # (L, B, S, K, D)
     v: Any
-    valid: Any   # (B, S) bool: slot holds a real token
-    index: Any   # () int32: next slot to write
+    lengths: Any  # (B,) int32: slots [0, lengths[b]) of row b hold its tokens; the next one goes at lengths[b]
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
     dtype = dtype or cfg.dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                   jnp.zeros((), jnp.int32))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def compaction_order(token_valid):
+    """(B, T) bool -> (B, T) int: a stable order that puts each row's real tokens first (identity when they already
+    are a prefix)."""
+    return jnp.argsort(~token_valid, axis=-1, stable=True)
+
+
+def gather_tokens(x, order):
+    """x (B, T, ...) reordered along T by order (B, T)."""
+    return jnp.take_along_axis(x, order.reshape(*order.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -94,27 +110,13 @@ def apply_rope(x, cos, sin):
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-def attention_mask(token_valid, cache_valid=None, index=None):
-    """Boolean (B, 1, T, S) mask: causal over slots, only valid keys, and always the query's own slot.
-
-    The own slot keeps rows of padding queries finite (their outputs are never used).
-    """
-    t = token_valid.shape[1]
-    if cache_valid is None:
-        key_valid, q_slot, s = token_valid, jnp.arange(t), t
-    else:
-        key_valid, q_slot, s = cache_valid, index + jnp.arange(t), cache_valid.shape[1]
-    slots = jnp.arange(s)
-    causal = slots[None, :] <= q_slot[:, None]
-    own = slots[None, :] == q_slot[:, None]
-    return ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]
-
-
 class LlamaAttention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, index):
+    def __call__(self, x, cos, sin, lengths, layer_cache, write):
+        """lengths (B,): keys each row attends to (see `Llama.__call__`); write (B,) int: the cache slot of a
+        one-token call's token, None otherwise."""
         c = self.cfg
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.attention_bias)
         q = layers.dense((c.num_heads, c.dim_per_head), axes=("embed", "heads", "head_dim"), name="q", **kw)(x)
@@ -123,13 +125,20 @@ class LlamaAttention(nn.Module):
         q = layers.checkpoint_name(apply_rope(q, cos, sin), "query")
         k = layers.checkpoint_name(apply_rope(k, cos, sin), "key")
         v = layers.checkpoint_name(v, "value")
+        causal = True
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            if write is None:   # prefill: the rows start at slot 0 and attend among themselves
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, 0, 0))
+            else:               # one token per row, each at its own slot, attending to the row's cache
+                rows = jnp.arange(x.shape[0])
+                k_cache = k_cache.at[rows, write].set(k[:, 0].astype(k_cache.dtype))
+                v_cache = v_cache.at[rows, write].set(v[:, 0].astype(v_cache.dtype))
+                k, v, causal = k_cache.astype(c.dtype), v_cache.astype(c.dtype), False
             layer_cache = (k_cache, v_cache)
-            k, v = k_cache.astype(c.dtype), v_cache.astype(c.dtype)
-        out = layers.dot_product_attention(q, k, v, mask=mask, implementation=c.attention_impl)
+        out = layers.dot_product_attention(q, k, v, is_causal=causal, q_lengths=lengths if causal else None,
+                                           kv_lengths=lengths, implementation=c.attention_impl)
         out = layers.dense(c.hidden_size, axes=("heads", "head_dim", "embed"), axis=(-2, -1), name="o",
                            dtype=c.dtype, param_dtype=c.param_dtype, use_bias=False)(out)
         return layers.checkpoint_name(out, "attn_out"), layer_cache
@@ -139,12 +148,12 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, index):
+    def __call__(self, x, cos, sin, lengths, layer_cache, write):
         c = self.cfg
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         h = layers.RMSNorm(c.rms_norm_eps, name="input_norm", **kw)(x)
-        h, layer_cache = LlamaAttention(c, name="attn")(h, cos, sin, mask, layer_cache, index)
+        h, layer_cache = LlamaAttention(c, name="attn")(h, cos, sin, lengths, layer_cache, write)
         x = x + h
         h = layers.RMSNorm(c.rms_norm_eps, name="post_attn_norm", **kw)(x)
         gate = layers.dense(c.intermediate_size, axes=("embed", "mlp"), name="gate", use_bias=False, **kw)(h)
@@ -180,31 +189,46 @@ class Llama(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, inputs_embeds, positions, token_valid, cache: KVCache | None = None, return_hidden=False):
-        """inputs_embeds (B, T, E); positions (B, T) int; token_valid (B, T) bool -> (logits f32 (B, T, V), cache)."""
+        """inputs_embeds (B, T, E); positions (B, T) int; token_valid (B, T) bool, any pattern (see the module doc)
+        -> (logits f32 (B, T, V), cache) in the caller's token order. With a cache, T > 1 is a prefill into an empty
+        cache, and T == 1 appends one token per row (a row whose token is not valid does not advance)."""
         c = self.cfg
         if self.is_initializing():  # callers may pass embeddings; the table must exist all the same
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
+        b, t = token_valid.shape
+        order = None
+        if t > 1:
+            order = compaction_order(token_valid)
+            inputs_embeds, positions, token_valid = (gather_tokens(a, order)
+                                                     for a in (inputs_embeds, positions, token_valid))
         freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(c))
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-        if cache is None:
-            mask, index, layer_caches = attention_mask(token_valid), None, None
-        else:
-            t = token_valid.shape[1]
-            valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
-            mask, index, layer_caches = attention_mask(token_valid, valid, cache.index), cache.index, (cache.k, cache.v)
+        lengths = jnp.sum(token_valid, axis=-1, dtype=jnp.int32)
+        write, layer_caches, new_lengths = None, None, None
+        if cache is not None:
+            layer_caches = (cache.k, cache.v)
+            new_lengths = lengths
+            if t == 1:
+                write = cache.lengths
+                new_lengths = cache.lengths + lengths
+                lengths = cache.lengths + 1   # the own slot always: a padding token's output stays finite
+        # a row with no real token still attends to its first slot (finite outputs, never read)
+        lengths = jnp.maximum(lengths, 1)
         x = inputs_embeds.astype(c.dtype)
         if c.scan_layers:
-            x, new_caches = self.layers(x, cos, sin, mask, layer_caches, index)
+            x, new_caches = self.layers(x, cos, sin, lengths, layer_caches, write)
         else:
             new = []
             for i, layer in enumerate(self.layers):
                 lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-                x, lc = layer(x, cos, sin, mask, lc, index)
+                x, lc = layer(x, cos, sin, lengths, lc, write)
                 new.append(lc)
             new_caches = None if layer_caches is None else (jnp.stack([k for k, _ in new]),
                                                              jnp.stack([v for _, v in new]))
         x = self.norm(x)
-        new_cache = None if cache is None else KVCache(new_caches[0], new_caches[1], valid, cache.index + t)
+        if order is not None:   # back to the caller's token order
+            x = gather_tokens(x, jnp.argsort(order, axis=-1))
+        new_cache = None if cache is None else KVCache(new_caches[0], new_caches[1], new_lengths)
         if return_hidden:
             return x, new_cache
         return self.logits(x), new_cache
