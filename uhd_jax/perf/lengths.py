@@ -193,28 +193,68 @@ def cpu_throughput(lengths: np.ndarray, buckets: tuple, *, batch_size: int, wind
     return out
 
 
+def stage_lengths(config, stage_name: str, samples: int, seed: int = 0) -> np.ndarray:
+    """Token lengths (image tokens included, truncated to the stage's max_length) of up to `samples` samples drawn
+    at random from the stage's data, prepared as training prepares them; skipped samples are left out."""
+    from uhd_jax.data.dataset import read_samples
+    from uhd_jax.train.trainer import model_for_stage, preparer_factory, stage_sources
+
+    stage = config.stages[stage_name]
+    factory = preparer_factory(config, stage, model_for_stage(config, stage))
+    pool = [(src, i, s) for src in stage_sources(config, stage, stage_name)
+            for i, s in enumerate(read_samples(src.json))]
+    rng = np.random.default_rng(seed)
+    preparers, out = {}, []
+    for k in rng.permutation(len(pool))[:samples]:
+        src, i, sample = pool[k]
+        prep = preparers.setdefault(src, factory(src))
+        ex = prep((i, sample, i))
+        if "ids" in ex:
+            out.append(len(ex["ids"]))
+    return np.asarray(out)
+
+
+def modelled_report(batch: int, window: int, extra: int) -> dict:
+    report = {}
+    for name, tokens, max_length, mix, k in (("llava15_pretrain", llava15_image_tokens, 2048, LCS558K, 1),
+                                             ("llava15_sft", llava15_image_tokens, 2048, MIX665K, extra),
+                                             ("uhd_v2_sft", uhd_image_tokens, 4096, MIX665K, extra)):
+        lengths = draw_lengths(tokens, max_length=max_length, mix=mix)
+        buckets = best_buckets(lengths, max_length, k, batch, window)
+        report[name] = {"samples": len(lengths), "median_length": float(np.median(lengths)),
+                        "p90_length": float(np.percentile(lengths, 90)),
+                        "truncated": int((lengths >= max_length).sum()), **padding(lengths, buckets, batch, window),
+                        "by_window": {w: padding(lengths, buckets, batch, w)["pad_bucketed"] for w in (1, 2, 4, 8, 16)}}
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=128, help="samples per step (per process)")
     p.add_argument("--window", type=int, default=8, help="batches sorted together (stage.length_window)")
     p.add_argument("--extra-buckets", type=int, default=3, help="buckets below max_length to choose")
+    p.add_argument("--multiple", type=int, default=128, help="buckets are multiples of this")
     p.add_argument("--cpu-steps", type=int, default=0, help="also time this many tiny train steps per layout")
+    p.add_argument("--config", default="", help="measure this config's data instead of the model (CONFIG.py:VARIANT)")
+    p.add_argument("--stage", default="sft", help="with --config: the stage whose data to measure")
+    p.add_argument("--samples", type=int, default=5000, help="with --config: samples to prepare")
     p.add_argument("--out", default="", help="also write the report (JSON) here")
     a = p.parse_args(argv)
-    report = {}
-    for name, tokens, max_length, mix, extra in (
-            ("llava15_pretrain", llava15_image_tokens, 2048, LCS558K, 1),
-            ("llava15_sft", llava15_image_tokens, 2048, MIX665K, a.extra_buckets),
-            ("uhd_v2_sft", uhd_image_tokens, 4096, MIX665K, a.extra_buckets)):
-        lengths = draw_lengths(tokens, max_length=max_length, mix=mix)
-        buckets = best_buckets(lengths, max_length, extra, a.batch, a.window)
-        report[name] = {"samples": len(lengths), "median_length": float(np.median(lengths)),
-                        "p90_length": float(np.percentile(lengths, 90)),
-                        "truncated": int((lengths >= max_length).sum()),
-                        **padding(lengths, buckets, a.batch, a.window),
-                        "by_window": {w: padding(lengths, buckets, a.batch, w)["pad_bucketed"] for w in (1, 2, 4, 8,
-                                                                                                          16)}}
-    if a.cpu_steps:
+    if a.config:
+        from uhd_jax.config_loading import load_config
+
+        config = load_config(a.config)
+        max_length = int(config.stages[a.stage].max_length)
+        lengths = stage_lengths(config, a.stage, a.samples)
+        if len(lengths) < a.window * a.batch:
+            raise SystemExit(f"{len(lengths)} usable samples: fewer than one window ({a.window} x {a.batch}); "
+                             f"raise --samples or lower --batch / --window")
+        buckets = best_buckets(lengths, max_length, a.extra_buckets, a.batch, a.window, a.multiple)
+        report = {f"{a.config} {a.stage}": {"samples": len(lengths), "median_length": float(np.median(lengths)),
+                                            **padding(lengths, buckets, a.batch, a.window)}}
+    else:
+        report = modelled_report(a.batch, a.window, a.extra_buckets)
+    if a.cpu_steps and not a.config:
         # The LLaVA-1.5 SFT mix and its buckets scaled by 1/4 (max_length 512, 144 "image" tokens of which the tiny
         # tower fills the first 16), batch 8 and the same 1024-sample window: a step's cost tracks its length.
         tiny = draw_lengths(lambda s: 144, max_length=512, scale=0.25, seed=1)
