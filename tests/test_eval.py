@@ -35,7 +35,7 @@ def test_rules_follow_the_originals_eval_scripts():
     toy = eval_rule("uhd_v2", "textvqa", published_geometry=False)
     assert (toy.max_slices, toy.pre_resize, toy.num_beams) == (0, 0, 3)
     with pytest.raises(ValueError, match="unknown benchmark"):
-        eval_rule("uhd_v2", "mmmu")
+        eval_rule("uhd_v2", "nocaps")
     # the suffix is added once; the question files that already carry it are left alone
     assert prompt_text("What is it?", v1) == "<image>\nWhat is it?" + SHORT
     assert prompt_text("What is it?" + SHORT, v1) == "<image>\nWhat is it?" + SHORT

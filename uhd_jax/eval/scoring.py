@@ -10,6 +10,8 @@ Annotation formats read (JSON, a JSON list, or JSON lines):
   mme      the MME_Benchmark_release_version folder ({category}/[questions_answers_YN/]{image}.txt, lines
            "question<TAB>Yes|No"), matched as LLaVA's convert_answer_to_mme.py does; or records with question_id
            "category/image", answer.
+  the added benchmarks (ScienceQA, MMBench, SEED, MMMU, OCRBench, RealWorldQA, HR-Bench, VizWiz) read their files as
+           released: `uhd_jax.eval.extra_scoring`; LLaVA-Bench and MM-Vet are judged: `uhd_jax.eval.judge`.
 """
 from __future__ import annotations
 
@@ -214,12 +216,30 @@ HEADLINE = {"textvqa": "accuracy", "vqav2": "accuracy", "gqa": "accuracy", "docv
             "chartqa": "chartqa_match", "ai2d": "ai2d_match", "pope": "f1", "mme": "perception"}
 
 
-def score_answers(benchmark: str, answers: list[dict], annotations_path: str) -> dict:
-    """{'benchmark', 'score' (the headline number), 'metrics', 'answers', 'scored', 'unmatched'}."""
-    if benchmark not in HEADLINE:
-        raise UserError(f"no annotation scorer for {benchmark!r}; choose from {sorted(HEADLINE)} "
+JUDGED = {"llava_bench": "relative", "mmvet": "total"}
+
+
+def score_answers(benchmark: str, answers: list[dict], annotations_path: str, judge=None,
+                  reviews_path: str | None = None) -> dict:
+    """{'benchmark', 'score' (the headline number), 'metrics', 'answers', 'scored', 'unmatched'}. The GPT-judged
+    benchmarks need `judge` (`uhd_jax.eval.judge.Judge`) and a `reviews_path` to cache the reviews in."""
+    from uhd_jax.eval.extra_scoring import EXTRA_SCORERS
+
+    known = {**HEADLINE, **{b: h for b, (_, h) in EXTRA_SCORERS.items()}, **JUDGED}
+    if benchmark not in known:
+        raise UserError(f"no annotation scorer for {benchmark!r}; choose from {sorted(known)} "
                         f"(synthetic_reading scores with --checkpoint)")
-    if benchmark == "mme":
+    if benchmark in JUDGED:
+        from uhd_jax.eval import judge as judging
+
+        if judge is None:
+            raise UserError(f"{benchmark} is scored by a GPT judge: give --judge-url (an OpenAI-compatible endpoint) "
+                            f"and --judge-model")
+        scorer = judging.score_llava_bench if benchmark == "llava_bench" else judging.score_mmvet
+        metrics, pairs, unmatched = scorer(answers, annotations_path, judge, reviews_path)
+    elif benchmark in EXTRA_SCORERS:
+        metrics, pairs, unmatched = EXTRA_SCORERS[benchmark][0](answers, annotations_path)
+    elif benchmark == "mme":
         metrics, pairs, unmatched = score_mme(answers, annotations_path)
     elif benchmark == "textvqa":
         metrics, pairs, unmatched = score_vqa(answers, load_records(annotations_path), textvqa=True)
@@ -229,6 +249,6 @@ def score_answers(benchmark: str, answers: list[dict], annotations_path: str) ->
         raise UserError(f"none of the {len(answers)} answers matches an annotation in {annotations_path} (answer ids "
                         f"e.g. {[str(u) for u in unmatched[:3]]}): give the {benchmark} annotations of the split the "
                         f"questions came from")
-    return {"benchmark": benchmark, "score": metrics[HEADLINE[benchmark]], "metrics": metrics,
+    return {"benchmark": benchmark, "score": metrics[known[benchmark]], "metrics": metrics,
             "answers": len(answers), "scored": len(pairs), "unmatched": [str(u) for u in unmatched[:20]],
             "unmatched_count": len(unmatched)}

@@ -1,0 +1,258 @@
+"""The added benchmarks' files as released, read into question files (`uhd-generate --questions`) and annotations.
+
+  scienceqa    LLaVA's llava_test_CQM-A.json (ids, images, the CQM-A prompt) + images/test; scored on the official
+               problems.json and pid_splits.json of the same folder.
+  mmbench(_cn) the released TSV (index, question, hint, A-D, answer, category, image as base64). Files whose rows hold
+               no circular copies (index >= 1e6) get them here, VLMEvalKit's way: a question with n options is asked
+               n times, the options rotated by one each time, copy k indexed index + k * 1e6.
+  seed         SEED-Bench.json (questions, choice_a-d, answer, data_type, question_type_id); image questions only.
+  mmmu         the validation set as JSON (lines) of the HF dataset's fields: id, question, options (a list, or its
+               Python repr as in the parquet files), answer, question_type, image_1 (a path under the image folder).
+  ocrbench     OCRBench.json (dataset_name, id, image_path, question, answers, type) + OCRBench_Images.
+  realworldqa  JSON (lines) of the HF dataset's fields: question, answer, image (a path); the id is the line number.
+  hrbench4k/8k the released TSV (index, question, answer, category, cycle_category, A-D, image as base64).
+  vizwiz       the official val.json / test.json (image, question[, answers, answer_type]).
+  llava_bench  the released folder: questions.jsonl (already in model_vqa format), context.jsonl, answers_gpt4.jsonl.
+  mmvet        mm-vet.json ({v1_N: imagename, question, answer, capability}) + images/.
+
+Prompts are written whole into the question files (the family's rule then adds nothing): each family of benchmarks
+as its original eval script builds it (see `question_text`).
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import csv
+import dataclasses
+import json
+import os
+import sys
+
+from uhd_jax.cli_errors import UserError
+from uhd_jax.eval.benchmarks import BENCHMARKS, HR_LETTER, LETTER, LETTER_CN, VIZWIZ
+
+CIRCULAR = 1_000_000
+MMMU_MC = "\n\nAnswer with the option's letter from the given choices directly."   # MMMU's llava1.5 config
+MMMU_OPEN = "\n\nAnswer the question using a single word or phrase."
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    questions: str        # JSON lines for uhd-generate
+    image_folder: str
+    annotations: str      # what `score_answers` reads for this benchmark
+
+
+def _read_json_or_lines(path: str):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: neither JSON nor JSON lines ({e.msg})") from None
+
+
+def read_tsv(path: str) -> list[dict]:
+    """Rows of a released MMBench / HR-Bench TSV (its image column is base64 and can be megabytes long)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; give the benchmark's released TSV")
+    csv.field_size_limit(sys.maxsize)
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "index" not in rows[0] or "question" not in rows[0]:
+        raise UserError(f"{path}: no 'index' and 'question' columns; is this the benchmark's TSV?")
+    return rows
+
+
+def _given(value) -> bool:
+    """MMBench's is_none: pandas reads an empty cell as nan; the TSV's text says 'nan' or 'none' for no option."""
+    return value is not None and str(value).strip() != "" and str(value).strip().lower() not in ("nan", "none")
+
+
+def mmb_options(row: dict) -> dict[str, str]:
+    return {c: row[c] for c in "ABCDEFGHI" if c in row and _given(row[c])}
+
+
+def mmbench_records(path: str) -> list[dict]:
+    """The TSV's rows with their options, plus circular copies when the file has none."""
+    rows = read_tsv(path)
+    out = []
+    for r in rows:
+        out.append({**r, "index": int(r["index"]), "options": mmb_options(r)})
+    if any(r["index"] >= CIRCULAR for r in out):
+        return out
+    copies = []
+    for r in out:
+        letters = list(r["options"])
+        texts = [r["options"][c] for c in letters]
+        for k in range(1, len(letters)):
+            rotated = dict(zip(letters, texts[k:] + texts[:k]))
+            answer = r.get("answer")
+            if answer in letters:   # the right text moves k places up
+                answer = letters[(letters.index(answer) - k) % len(letters)]
+            copies.append({**r, "index": r["index"] + k * CIRCULAR, "options": rotated, "answer": answer})
+    return out + copies
+
+
+def _save_image(b64: str, folder: str, name: str) -> str:
+    data = base64.b64decode(b64)
+    ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name + ext), "wb") as f:
+        f.write(data)
+    return name + ext
+
+
+def question_text(benchmark: str, record: dict) -> str:
+    """The human turn (without the image placeholder) each original builds for one record."""
+    if benchmark in ("mmbench", "mmbench_cn"):      # LLaVA's model_vqa_mmbench with --single-pred-prompt
+        q = record["question"]
+        if _given(record.get("hint")):
+            q = record["hint"] + "\n" + q
+        for letter, option in record["options"].items():
+            q += f"\n{letter}. {option}"
+        return q + (LETTER_CN if benchmark == "mmbench_cn" else LETTER)
+    if benchmark in ("hrbench4k", "hrbench8k"):     # lmms-eval's hrbench_doc_to_text
+        opts = "".join(f"{c}. {record[c]}\n" for c in "ABCD" if _given(record.get(c)))
+        return f"{record['question'].strip()}\n{opts}" + HR_LETTER.lstrip("\n")
+    if benchmark == "seed":                          # LLaVA's llava-seed-bench.jsonl
+        opts = "".join(f"\n{c.upper()}. {record['choice_' + c]}" for c in "abcd")
+        return record["question"] + opts + LETTER
+    if benchmark == "mmmu":                          # MMMU's construct_prompt with the llava1.5 config
+        if record["question_type"] == "multiple-choice":
+            opts = "".join(f"({chr(65 + i)}) {o}\n" for i, o in enumerate(mmmu_options(record)))
+            return f"{record['question']}\n\n{opts}" + MMMU_MC
+        return record["question"] + MMMU_OPEN
+    if benchmark == "vizwiz":
+        return record["question"] + VIZWIZ
+    raise KeyError(benchmark)
+
+
+def mmmu_options(record: dict) -> list[str]:
+    options = record.get("options") or []
+    if isinstance(options, str):
+        options = ast.literal_eval(options) if options.strip() else []
+    return [str(o) for o in options]
+
+
+def _write_questions(path: str, questions: list[dict]) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(q, ensure_ascii=False) + "\n" for q in questions)
+    return path
+
+
+def _need(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: {what}")
+    return path
+
+
+def prepare(benchmark: str, source: str, out_dir: str) -> Prepared:
+    """Question file (written under `out_dir`), image folder and annotation path of `benchmark` released at
+    `source` (the file or folder `SOURCES` names under a data root)."""
+    if benchmark not in PREPARERS:
+        raise UserError(f"no reader for {benchmark!r}; the readers cover {sorted(PREPARERS)}")
+    return PREPARERS[benchmark](source, out_dir)
+
+
+def _scienceqa(folder, out):
+    questions_file = _need(os.path.join(folder, "llava_test_CQM-A.json"), "LLaVA's ScienceQA test questions")
+    _need(os.path.join(folder, "problems.json"), "ScienceQA's problems.json")
+    qs = []
+    for r in _read_json_or_lines(questions_file):
+        q = {"question_id": r["id"], "text": r["conversations"][0]["value"].replace("<image>", "").strip() + LETTER}
+        if r.get("image"):
+            q["image"] = r["image"]
+        qs.append(q)
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "images", "test"),
+                    folder)
+
+
+def _mmbench(benchmark):
+    def read(tsv, out):
+        qs, images = [], os.path.join(out, "images")
+        for r in mmbench_records(tsv):
+            main = r["index"] % CIRCULAR
+            name = f"{main}"
+            if not any(os.path.exists(os.path.join(images, name + e)) for e in (".jpg", ".png")):
+                _save_image(r["image"], images, name)
+            ext = ".png" if os.path.exists(os.path.join(images, name + ".png")) else ".jpg"
+            qs.append({"question_id": r["index"], "image": name + ext, "text": question_text(benchmark, r)})
+        return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), images, tsv)
+    return read
+
+
+def _hrbench(benchmark):
+    def read(tsv, out):
+        qs, images = [], os.path.join(out, "images")
+        for r in read_tsv(tsv):
+            name = _save_image(r["image"], images, str(r["index"]))
+            qs.append({"question_id": int(r["index"]), "image": name, "text": question_text(benchmark, r)})
+        return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), images, tsv)
+    return read
+
+
+def _seed(folder, out):
+    ann = _need(os.path.join(folder, "SEED-Bench.json"), "SEED-Bench's annotation file")
+    data = _read_json_or_lines(ann)
+    qs = [{"question_id": q["question_id"], "image": q["data_id"], "text": question_text("seed", q)}
+          for q in data["questions"] if q.get("data_type") == "image"]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "SEED-Bench-image"),
+                    ann)
+
+
+def _mmmu(folder, out):
+    ann = _need(os.path.join(folder, "validation.jsonl"), "MMMU's validation set as JSON lines")
+    qs = []
+    for r in _read_json_or_lines(ann):
+        q = {"question_id": r["id"], "text": question_text("mmmu", r)}
+        if r.get("image_1"):
+            q["image"] = r["image_1"]   # LLaVA answers with the first image only, as MMMU's run_llava.py
+        qs.append(q)
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "images"), ann)
+
+
+def _ocrbench(folder, out):
+    ann = _need(os.path.join(folder, "OCRBench.json"), "OCRBench's OCRBench.json")
+    qs = [{"question_id": r["id"], "image": r["image_path"], "text": r["question"]} for r in _read_json_or_lines(ann)]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs),
+                    os.path.join(folder, "OCRBench_Images"), ann)
+
+
+def _realworldqa(folder, out):
+    ann = _need(os.path.join(folder, "test.jsonl"), "RealWorldQA's test split as JSON lines")
+    qs = [{"question_id": i, "image": r["image"], "text": r["question"].strip()}
+          for i, r in enumerate(_read_json_or_lines(ann))]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), folder, ann)
+
+
+def _vizwiz(folder, out):
+    ann = _need(os.path.join(folder, "val.json"), "VizWiz's val.json")
+    qs = [{"question_id": r["image"], "image": r["image"], "text": question_text("vizwiz", r)}
+          for r in _read_json_or_lines(ann)]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "val"), ann)
+
+
+def _llava_bench(folder, out):
+    return Prepared(_need(os.path.join(folder, "questions.jsonl"), "LLaVA-Bench's questions.jsonl"),
+                    os.path.join(folder, "images"), folder)
+
+
+def _mmvet(folder, out):
+    ann = _need(os.path.join(folder, "mm-vet.json"), "MM-Vet's mm-vet.json")
+    qs = [{"question_id": k, "image": v["imagename"], "text": v["question"]}
+          for k, v in _read_json_or_lines(ann).items()]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "images"), ann)
+
+
+PREPARERS = {"scienceqa": _scienceqa, "mmbench": _mmbench("mmbench"), "mmbench_cn": _mmbench("mmbench_cn"),
+             "seed": _seed, "mmmu": _mmmu, "ocrbench": _ocrbench, "realworldqa": _realworldqa,
+             "hrbench4k": _hrbench("hrbench4k"), "hrbench8k": _hrbench("hrbench8k"), "vizwiz": _vizwiz,
+             "llava_bench": _llava_bench, "mmvet": _mmvet}
+assert set(PREPARERS) <= set(BENCHMARKS)
