@@ -6,8 +6,15 @@
   # several models on the same images, one chart: repeat --checkpoint (and --name), or --config/--checkpoint in pairs;
   # --config.KEY=VALUE overrides apply to every model (of the model, only its run settings: uhd-generate)
 
-Results go to a JSON file next to the answers (`<answers>.scores.json`, or `<workdir>/results.json` with a bar chart
-`<workdir>/results.png` of accuracy per resolution bucket) and a table on stdout.
+  # GPT-judged benchmarks (LLaVA-Bench, MM-Vet) through any OpenAI-compatible endpoint; the key from $OPENAI_API_KEY
+  uhd-evaluate --benchmark mmvet --answers answers/mmvet.jsonl --annotations mm-vet/mm-vet.json \
+      --judge-url https://api.openai.com/v1 [--judge-model gpt-4-0613]
+  # one paper table: answer and score every benchmark of the suite present under --bench-root, list the missing
+  uhd-evaluate --suite uhd_v2 --bench-root data/eval --checkpoint runs/uhd_v2-7b/sft/final --workdir runs/table
+  uhd-evaluate --suite llava15 --bench-root data/eval --workdir runs/table    # score the answers already there
+
+Results go to a JSON file next to the answers (`<answers>.scores.json`, `<workdir>/results.json` with a bar chart
+`<workdir>/results.png` of accuracy per resolution bucket, or `<workdir>/suite_<name>.json`) and a table on stdout.
 """
 from __future__ import annotations
 
@@ -37,6 +44,20 @@ def print_scores(result: dict) -> None:
             print(f"  {key:<24}{value:.2f}")
 
 
+JUDGE_MODELS = {"llava_bench": "gpt-4-0314", "mmvet": "gpt-4-0613"}   # the official scripts' judges
+
+
+def judge_for(a):
+    """A function benchmark -> Judge for --judge-url (None without it); the official judge model unless
+    --judge-model names another."""
+    if not a.judge_url:
+        return None
+    from uhd_jax.eval.judge import Judge
+
+    return lambda bench: Judge(a.judge_url, a.judge_model or JUDGE_MODELS.get(bench, "gpt-4-0613"),
+                               key_env=a.judge_key_env)
+
+
 def score_file(a) -> int:
     from uhd_jax.eval.answers import read_answers
     from uhd_jax.eval.scoring import score_answers
@@ -45,9 +66,16 @@ def score_file(a) -> int:
     answers = read_answers(a.answers)
     if not answers:
         raise UserError(f"--answers {a.answers}: no answers to score; run uhd-generate first")
-    if a.benchmark != "mme" or not os.path.isdir(a.annotations):   # MME's annotations are its release folder
-        require_file(a.annotations, "--annotations", f"give the {a.benchmark} annotation file")
-    result = score_answers(a.benchmark, answers, a.annotations)
+    if not os.path.exists(a.annotations):   # MME, ScienceQA, LLaVA-Bench: their release folder
+        raise UserError(f"--annotations {a.annotations}: not found; give the {a.benchmark} annotation file or folder")
+    judges = judge_for(a)
+    if a.benchmark == "mmvet":   # the file MM-Vet's own evaluator and online grader take
+        from uhd_jax.eval.judge import mmvet_submission
+        with open(a.answers + ".mmvet_submission.json", "w") as f:
+            json.dump(mmvet_submission(answers), f, indent=1)
+        print(f"MM-Vet submission -> {a.answers}.mmvet_submission.json")
+    result = score_answers(a.benchmark, answers, a.annotations, judge=judges(a.benchmark) if judges else None,
+                           reviews_path=a.answers + ".reviews.jsonl")
     print_scores(result)
     out = a.out or a.answers + ".scores.json"
     with open(out, "w") as f:
@@ -108,13 +136,60 @@ def synthetic_reading(a) -> int:
     return 0
 
 
+def run_suite(a) -> int:
+    from uhd_jax.eval import suites
+
+    if not a.bench_root:
+        raise UserError(f"--suite {a.suite}: give --bench-root, the folder the benchmarks' files are under")
+    if a.checkpoint and len(a.checkpoint) > 1 or (a.config and len(a.config) > 1):
+        raise UserError("--suite answers with one model: give --checkpoint (and --config) once")
+    answer = None
+    if a.checkpoint:
+        import types
+
+        from uhd_jax.cli.generate import answering_for, check_model, load
+        from uhd_jax.eval.answers import read_questions
+        from uhd_jax.eval.model_vqa import answer_questions
+
+        args = types.SimpleNamespace(**{**vars(a), "checkpoint": a.checkpoint[0],
+                                        "config": a.config[0] if a.config else None})
+        check_model(args)
+        model = []
+
+        def answer(bench, questions, images, answers_path):
+            if not model:   # loaded once, and only when a benchmark is there to answer
+                model.append(load(args))
+            summary = answer_questions(answering_for(model[0], args, bench, images), read_questions(questions),
+                                       answers_path, log=lambda *_: None)
+            print(f"{bench}: {summary['answered_now']} answered now, {summary['answered_before']} before, "
+                  f"{len(summary['skipped'])} skipped, {summary['seconds']:.0f}s")
+    suites.suite(a.suite)
+    outcome = suites.run(a.suite, a.bench_root, a.workdir, answer=answer, judge=judge_for(a))
+    print(suites.report(a.suite, outcome, a.bench_root))
+    os.makedirs(a.workdir, exist_ok=True)
+    out = os.path.join(a.workdir, f"suite_{a.suite}.json")
+    with open(out, "w") as f:
+        json.dump(outcome, f, indent=2)
+    print(f"results -> {out}")
+    return 0
+
+
 @reports_user_errors
 def main(argv=None) -> int:
     from uhd_jax.cli.generate import add_model_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", required=True, choices=sorted(b for b in BENCHMARKS if b != "open"), metavar="NAME",
+    from uhd_jax.eval.suites import SUITES
+
+    p.add_argument("--benchmark", choices=sorted(b for b in BENCHMARKS if b != "open"), metavar="NAME",
                    help="one of: " + ", ".join(sorted(b for b in BENCHMARKS if b != "open")))
+    p.add_argument("--suite", choices=sorted(SUITES), help="a paper's table: " + ", ".join(sorted(SUITES)))
+    p.add_argument("--bench-root", help="with --suite: the folder the benchmarks' files are under "
+                                        "(layout: uhd_jax/eval/suites.py LAYOUT)")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for LLaVA-Bench / MM-Vet, e.g. "
+                                       "https://api.openai.com/v1")
+    p.add_argument("--judge-model", help="default: the official judge (gpt-4-0314 LLaVA-Bench, gpt-4-0613 MM-Vet)")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--answers", help="answer file to score (with --annotations)")
     p.add_argument("--annotations", help="the benchmark's annotation file (MME: its release folder)")
     p.add_argument("--out", default=None, help="scores JSON (default: <answers>.scores.json)")
@@ -131,6 +206,12 @@ def main(argv=None) -> int:
     p.add_argument("--sides", type=int, nargs="+", default=[336, 672, 1024, 1536, 2048])
     a, extra = p.parse_known_args(argv)
     a.overrides = split_overrides(extra, p)
+    if bool(a.benchmark) == bool(a.suite):
+        p.error("give either --benchmark NAME or --suite NAME")
+    if a.suite:
+        if a.workdir == p.get_default("workdir"):
+            a.workdir = os.path.join("runs", f"suite_{a.suite}")
+        return run_suite(a)
     if a.benchmark == "synthetic_reading":
         return synthetic_reading(a)
     if a.overrides:

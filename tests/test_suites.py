@@ -1,0 +1,91 @@
+"""Paper-table suites: a data root holding only some benchmarks is planned, the missing ones are listed, the present
+ones scored from their answer files, and the table printed in the paper's column order beside the published numbers."""
+import json
+
+import pytest
+
+from tests.cli_mistakes import assert_mistake
+from uhd_jax.cli.evaluate import main as evaluate
+from uhd_jax.eval import suites
+
+
+def write(path, data, lines=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in data) if lines else json.dumps(data))
+
+
+@pytest.fixture()
+def partial_root(tmp_path):
+    """ScienceQA, SEED and MM-Vet released files; nothing else."""
+    root = tmp_path / "eval"
+    sqa = root / "scienceqa"
+    write(sqa / "llava_test_CQM-A.json", [
+        {"id": "1", "image": "1/image.png", "conversations": [{"from": "human", "value": "<image>\nContext: N/A\n"
+                                                                                     "Question: Q1?\nOptions: (A) x (B) y"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "Context: N/A\nQuestion: Q2?\nOptions: (A) x (B) y"}]}])
+    write(sqa / "problems.json", {"1": {"choices": ["x", "y"], "answer": 1, "image": "image.png"},
+                                  "2": {"choices": ["x", "y"], "answer": 0, "image": None}})
+    write(sqa / "pid_splits.json", {"test": ["1", "2"]})
+    (sqa / "images" / "test").mkdir(parents=True)
+    write(root / "seed_bench" / "SEED-Bench.json", {"question_type": {"Scene": 1}, "questions": [
+        {"question_id": "s0", "answer": "A", "data_type": "image", "question_type_id": 1, "data_id": "0.jpg",
+         "question": "Q?", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d"},
+        {"question_id": "s1", "answer": "C", "data_type": "image", "question_type_id": 1, "data_id": "1.jpg",
+         "question": "Q?", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d"}]})
+    (root / "seed_bench" / "SEED-Bench-image").mkdir()
+    write(root / "mm-vet" / "mm-vet.json", {"v1_0": {"imagename": "v1_0.png", "question": "Q?", "answer": "a",
+                                                     "capability": ["rec"]}})
+    (root / "mm-vet" / "images").mkdir()
+    return root
+
+
+def test_plan_lists_what_is_missing(partial_root):
+    present, missing = suites.plan("llava15", str(partial_root))
+    assert present == [("SQA-IMG", "scienceqa"), ("SEED", "seed"), ("MM-Vet", "mmvet")]
+    assert set(missing) == {"vqav2", "gqa", "vizwiz", "textvqa", "pope", "mme", "mmbench", "mmbench_cn", "llava_bench"}
+    assert missing["gqa"] == "gqa/llava_gqa_testdev_balanced.jsonl"
+
+
+def test_suite_scores_answer_files_and_prints_the_table(partial_root, tmp_path, capsys):
+    work = tmp_path / "work"
+    # answers as uhd-generate writes them, where the suite looks for them
+    write(work / "scienceqa" / "answers.jsonl", [{"question_id": "1", "prompt": "", "text": "B"},
+                                                 {"question_id": "2", "prompt": "", "text": "B"}], lines=True)
+    write(work / "seed" / "answers.jsonl", [{"question_id": "s0", "prompt": "", "text": "A"},
+                                            {"question_id": "s1", "prompt": "", "text": "D"}], lines=True)
+    write(work / "mmvet" / "answers.jsonl", [{"question_id": "v1_0", "prompt": "", "text": "a"}], lines=True)
+    assert evaluate(["--suite", "llava15", "--bench-root", str(partial_root), "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "VQAv2" in line)
+    assert header.split() == ["VQAv2", "GQA", "VizWiz", "SQA-IMG", "TextVQA", "POPE", "MME", "MMB", "MMB-CN", "SEED",
+                              "LLaVA-W", "MM-Vet"]
+    # SQA-IMG: problem 1 (the image one) right -> 100; SEED: 1 of 2 -> 50; the rest '-'
+    run = next(line for line in out.splitlines() if line.startswith("this run")).split()[2:]
+    assert run == ["-", "-", "-", "100.0", "-", "-", "-", "-", "-", "50.0", "-", "-"]
+    assert next(line for line in out.splitlines() if line.startswith("LLaVA-1.5-7B")).split()[1:4] == [
+        "78.5", "62.0", "50.0"]
+    assert "missing under" in out and "gqa/llava_gqa_testdev_balanced.jsonl" in out
+    assert "mmvet" in out and "--judge-url" in out            # judged, not scored without an endpoint
+    questions = [json.loads(line) for line in open(work / "scienceqa" / "questions.jsonl")]
+    assert questions[0]["text"] == ("Context: N/A\nQuestion: Q1?\nOptions: (A) x (B) y\n"
+                                    "Answer with the option's letter from the given choices directly.")
+    assert "image" not in questions[1]
+    saved = json.load(open(work / "suite_llava15.json"))
+    assert saved["scores"] == {"scienceqa": 100.0, "seed": 50.0}
+    assert json.load(open(work / "mmvet" / "mmvet_submission.json")) == {"v1_0": "a"}
+
+
+def test_suite_mistakes(partial_root, tmp_path, capsys):
+    assert_mistake(capsys, evaluate, ["--suite", "llava15", "--workdir", tmp_path], "give --bench-root")
+    assert_mistake(capsys, evaluate, ["--suite", "llava15", "--bench-root", tmp_path / "nope"], "not a directory")
+    assert_mistake(capsys, evaluate, ["--suite", "llava15", "--benchmark", "gqa"], "either --benchmark")
+
+
+def test_single_benchmark_scoring_of_an_added_benchmark(partial_root, tmp_path, capsys):
+    answers = tmp_path / "sqa.jsonl"
+    write(answers, [{"question_id": "1", "prompt": "", "text": "The answer is B."}], lines=True)
+    assert evaluate(["--benchmark", "scienceqa", "--answers", str(answers),
+                     "--annotations", str(partial_root / "scienceqa")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scienceqa: 100.00") and "accuracy" in out   # problem 2 unanswered: accuracy 50
+    assert json.load(open(str(answers) + ".scores.json"))["metrics"]["accuracy"] == 50.0
