@@ -66,6 +66,8 @@ def test_mmbench_option_inference():
     assert infer_option("It is blue", opts) == "B"          # no letter: the one option text contained
     assert infer_option("red and blue", opts) is None
     assert infer_option("Answer: b", opts) is None          # letters are upper-case; 'b' is no option text
+    assert infer_option("Z: none is blue", opts) is None    # a lone Z stops before the option texts
+    assert infer_option("Cannot determine the answer, maybe blue", opts) is None
 
 
 def test_mmmu_multiple_choice_parsing():
@@ -114,9 +116,9 @@ def test_prompt_rules_per_family_of_benchmarks():
         "Q?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer with the option's letter from the given choices directly.")
     mc = {"question": "Q <image 1>?", "options": "['x', 'y']", "question_type": "multiple-choice"}
     assert formats.question_text("mmmu", mc) == (
-        "Q <image 1>?\n\n(A) x\n(B) y\n\n\nAnswer with the option's letter from the given choices directly.")
+        "Q <image 1>?\n(A) x\n(B) y\n\nAnswer with the option's letter from the given choices directly.")
     assert formats.question_text("mmmu", {"question": "Q?", "question_type": "open"}) == (
-        "Q?\n\nAnswer the question using a single word or phrase.")
+        "Q?\nAnswer the question using a single word or phrase.")
     assert formats.question_text("vizwiz", {"question": "What is this?"}) == (
         "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
         "Answer the question using a single word or phrase.")

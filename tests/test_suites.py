@@ -36,13 +36,15 @@ def partial_root(tmp_path):
     write(root / "mm-vet" / "mm-vet.json", {"v1_0": {"imagename": "v1_0.png", "question": "Q?", "answer": "a",
                                                      "capability": ["rec"]}})
     (root / "mm-vet" / "images").mkdir()
+    write(root / "vizwiz" / "test.json", [{"image": "VizWiz_test_0.jpg", "question": "What?"}])
+    (root / "vizwiz" / "test").mkdir()
     return root
 
 
 def test_plan_lists_what_is_missing(partial_root):
     present, missing = suites.plan("llava15", str(partial_root))
-    assert present == [("SQA-IMG", "scienceqa"), ("SEED", "seed"), ("MM-Vet", "mmvet")]
-    assert set(missing) == {"vqav2", "gqa", "vizwiz", "textvqa", "pope", "mme", "mmbench", "mmbench_cn", "llava_bench"}
+    assert present == [("VizWiz", "vizwiz"), ("SQA-IMG", "scienceqa"), ("SEED", "seed"), ("MM-Vet", "mmvet")]
+    assert set(missing) == {"vqav2", "gqa", "textvqa", "pope", "mme", "mmbench", "mmbench_cn", "llava_bench"}
     assert missing["gqa"] == "gqa/llava_gqa_testdev_balanced.jsonl"
 
 
@@ -54,6 +56,8 @@ def test_suite_scores_answer_files_and_prints_the_table(partial_root, tmp_path, 
     write(work / "seed" / "answers.jsonl", [{"question_id": "s0", "prompt": "", "text": "A"},
                                             {"question_id": "s1", "prompt": "", "text": "D"}], lines=True)
     write(work / "mmvet" / "answers.jsonl", [{"question_id": "v1_0", "prompt": "", "text": "a"}], lines=True)
+    write(work / "vizwiz" / "answers.jsonl", [{"question_id": "VizWiz_test_0.jpg", "prompt": "",
+                                               "text": "Unanswerable."}], lines=True)
     assert evaluate(["--suite", "llava15", "--bench-root", str(partial_root), "--workdir", str(work)]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "VQAv2" in line)
@@ -73,6 +77,13 @@ def test_suite_scores_answer_files_and_prints_the_table(partial_root, tmp_path, 
     saved = json.load(open(work / "suite_llava15.json"))
     assert saved["scores"] == {"scienceqa": 100.0, "seed": 50.0}
     assert json.load(open(work / "mmvet" / "mmvet_submission.json")) == {"v1_0": "a"}
+    # VizWiz's test split has no answers: the EvalAI upload file is written instead of a score
+    assert json.load(open(work / "vizwiz" / "answers_upload.json")) == [
+        {"image": "VizWiz_test_0.jpg", "answer": "unanswerable"}]
+    assert "upload" in out
+    assert json.loads(open(work / "vizwiz" / "questions.jsonl").readline())["text"].endswith("'Unanswerable'.\n"
+                                                                                           "Answer the question using "
+                                                                                           "a single word or phrase.")
 
 
 def test_suite_mistakes(partial_root, tmp_path, capsys):

@@ -11,7 +11,7 @@
   ocrbench     OCRBench.json (dataset_name, id, image_path, question, answers, type) + OCRBench_Images.
   realworldqa  JSON (lines) of the HF dataset's fields: question, answer, image (a path); the id is the line number.
   hrbench4k/8k the released TSV (index, question, answer, category, cycle_category, A-D, image as base64).
-  vizwiz       the official val.json / test.json (image, question[, answers, answer_type]).
+  vizwiz       the official val.json, else test.json (image, question[, answers, answer_type]) + val/ or test/.
   llava_bench  the released folder: questions.jsonl (already in model_vqa format), context.jsonl, answers_gpt4.jsonl.
   mmvet        mm-vet.json ({v1_N: imagename, question, answer, capability}) + images/.
 
@@ -32,8 +32,9 @@ from uhd_jax.cli_errors import UserError
 from uhd_jax.eval.benchmarks import BENCHMARKS, HR_LETTER, LETTER, LETTER_CN, VIZWIZ
 
 CIRCULAR = 1_000_000
-MMMU_MC = "\n\nAnswer with the option's letter from the given choices directly."   # MMMU's llava1.5 config
-MMMU_OPEN = "\n\nAnswer the question using a single word or phrase."
+# MMMU's llava1.5 config: "{question}\n{options}\nAnswer with ..." (options end with a newline) / "{question}\nAnswer ..."
+MMMU_MC = "\nAnswer with the option's letter from the given choices directly."
+MMMU_OPEN = "\nAnswer the question using a single word or phrase."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ def question_text(benchmark: str, record: dict) -> str:
     if benchmark == "mmmu":                          # MMMU's construct_prompt with the llava1.5 config
         if record["question_type"] == "multiple-choice":
             opts = "".join(f"({chr(65 + i)}) {o}\n" for i, o in enumerate(mmmu_options(record)))
-            return f"{record['question']}\n\n{opts}" + MMMU_MC
+            return f"{record['question']}\n{opts}" + MMMU_MC
         return record["question"] + MMMU_OPEN
     if benchmark == "vizwiz":
         return record["question"] + VIZWIZ
@@ -233,10 +234,12 @@ def _realworldqa(folder, out):
 
 
 def _vizwiz(folder, out):
-    ann = _need(os.path.join(folder, "val.json"), "VizWiz's val.json")
+    """val.json (with answers: scored here) when there, else test.json (answers for the server only)."""
+    split = "val" if os.path.exists(os.path.join(folder, "val.json")) else "test"
+    ann = _need(os.path.join(folder, f"{split}.json"), "VizWiz's val.json or test.json")
     qs = [{"question_id": r["image"], "image": r["image"], "text": question_text("vizwiz", r)}
           for r in _read_json_or_lines(ann)]
-    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "val"), ann)
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, split), ann)
 
 
 def _llava_bench(folder, out):

@@ -11,6 +11,7 @@ their column lists follow the benchmarks the specs say those papers evaluate, no
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from uhd_jax.cli_errors import UserError
@@ -46,7 +47,7 @@ LAYOUT = {
     "realworldqa": Layout(source="realworldqa"),
     "hrbench4k": Layout(source="HR-Bench/hr_bench_4k.tsv"),
     "hrbench8k": Layout(source="HR-Bench/hr_bench_8k.tsv"),
-    "vizwiz": Layout(source="vizwiz"),
+    "vizwiz": Layout(source="vizwiz"),          # val.json (scored here) or test.json (upload file only)
     "llava_bench": Layout(source="llava-bench-in-the-wild"),
     "mmvet": Layout(source="mm-vet"),
 }
@@ -158,6 +159,7 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
     of the suite present under `data_root`; answers and scores go to `workdir/<benchmark>/`. Without `answer` the
     answer files already there are scored. Returns {'scores', 'results', 'missing', 'skipped'}."""
     from uhd_jax.eval.answers import read_answers
+    from uhd_jax.eval.extra_scoring import vizwiz_submission
     from uhd_jax.eval.judge import mmvet_submission
     from uhd_jax.eval.scoring import JUDGED, score_answers
 
@@ -175,9 +177,13 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
                 skipped[bench] = f"no answers in {answers_path} (give --checkpoint to answer the questions)"
                 continue
             if bench == "mmvet":   # the file MM-Vet's own evaluator and online grader take
-                import json
                 with open(os.path.join(out, "mmvet_submission.json"), "w") as f:
                     json.dump(mmvet_submission(answers), f, indent=1)
+            if bench == "vizwiz" and annotations.endswith("test.json"):   # EvalAI's upload file; no local score
+                with open(os.path.join(out, "answers_upload.json"), "w") as f:
+                    json.dump(vizwiz_submission(answers, annotations), f)
+                skipped[bench] = f"test split: upload {os.path.join(out, 'answers_upload.json')} to VizWiz's server"
+                continue
             if bench in JUDGED and judge is None:
                 skipped[bench] = "judged by GPT: give --judge-url and --judge-model (answers are written)"
                 continue

@@ -5,8 +5,9 @@ the first letter when the text starts 'X. ', else 'The answer is X.' (then 'The 
 the question's choices, or nothing, is a failure (-1) and counts wrong.
 
 MMBench / HR-Bench (VLMEvalKit's exact-matching stage, no LLM fallback): the characters .()[],:;!*#{} become spaces;
-if exactly one option letter stands alone among the words, that letter; else if exactly one option's text (lower-cased)
-is contained in the lower-cased answer, that option; else nothing.
+if exactly one option letter stands alone among the words, that letter (its article-'A' guard only acts in VERBOSE
+mode); several letters, a lone 'Z' or one of its refusal phrases: nothing; else if exactly one option's text
+(lower-cased) is contained in the lower-cased answer, that option; else nothing.
 
 MMMU (its eval_utils.parse_multi_choice_response): the answer stripped of , . ! ? ; : ' at both ends and padded with
 spaces; candidates are letters written '(X)', else ' X ', else (only for answers of more than 5 words) options whose
@@ -38,6 +39,8 @@ def sqa_choice(text: str, num_choices: int) -> int:
 
 
 _MMB_SEPARATORS = ".()[],:;!*#{}"
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
 def infer_option(text: str, options: Mapping[str, str]) -> str | None:
@@ -49,7 +52,7 @@ def infer_option(text: str, options: Mapping[str, str]) -> str | None:
     named = [letter for letter in options if letter in words]
     if len(named) == 1:
         return named[0]
-    if named:
+    if named or "Z" in words or any(r in text for r in _REFUSALS):   # VLMEvalKit's 'Z': no option, not read on
         return None
     lower = text.lower()
     contained = [letter for letter, option in options.items() if str(option).lower() in lower]
