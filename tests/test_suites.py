@@ -100,3 +100,25 @@ def test_single_benchmark_scoring_of_an_added_benchmark(partial_root, tmp_path, 
     out = capsys.readouterr().out
     assert out.startswith("scienceqa: 100.00") and "accuracy" in out   # problem 2 unanswered: accuracy 50
     assert json.load(open(str(answers) + ".scores.json"))["metrics"]["accuracy"] == 50.0
+
+
+def test_suite_answers_each_present_benchmark_with_its_prepared_questions(partial_root, tmp_path):
+    """The generation side: the answerer is called once per present benchmark with the converted question file and
+    the benchmark's image folder (the CLI's answerer is uhd-generate's, loaded once)."""
+    calls = []
+
+    def answer(bench, questions, images, answers_path):
+        calls.append((bench, questions, images))
+        qs = [json.loads(line) for line in open(questions)]
+        reply = {"scienceqa": "A", "seed": "A", "vizwiz": "red", "mmvet": "a"}[bench]
+        write(tmp_path / "work" / bench / "answers.jsonl",
+              [{"question_id": q["question_id"], "prompt": q["text"], "text": reply} for q in qs], lines=True)
+
+    outcome = suites.run("llava15", str(partial_root), str(tmp_path / "work"), answer=answer, log=lambda *_: None)
+    assert [c[0] for c in calls] == ["vizwiz", "scienceqa", "seed", "mmvet"]
+    assert calls[2][1] == str(tmp_path / "work" / "seed" / "questions.jsonl")
+    assert calls[2][2] == str(partial_root / "seed_bench" / "SEED-Bench-image")
+    assert calls[1][2] == str(partial_root / "scienceqa" / "images" / "test")
+    # 'A' everywhere: ScienceQA problem 1 (image, answer B) wrong, problem 2 (text) right; SEED s0 right, s1 wrong
+    assert outcome["scores"] == {"scienceqa": 0.0, "seed": 50.0}
+    assert outcome["results"]["scienceqa"]["metrics"]["accuracy"] == 50.0
