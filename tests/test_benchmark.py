@@ -58,7 +58,7 @@ def run_benchmark(tmp_path, *args):
 
 def test_train_mode_reports_a_consistent_step(tmp_path):
     r = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--stage", "sft", "--mode", "train",
-                      "--batch", "4", "--steps", "2", "--warmup", "1", "--seq-len", "256", "--mesh", "2,2,2",
+                      "--batch-size", "4", "--steps", "2", "--warmup", "1", "--seq-len", "256", "--mesh", "2,2,2",
                       "--images", "336x336,672x1088", "--peak-tflops", "1", "--compare", "torch")
     assert r["compilations"] == 1 and r["trains"] == {"vision": False, "projector": True, "llm": True}
     assert r["tokens_per_step"] == 4 * 256 and r["images_per_step"] == 4   # sequences filled to the budget
@@ -74,13 +74,14 @@ def test_train_mode_reports_a_consistent_step(tmp_path):
 
 
 def test_generate_data_and_compute_modes_run(tmp_path, monkeypatch):
+    # --new-tokens and --batch: the spellings before uhd-generate's, kept so recorded commands still run
     g = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "generate", "--new-tokens", "4",
                       "--repeats", "1", "--images", "336x336", "--bandwidth-gbs", "10", "--cache-mb", "0")
     assert g["prompt_tokens"] > 64 and set(g) >= {"batch1", "batch32", "llm_weight_bytes", "kv_bytes_per_row"}
     bound = lambda b: b * 10e9 / (g["llm_weight_bytes"] + b * g["kv_bytes_per_row"])  # noqa: E731
     assert g["batch1"]["bandwidth_bound_tokens_per_s"] == pytest.approx(bound(1))
     assert g["batch32"]["bandwidth_bound_tokens_per_s"] == pytest.approx(bound(32))
-    d = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "data", "--batch", "2", "--steps",
+    d = run_benchmark(tmp_path, "--config", "configs/llava15.py:tiny", "--mode", "data", "--batch-size", "2", "--steps",
                       "2", "--workers", "0", "--images", "336x336", "--seq-len", "256")
     assert d["images_per_s"]["0"] > 0
     monkeypatch.chdir(tmp_path)   # its configs/NAME.py specs are found from any directory, not only the repository's
@@ -116,13 +117,13 @@ def test_memory_mode_reports_xlas_analysis_of_the_jbu_step(tmp_path, monkeypatch
 
     seen = {}
 
-    def fake(config, name, batch):
-        seen.update(stage=name, batch=batch, kind=config.stages[name].kind)
+    def fake(config, name, batch, steps, warmup):
+        seen.update(stage=name, batch=batch, kind=config.stages[name].kind, steps=steps)
         return {"peak_bytes": 3 * 10 ** 9, "temp_bytes": 2 * 10 ** 9, "batch": batch}
 
     monkeypatch.setattr(benchmark, "jbu_step_memory", fake)
-    r = run_benchmark(tmp_path, "--config", "configs/uhd_v2.py:tiny", "--mode", "memory", "--batch", "16")
-    assert seen == {"stage": "jbu", "batch": 16, "kind": "jbu"}
+    r = run_benchmark(tmp_path, "--config", "configs/uhd_v2.py:tiny", "--mode", "memory", "--batch-size", "16")
+    assert seen == {"stage": "jbu", "batch": 16, "kind": "jbu", "steps": 0}   # compiled only: no --execute
     assert r["peak_gb"] == 3.0 and r["temp_gb"] == 2.0 and r["stage"] == "jbu" and r["devices"] == 1
 
     x = jax.ShapeDtypeStruct((256, 1024), jnp.float32)
@@ -156,7 +157,10 @@ def test_benchmark_cli_user_mistakes(tmp_path, capsys):
     assert_mistake(capsys, main, tiny + ["--mesh", "3,1,1"], "needs 3 devices, have 8")
     assert_mistake(capsys, main, tiny + ["--images", "64x64", "--seq-len", "16"], "beyond data.max_length=16; raise "
                                                                                    "--seq-len")
-    assert_mistake(capsys, main, tiny + ["--batch", "0"], "--batch 0: give at least 1")
+    assert_mistake(capsys, main, tiny + ["--batch-size", "0"], "--batch-size 0: give at least 1")
+    assert_mistake(capsys, main, tiny + ["--batch", "0"], "--batch-size 0: give at least 1")   # the old spelling
+    assert_mistake(capsys, main, tiny + ["--max-new-tokens", "0"], "--max-new-tokens 0: give at least 1")
+    assert_mistake(capsys, main, ["--table", str(tmp_path / "none.jsonl")], "no such results file")
     assert_mistake(capsys, main, tiny + ["--stepz", "3"], "unrecognized arguments: --stepz")
     assert_mistake(capsys, main, ["--compare-compute", "--compute-llm", "14b"] + out,
                    "--compute-llm configs/llava15.py:14b: configs/llava15.py: unknown variant '14b'")

@@ -3,9 +3,13 @@ inputs: no weights and no device of the target's size, so whether a step fits in
 
 `peak` is what one device must hold at once: the arguments, the outputs that do not reuse a donated argument, and
 the temporaries. XLA's CPU and GPU backends fuse differently (fusion decides which intermediates exist), so a CPU
-number estimates the GPU's; it is not its exact value.
+number estimates the GPU's; it is not its exact value. On the device itself the compiled step can also run, which
+measures its time and the allocator's peak.
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import flax.linen as nn
 import jax
@@ -25,10 +29,9 @@ def analysis_bytes(compiled) -> dict:
             "peak_bytes": arg + out - alias + temp}
 
 
-def jbu_step_memory(config, stage_name: str, batch: int) -> dict:
-    """XLA's memory analysis of the `jbu` stage's real train step (`make_jbu_step`: the stage's model, dtypes and
-    optimizer, state donated as `run_jbu_stage` does) for `batch` images on one device, compiled from abstract
-    shapes."""
+def _jbu_step(config, stage_name: str, batch: int):
+    """The `jbu` stage's real train step (`make_jbu_step`: the stage's model, dtypes and optimizer, state donated as
+    `run_jbu_stage` does), its abstract state and images for `batch` images, and the stage's pieces."""
     from uhd_jax.train import optimizer as opt
     from uhd_jax.train.jbu_stage import TRAINED, JBUTraining, make_jbu_step, vdim_spec
     from uhd_jax.train.state import TrainState
@@ -47,9 +50,41 @@ def jbu_step_memory(config, stage_name: str, batch: int) -> dict:
                        opt_state=jax.eval_shape(tx.init, trainable))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     step = jax.jit(make_jbu_step(training, tx, int(config.seed)), donate_argnums=0)
-    out = analysis_bytes(step.lower(state, images).compile())
     count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    out.update(batch=batch, image_size=size, n_jitters=training.spec.n_jitters,
-               vision_dtype=jnp.dtype(cfg.vision.dtype).name, trained_parameters=count(trainable),
-               frozen_parameters=count(params["vision"]))
+    info = dict(batch=batch, image_size=size, n_jitters=training.spec.n_jitters,
+                vision_dtype=jnp.dtype(cfg.vision.dtype).name, trained_parameters=count(trainable),
+                frozen_parameters=count(params["vision"]))
+    return step, state, images, training, tx, info
+
+
+def jbu_step_memory(config, stage_name: str, batch: int, steps: int = 0, warmup: int = 1) -> dict:
+    """XLA's memory analysis of the `jbu` stage's real train step for `batch` images on one device, compiled from
+    abstract shapes. With `steps`, the same compiled step then runs on random weights and images: `warmup` untimed
+    steps, `steps` timed ones (median/min/max seconds, images/s) and the device allocator's peak where the backend
+    reports one (GPUs; not the CPU)."""
+    from uhd_jax.train.jbu_stage import TRAINED
+    from uhd_jax.train.state import TrainState
+
+    step, state, images, training, tx, info = _jbu_step(config, stage_name, batch)
+    compiled = step.lower(state, images).compile()
+    out = analysis_bytes(compiled)
+    out.update(info)
+    if steps < 1:
+        return out
+    params = jax.jit(lambda r: nn.meta.unbox(training.init(r)))(jax.random.PRNGKey(0))
+    live = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=jax.jit(tx.init)({k: params[k] for k in TRAINED}))
+    # normalised pixels: the featurizer sees what the stage's preparer gives it, values around 0 with unit spread
+    pixels = jax.random.normal(jax.random.PRNGKey(1), images.shape, images.dtype)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        live, metrics = compiled(live, pixels)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    median = statistics.median(times)
+    out.update(step_s={"median": median, "min": min(times), "max": max(times)}, images_per_s=batch / median,
+               timed_steps=steps, loss=float(metrics["loss"]), measured_peak_bytes=stats.get("peak_bytes_in_use"))
     return out
