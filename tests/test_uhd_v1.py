@@ -247,6 +247,7 @@ def test_packed_images_give_each_images_features_alone(synthetic_data):
     from uhd_jax.train.trainer import model_for_stage, packed_layout
 
     c = tiny_uhd(synthetic_data)
+    c.model.vision.max_image_patches = 18   # the 6x3 image: more patches than the tiny tower's 4x4 grid
     cfg = model_for_stage(c, c.stages.sft)
     params = nn.meta.unbox(init_fn(cfg)(jax.random.PRNGKey(3))["params"])
     layout = packed_layout(c, cfg)

@@ -21,4 +21,4 @@ def pack_images_for_vit(images: list[list[np.ndarray]], budget: int, patch: int,
         except ValueError as e:
             raise ValueError(f"row {row}: {e}") from None
     return PackedPatches(out["patches"], out["patch_segment_ids"], out["patch_is_cls"], out["patch_pos_index"],
-                         out["patch_pos_weight"])
+                         out["patch_pos_weight"], out["image_valid"])

@@ -3,10 +3,11 @@ into a row of the vision tower's fixed patch budget, and build the resampler's g
 
 Budget rule (`data.patch_budget`, N slots per sample): each image takes 1 (CLS) + h*w slots, the images of a sample
 sit back to back in its row. The default, (max_slices + 1) * (1 + (336/14)^2) per image of the sample, holds every
-image the slicer makes from ordinary shapes (slices and overviews have at most 576 patches); degenerate shapes (a
-14-pixel-high 9996-pixel-wide overview has 714 patches) may not fit: such a sample is skipped and counted with its
-size and the budget in the reason, never truncated. With one compiled shape per run, any mix of aspect ratios
-compiles the step once.
+image the slicer makes. One image may have at most the vision tower's `max_image_patches` patches (default its
+native grid^2 = 576: the slicer makes more only from images of aspect ratio above ~576:1, e.g. a 14-pixel-high
+9996-pixel-wide overview of 714 patches), because the tower's attention gives each image a row of that many keys.
+A sample over either limit is skipped and counted with its sizes and the limit in the reason, never truncated. With
+one compiled shape per run, any mix of aspect ratios compiles the step once.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ class PackedLayout:
     box_dtype: str | None = None     # round window boxes to this dtype first ('bfloat16' like bf16 training)
     jbu: bool = False                # v2: also the 2x and 4x levels (JBU gathers, pooled guidance, windows)
     level_roi_taps: int = 36
+    image_patches: int = 0           # most patches of one image (0: vit_grid^2), `ViTConfig.max_image_patches`
+
+    @property
+    def max_image_patches(self) -> int:
+        return self.image_patches or self.vit_grid ** 2
 
     def level_budget(self, level: int) -> int:
         return level * level * self.patch_budget
@@ -78,7 +84,7 @@ def layout_for_model(cfg, *, patch_budget: int, max_images: int, roi_taps: int =
     return PackedLayout(patch_budget=patch_budget, max_images=max_images, patch_size=cfg.vision.patch_size,
                         vit_grid=cfg.vision.grid, query_grid=spec["grid"], windowed=spec["windowed"],
                         roi_taps=roi_taps, jbu=spec.get("jbu", False), level_roi_taps=level_roi_taps,
-                        box_dtype=box_dtype)
+                        box_dtype=box_dtype, image_patches=cfg.vision.max_image_patches)
 
 
 def patches_needed(images: list[np.ndarray], patch: int) -> int:
@@ -87,8 +93,9 @@ def patches_needed(images: list[np.ndarray], patch: int) -> int:
 
 def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
     """Raise ValueError (naming sizes and the setting to change) if a sample's images cannot be packed: count,
-    budget, patch multiples, RoIAlign tap caps, and the JBU's minimum level size. `fill_row` checks the same, so a
-    sample that passed here (in the data workers, as a counted skip) never fails at collation."""
+    patch multiples, patches per image, budget, RoIAlign tap caps, and the JBU's minimum level size. `fill_row`
+    checks the same, so a sample that passed here (in the data workers, as a counted skip) never fails at
+    collation."""
     p = layout.patch_size
     if len(images) > layout.max_images:
         raise ValueError(f"{len(images)} images (slices + overviews) exceed data.max_slice_images="
@@ -96,6 +103,12 @@ def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
     for k, img in enumerate(images):
         if img.shape[0] % p or img.shape[1] % p:
             raise ValueError(f"image {k}: size {img.shape[1]}x{img.shape[0]} is not a multiple of the patch size {p}")
+    for k, img in enumerate(images):
+        n = (img.shape[0] // p) * (img.shape[1] // p)
+        if n > layout.max_image_patches:
+            raise ValueError(f"image {k}: {img.shape[1]}x{img.shape[0]} has {n} patches, more than the vision "
+                             f"tower's {layout.max_image_patches} per image (model.vision.max_image_patches); "
+                             f"pre-resize such images")
     need = patches_needed(images, p)
     if need > layout.patch_budget:
         sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in images)

@@ -75,6 +75,21 @@ class VLMConfig:
         return n + 1 if self.vision.select_feature == "cls_patch" else n
 
 
+def view_is_read(rows_used, c: SlimeConfig):
+    """(B, I, R) feature rows some position reads -> (B, I, V) the views they come from (global view, then tiles)."""
+    glob = jnp.any(rows_used[..., :c.global_grid ** 2], axis=-1, keepdims=True)
+    if c.views == "global":
+        return glob
+    tiles = rows_used[..., c.local_offset:].reshape(*rows_used.shape[:2], c.max_tiles, c.local_grid ** 2)
+    return jnp.concatenate([glob, jnp.any(tiles, axis=-1)], axis=-1)
+
+
+def _check_view_budget(read, *, budget: int, per_sample: float):
+    if int(read) > budget:
+        raise ValueError(f"this SliME batch has {int(read)} views to encode, more than its budget of {budget} "
+                         f"(model.slime.views_per_sample={per_sample}): raise it (0: every slot)")
+
+
 def splice_image_features(text_embeds, image_features, image_token_map):
     """Write image feature rows into the text embedding sequence where `image_token_map >= 0` (one gather)."""
     rows = jnp.take_along_axis(image_features, jnp.maximum(image_token_map, 0)[..., None], axis=1)
@@ -108,7 +123,7 @@ class VLM(nn.Module):
     def encode_packed_images(self, images: dict, deterministic: bool = True):
         """Slices and overviews of any sizes, packed into rows of the patch budget -> (B, I * grid^2, H_llm)."""
         packed = PackedPatches(images["patches"], images["patch_segment_ids"], images["patch_is_cls"],
-                               images["patch_pos_index"], images["patch_pos_weight"])
+                               images["patch_pos_index"], images["patch_pos_weight"], images["image_valid"])
         feats = self.vision.encode_packed(packed)
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
@@ -122,21 +137,36 @@ class VLM(nn.Module):
         return out.reshape(out.shape[0], -1, out.shape[-1])  # (B, I, grid^2, H) -> (B, I * grid^2, H)
 
     def encode_slime(self, token_valid, pixel_values, image_token_map, text, deterministic: bool):
-        """SliME: (features (B, I * R, H), keep (B, I * R)); see `SlimeProjector`."""
+        """SliME: (features (B, I * R, H), keep (B, I * R)); see `SlimeProjector`.
+
+        Only the views whose features some position reads (an image's global view, the tiles its grid has) go through
+        the vision tower, gathered into `SlimeConfig.view_budget` rows; the other slots get zero features, which no
+        position reads and which no read row depends on (every branch works per view)."""
         c = self.cfg.slime
         b, n = pixel_values.shape[:2]
-        views = pixel_values.reshape(b, n // c.views_per_image, c.views_per_image, *pixel_values.shape[2:])
+        n_img = n // c.views_per_image
+        views = pixel_values.reshape(b, n_img, c.views_per_image, *pixel_values.shape[2:])
+        rows = jnp.maximum(image_token_map, 0)
+        rows_used = jnp.zeros((b, n_img * c.rows_per_image), bool).at[jnp.arange(b)[:, None], rows].max(
+            image_token_map >= 0)
+        read = view_is_read(rows_used.reshape(b, n_img, c.rows_per_image), c)   # (B, I, V)
         if c.views == "local":   # run 1c never reads the global view: keep it out of the vision tower
-            views = views[:, :, 1:]
-        feats = self.vision(views.reshape(-1, *views.shape[3:]))
+            views, read = views[:, :, 1:], read[:, :, 1:]
+        slots = views.shape[0] * views.shape[1] * views.shape[2]
+        flat = views.reshape(slots, *views.shape[3:])
+        budget = c.view_budget(slots, b)
+        if budget < slots:
+            chosen = jnp.argsort(~read.reshape(-1), stable=True)[:budget]   # the read views first, in order
+            jax.debug.callback(_check_view_budget, jnp.sum(read), budget=budget, per_sample=c.views_per_sample)
+            encoded = self.vision(flat[chosen])
+            feats = jnp.zeros((slots, *encoded.shape[1:]), encoded.dtype).at[chosen].set(encoded)
+        else:
+            feats = self.vision(flat)
         if not self.cfg.vision_trainable:
             feats = jax.lax.stop_gradient(feats)
         feats = feats.astype(self.cfg.dtype).reshape(*views.shape[:3], *feats.shape[1:])
         if c.views == "local":
             feats = jnp.concatenate([jnp.zeros_like(feats[:, :, :1]), feats], axis=2)
-        rows = jnp.maximum(image_token_map, 0)
-        rows_used = jnp.zeros((b, views.shape[1] * c.rows_per_image), bool).at[jnp.arange(b)[:, None], rows].max(
-            image_token_map >= 0)
         separator = self.llm.embed(jnp.asarray(c.separator_id, jnp.int32))
         return self.projector(feats, separator, text, token_valid & (image_token_map < 0), rows_used, deterministic)
 

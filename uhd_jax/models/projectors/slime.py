@@ -12,6 +12,7 @@ fixed budget of local tokens instead of a variable-length selection (the LLM mas
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -46,8 +47,14 @@ class SlimeConfig:
     global_grid: int = GLOBAL_GRID
     local_grid: int = LOCAL_GRID
     num_heads: int = 0            # resampler heads; 0 = Dv // 128
+    # Views the vision tower encodes per batch, as an average per sample (batch B: ceil(B x this) views); 0: every
+    # slot (B x views_per_image, tile slots past a grid included). Only the views whose features some position reads
+    # are encoded; a batch holding more of them than its budget stops the step with an error (see `view_budget`).
+    views_per_sample: float = 0.0
 
     def __post_init__(self):
+        if self.views_per_sample < 0:
+            raise ValueError(f"slime.views_per_sample must be >= 0 (0: every slot), got {self.views_per_sample}")
         if self.views not in VIEW_MODES:
             raise ValueError(f"slime.views must be one of {VIEW_MODES}, got {self.views!r}")
         if self.expert not in (-1, 0, 1):
@@ -57,6 +64,12 @@ class SlimeConfig:
     def views_per_image(self) -> int:
         """Image slots per image: the global view, then `max_tiles` tiles (zeros where a grid has fewer)."""
         return 1 if self.views == "global" else 1 + self.max_tiles
+
+    def view_budget(self, slots: int, batch: int) -> int:
+        """Views through the vision tower for a batch of `batch` samples with `slots` view slots in all."""
+        if not self.views_per_sample:
+            return slots
+        return max(1, min(slots, math.ceil(batch * self.views_per_sample)))
 
     @property
     def local_offset(self) -> int:
