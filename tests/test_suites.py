@@ -77,6 +77,8 @@ def test_suite_scores_answer_files_and_prints_the_table(partial_root, tmp_path, 
     saved = json.load(open(work / "suite_llava15.json"))
     assert saved["scores"] == {"scienceqa": 100.0, "seed": 50.0}
     assert json.load(open(work / "mmvet" / "mmvet_submission.json")) == {"v1_0": "a"}
+    assert [json.loads(line) for line in open(work / "seed" / "answers_upload.jsonl")] == [
+        {"question_id": "s0", "prediction": "A"}, {"question_id": "s1", "prediction": "D"}]
     # VizWiz's test split has no answers: the EvalAI upload file is written instead of a score
     assert json.load(open(work / "vizwiz" / "answers_upload.json")) == [
         {"image": "VizWiz_test_0.jpg", "answer": "unanswerable"}]
@@ -122,3 +124,12 @@ def test_suite_answers_each_present_benchmark_with_its_prepared_questions(partia
     # 'A' everywhere: ScienceQA problem 1 (image, answer B) wrong, problem 2 (text) right; SEED s0 right, s1 wrong
     assert outcome["scores"] == {"scienceqa": 0.0, "seed": 50.0}
     assert outcome["results"]["scienceqa"]["metrics"]["accuracy"] == 50.0
+
+
+def test_prepare_converts_a_released_file_for_uhd_generate(partial_root, tmp_path, capsys):
+    out = tmp_path / "prep"
+    assert evaluate(["--benchmark", "seed", "--prepare", str(partial_root / "seed_bench"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"questions -> {out / 'questions.jsonl'}" in printed and "uhd-generate --benchmark seed" in printed
+    assert [json.loads(line)["question_id"] for line in open(out / "questions.jsonl")] == ["s0", "s1"]
+    assert_mistake(capsys, evaluate, ["--benchmark", "gqa", "--prepare", str(tmp_path)], "no reader for 'gqa'")

@@ -9,6 +9,8 @@
   # GPT-judged benchmarks (LLaVA-Bench, MM-Vet) through any OpenAI-compatible endpoint; the key from $OPENAI_API_KEY
   uhd-evaluate --benchmark mmvet --answers answers/mmvet.jsonl --annotations mm-vet/mm-vet.json \
       --judge-url https://api.openai.com/v1 [--judge-model gpt-4-0613]
+  # a released benchmark (TSV, JSON) into a question file for uhd-generate, then score the answers as above
+  uhd-evaluate --benchmark mmbench --prepare mmbench_dev_20230712.tsv --out runs/prepared/mmbench
   # one paper table: answer and score every benchmark of the suite present under --bench-root, list the missing
   uhd-evaluate --suite uhd_v2 --bench-root data/eval --checkpoint runs/uhd_v2-7b/sft/final --workdir runs/table
   uhd-evaluate --suite llava15 --bench-root data/eval --workdir runs/table    # score the answers already there
@@ -192,7 +194,11 @@ def main(argv=None) -> int:
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--answers", help="answer file to score (with --annotations)")
     p.add_argument("--annotations", help="the benchmark's annotation file (MME: its release folder)")
-    p.add_argument("--out", default=None, help="scores JSON (default: <answers>.scores.json)")
+    p.add_argument("--out", default=None, help="scores JSON (default: <answers>.scores.json); with --prepare: the "
+                                               "folder for the question file and images")
+    p.add_argument("--prepare", metavar="RELEASED", help="convert the benchmark's released file or folder (e.g. "
+                                                          "mmbench_dev_20230712.tsv) into a question file for "
+                                                          "uhd-generate (uhd_jax/eval/benchmark_formats.py)")
     models = argparse.ArgumentParser(add_help=False)
     add_model_flags(models)
     for action in models._actions:   # the model flags, repeatable here for side-by-side runs
@@ -212,6 +218,17 @@ def main(argv=None) -> int:
         if a.workdir == p.get_default("workdir"):
             a.workdir = os.path.join("runs", f"suite_{a.suite}")
         return run_suite(a)
+    if a.prepare:
+        from uhd_jax.eval.benchmark_formats import prepare
+
+        out = a.out or os.path.join("runs", "prepared", a.benchmark)
+        prepared = prepare(a.benchmark, a.prepare, out)
+        print(f"questions -> {prepared.questions}\nimage folder: {prepared.image_folder}\n"
+              f"annotations: {prepared.annotations}\n"
+              f"next: uhd-generate --benchmark {a.benchmark} --questions {prepared.questions} --image-folder "
+              f"{prepared.image_folder} --answers ANSWERS ...; then uhd-evaluate --benchmark {a.benchmark} "
+              f"--answers ANSWERS --annotations {prepared.annotations}")
+        return 0
     if a.benchmark == "synthetic_reading":
         return synthetic_reading(a)
     if a.overrides:

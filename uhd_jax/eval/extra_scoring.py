@@ -221,6 +221,14 @@ def vizwiz_submission(answers, questions_path_or_records) -> list[dict]:
     return [{"image": r["image"], "answer": normalize_answer(preds[str(r["image"])]["text"])} for r in records]
 
 
+def seed_submission(answers, path) -> list[dict]:
+    """SEED-Bench's leaderboard lines, as LLaVA's convert_seed_for_submission.py: {question_id, prediction} for each
+    answered image question, in the annotation file's order."""
+    preds = _by_id(answers)
+    return [{"question_id": q["question_id"], "prediction": preds[str(q["question_id"])]["text"]}
+            for q in _read_json_or_lines(path)["questions"] if str(q["question_id"]) in preds]
+
+
 EXTRA_SCORERS = {"scienceqa": (score_scienceqa, "img_accuracy"), "mmbench": (score_mmbench, "circular_accuracy"),
                  "mmbench_cn": (score_mmbench, "circular_accuracy"), "seed": (score_seed, "image_accuracy"),
                  "mmmu": (score_mmmu, "accuracy"), "ocrbench": (score_ocrbench, "score"),

@@ -159,7 +159,7 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
     of the suite present under `data_root`; answers and scores go to `workdir/<benchmark>/`. Without `answer` the
     answer files already there are scored. Returns {'scores', 'results', 'missing', 'skipped'}."""
     from uhd_jax.eval.answers import read_answers
-    from uhd_jax.eval.extra_scoring import vizwiz_submission
+    from uhd_jax.eval.extra_scoring import seed_submission, vizwiz_submission
     from uhd_jax.eval.judge import mmvet_submission
     from uhd_jax.eval.scoring import JUDGED, score_answers
 
@@ -179,6 +179,9 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
             if bench == "mmvet":   # the file MM-Vet's own evaluator and online grader take
                 with open(os.path.join(out, "mmvet_submission.json"), "w") as f:
                     json.dump(mmvet_submission(answers), f, indent=1)
+            if bench == "seed":
+                with open(os.path.join(out, "answers_upload.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in seed_submission(answers, annotations))
             if bench == "vizwiz" and annotations.endswith("test.json"):   # EvalAI's upload file; no local score
                 with open(os.path.join(out, "answers_upload.json"), "w") as f:
                     json.dump(vizwiz_submission(answers, annotations), f)
