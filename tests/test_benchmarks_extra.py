@@ -126,7 +126,8 @@ def test_prompt_rules_per_family_of_benchmarks():
     for bench, text in (("mmbench", "Q\nA. x" + LETTER), ("hrbench8k", "Q\nA. x" + HR_LETTER), ("vizwiz", "Q" + VIZWIZ),
                         ("ocrbench", "what is written?"), ("mmvet", "Explain."), ("realworldqa", "Q? Answer.")):
         assert prompt_text(text, eval_rule("llava15", bench)) == "<image>\n" + text
-    assert eval_rule("llava15", "mmvet").max_new_tokens == 1024 and eval_rule("slime", "llava_bench").max_new_tokens == 1024
+    assert eval_rule("llava15", "mmvet").max_new_tokens == 1024
+    assert eval_rule("slime", "llava_bench").max_new_tokens == 1024
     assert eval_rule("uhd_v2", "mmvet").num_beams == 5 and eval_rule("uhd_v1", "scienceqa").num_beams == 3
     assert eval_rule("slime", "mmbench").max_new_tokens == 64
 
@@ -224,7 +225,8 @@ def test_realworldqa_and_vizwiz_scorers(tmp_path):
     ten = lambda a, k: [{"answer": a, "answer_confidence": "yes"}] * k + [  # noqa: E731
         {"answer": "other", "answer_confidence": "yes"}] * (10 - k)
     val = write_json(tmp_path / "val.json", [
-        {"image": "VizWiz_val_0.jpg", "question": "q", "answers": ten("unanswerable", 4), "answer_type": "unanswerable"},
+        {"image": "VizWiz_val_0.jpg", "question": "q", "answers": ten("unanswerable", 4),
+         "answer_type": "unanswerable"},
         {"image": "VizWiz_val_1.jpg", "question": "q", "answers": ten("red", 2), "answer_type": "other"}])
     r = score_answers("vizwiz", [ans("VizWiz_val_0.jpg", "Unanswerable."), ans("VizWiz_val_1.jpg", "Red")], val)
     assert r["score"] == pytest.approx(100 * (1.0 + 0.6) / 2)

@@ -20,9 +20,10 @@ def partial_root(tmp_path):
     root = tmp_path / "eval"
     sqa = root / "scienceqa"
     write(sqa / "llava_test_CQM-A.json", [
-        {"id": "1", "image": "1/image.png", "conversations": [{"from": "human", "value": "<image>\nContext: N/A\n"
-                                                                                     "Question: Q1?\nOptions: (A) x (B) y"}]},
-        {"id": "2", "conversations": [{"from": "human", "value": "Context: N/A\nQuestion: Q2?\nOptions: (A) x (B) y"}]}])
+        {"id": "1", "image": "1/image.png",
+         "conversations": [{"from": "human", "value": "<image>\nContext: N/A\nQuestion: Q1?\nOptions: (A) x (B) y"}]},
+        {"id": "2",
+         "conversations": [{"from": "human", "value": "Context: N/A\nQuestion: Q2?\nOptions: (A) x (B) y"}]}])
     write(sqa / "problems.json", {"1": {"choices": ["x", "y"], "answer": 1, "image": "image.png"},
                                   "2": {"choices": ["x", "y"], "answer": 0, "image": None}})
     write(sqa / "pid_splits.json", {"test": ["1", "2"]})

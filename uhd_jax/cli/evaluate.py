@@ -179,10 +179,9 @@ def run_suite(a) -> int:
 @reports_user_errors
 def main(argv=None) -> int:
     from uhd_jax.cli.generate import add_model_flags
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from uhd_jax.eval.suites import SUITES
 
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", choices=sorted(b for b in BENCHMARKS if b != "open"), metavar="NAME",
                    help="one of: " + ", ".join(sorted(b for b in BENCHMARKS if b != "open")))
     p.add_argument("--suite", choices=sorted(SUITES), help="a paper's table: " + ", ".join(sorted(SUITES)))

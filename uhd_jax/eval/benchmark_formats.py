@@ -32,7 +32,8 @@ from uhd_jax.cli_errors import UserError
 from uhd_jax.eval.benchmarks import BENCHMARKS, HR_LETTER, LETTER, LETTER_CN, VIZWIZ
 
 CIRCULAR = 1_000_000
-# MMMU's llava1.5 config: "{question}\n{options}\nAnswer with ..." (options end with a newline) / "{question}\nAnswer ..."
+# MMMU's llava1.5 config: "{question}\n{options}\nAnswer with ..." (the options end with a newline), or
+# "{question}\nAnswer ..." for open questions
 MMMU_MC = "\nAnswer with the option's letter from the given choices directly."
 MMMU_OPEN = "\nAnswer the question using a single word or phrase."
 
@@ -204,8 +205,8 @@ def _seed(folder, out):
     data = _read_json_or_lines(ann)
     qs = [{"question_id": q["question_id"], "image": q["data_id"], "text": question_text("seed", q)}
           for q in data["questions"] if q.get("data_type") == "image"]
-    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "SEED-Bench-image"),
-                    ann)
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs),
+                    os.path.join(folder, "SEED-Bench-image"), ann)
 
 
 def _mmmu(folder, out):

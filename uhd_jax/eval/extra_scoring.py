@@ -185,7 +185,8 @@ def score_hrbench(answers, tsv):
     def cycle_mean(by_cycle):
         return sum(_pct(sum(v), len(v)) for v in by_cycle.values()) / len(by_cycle) if by_cycle else 0.0
     names = {"single": "FSP", "cross": "FCP"}
-    return ({names.get(c, c): cycle_mean(v) for c, v in sorted(cells.items())} | {"average": cycle_mean(cells["average"])},
+    metrics = {names.get(c, c): cycle_mean(v) for c, v in sorted(cells.items())}
+    return ({**metrics, "average": cycle_mean(cells["average"])},
             pairs, _unmatched(answers, {str(int(r["index"])) for r in rows}))
 
 
