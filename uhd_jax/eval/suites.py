@@ -30,7 +30,8 @@ class Layout:
 
 LAYOUT = {
     "vqav2": Layout("vqav2/questions.jsonl", "vqav2/images", "vqav2/annotations.json"),
-    "gqa": Layout("gqa/llava_gqa_testdev_balanced.jsonl", "gqa/images", "gqa/testdev_balanced_questions.json"),
+    "gqa": Layout("gqa/llava_gqa_testdev_balanced.jsonl", "gqa/data/images",
+                  "gqa/data/testdev_balanced_questions.json"),
     "textvqa": Layout("textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/train_images",
                       "textvqa/TextVQA_0.5.1_val.json"),
     "pope": Layout("pope/llava_pope_test.jsonl", "pope/val2014", "pope/annotations.json"),
