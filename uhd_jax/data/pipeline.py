@@ -1,5 +1,6 @@
 """Grain input pipeline: LLaVA JSON sources -> seeded shuffle -> per-process shard -> preparation (in Grain worker
-processes) -> static batches with skip accounting -> prefetch. The iterator state is checkpointable.
+processes) -> static batches with skip accounting (at max_length, or grouped by length into a few static lengths:
+`buckets.py`) -> prefetch. The iterator state is checkpointable.
 
 Order of operations: each source is tagged and prepared lazily; an epoch holds round(weight x size) samples of every
 source (weight 1: each sample once; 2: twice; 0.5: a seeded half), concatenated; the epoch is shuffled with a seed and

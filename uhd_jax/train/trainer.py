@@ -722,7 +722,8 @@ def stage_length_buckets(stage, name: str = "") -> dict:
 
 
 def same_length_everywhere(arrays: dict) -> dict:
-    """Every process pads its batch to the longest bucket any of them drew: one global array has one shape."""
+    """Every process pads its batch to the longest bucket any of them drew: one global array has one shape (a
+    small all-gather per step, only with length buckets)."""
     if jax.process_count() == 1:
         return arrays
     from jax.experimental import multihost_utils
@@ -750,6 +751,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
     restored = ckpt.restored_meta if start else {}
     truncated, epoch, bad_streak = int(restored.get("truncated", 0)), None, 0
     max_bad = int(stage.get("max_bad_steps", 5))
+    bucketed = bool(stage.get("length_buckets"))
     log_every = int(stage.get("log_every", 1))
     bar = tqdm(total=total, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
     pending = None
@@ -826,7 +828,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
                 _log0(f"  epoch {epoch} done: {len(skipped)} samples skipped so far "
                       f"{skip_kinds(skipped)}, {truncated} truncated")
             epoch = meta_b["epoch"]
-            arrays = same_length_everywhere(batch["arrays"])
+            arrays = same_length_everywhere(batch["arrays"]) if bucketed else batch["arrays"]
             window["tokens"] += int(arrays["token_valid"].sum()) * jax.process_count()
             window["images"] += int(arrays["image_valid"].sum()) * jax.process_count()
             state, metrics = step_fn(state, batch_to_device(arrays, accum, mesh))
