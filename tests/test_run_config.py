@@ -27,6 +27,11 @@ def test_list_fields_take_literals_comma_separated_strings_or_nothing():
         load_config(UHD_V2, ["stages.sft.sources=a.json"])
     with pytest.raises(UserError, match="every item must be a string"):
         load_config(UHD_V2, ["stages.pretrain.init_checkpoints=[1]"])
+    # numbers stay numbers, whether the field holds some (sft's buckets) or none yet (pretrain's)
+    c = load_config(UHD_V2, ["stages.sft.length_buckets=512,1024", "stages.pretrain.length_buckets=640"])
+    assert c.stages.sft.length_buckets == (512, 1024) and c.stages.pretrain.length_buckets == (640,)
+    with pytest.raises(UserError, match=r"length_buckets=512,x: not a valid tuple \('x' is not a number\)"):
+        load_config(UHD_V2, ["stages.sft.length_buckets=512,x"])
 
 
 def test_data_flag_replaces_a_stages_sources_with_paths_from_the_current_directory(tmp_path, monkeypatch):

@@ -112,7 +112,8 @@ def split_overrides(extra: list[str], parser) -> list[str]:
 
 def _parse_sequence(text: str, current):
     """A list or tuple value: a Python/JSON literal ('[...]', '(...)'), an empty value for an empty one, or - where
-    the field holds strings (or nothing yet) - comma-separated strings: `init_checkpoints=a,b`. The result keeps the
+    the field holds strings or numbers (or nothing yet) - comma-separated items: `init_checkpoints=a,b`,
+    `length_buckets=768,1024`. The result keeps the
     field's type (a tuple stays a tuple) and the kind of its items (strings stay strings, sources stay dicts), so a
     quoting slip cannot turn a list of paths into one string or a list of characters."""
     import json
@@ -131,8 +132,8 @@ def _parse_sequence(text: str, current):
                 raise ValueError(f"not a Python or JSON list ({e})") from None
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {type(value).__name__}")
-    elif items_are <= {str}:
-        value = [part.strip() for part in stripped.split(",") if part.strip()]
+    elif items_are <= {str} or items_are <= {int, float}:
+        value = [_parse_item(part.strip(), items_are) for part in stripped.split(",") if part.strip()]
     else:
         raise ValueError(f"write the whole list as a literal, e.g. '{json.dumps(list(current[:1]), default=str)}'")
     if items_are == {str} and not all(isinstance(x, str) for x in value):
@@ -140,6 +141,21 @@ def _parse_sequence(text: str, current):
     if current and all(hasattr(x, "keys") for x in current) and not all(isinstance(x, dict) for x in value):
         raise ValueError("every item must be a {...} mapping like the config's")
     return tuple(value) if isinstance(current, tuple) else list(value)
+
+
+def _parse_item(text: str, items_are: set):
+    """One comma-separated item: a number where the field holds numbers (or nothing yet and the item reads as one:
+    `length_buckets=768,1024`), else the string (`init_checkpoints=a,b`)."""
+    if items_are <= {int, float}:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                if items_are:
+                    raise ValueError(f"{text!r} is not a number") from None
+    return text
 
 
 def _parse_value(text: str, current):

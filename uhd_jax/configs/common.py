@@ -77,7 +77,9 @@ def stage(*, template: str, sources: list, trainable: list, lrs: dict, batch_siz
         template=template, sources=sources, trainable=trainable, lrs=lrs, batch_size=batch_size,
         max_length=max_length, num_epochs=num_epochs, num_steps=0, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, grad_clip_norm=0.0, save_every=save_every, keep=2, log_every=1, max_bad_steps=5,
-        init_checkpoints=[], init_from_stage="")
+        init_checkpoints=[], init_from_stage="",
+        # () pads every row to max_length; see uhd_jax/data/buckets.py
+        length_buckets=(), length_window=8)
     fields.update(extra)
     return ml_collections.ConfigDict(fields)
 
@@ -97,5 +99,5 @@ def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
     for st in c.stages.values():
         st.init_checkpoints = [p.replace(f"-{base}-init", f"-{variant}-init") for p in st.init_checkpoints]
         if st.get("kind", "llava") != "jbu":
-            st.update(batch_size=8, grad_accum=1, max_length=max_length, save_every=100)
+            st.update(batch_size=8, grad_accum=1, max_length=max_length, save_every=100, length_buckets=())
     return c

@@ -37,12 +37,14 @@ def get_config(arg: str | None = None):
             template="plain", image_aspect_ratio="square", init_checkpoints=init,
             sources=[dict(json="LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="LLaVA-Pretrain/images")],
             trainable=[("projector/.*", "projector"), (".*", "frozen")], lrs={"projector": 1e-3},
-            batch_size=256, max_length=2048),
+            batch_size=256, max_length=2048, length_buckets=(640,)),
         "sft": common.stage(
             template="vicuna_v1", init_from_stage="pretrain",
             sources=[dict(json="llava_v1_5_mix665k.json", image_folder=".")],
             trainable=[("vision/.*", "frozen"), ("projector/.*", "projector"), ("llm/.*", "llm")],
-            lrs={"projector": 2e-5, "llm": 2e-5}, batch_size=128, max_length=2048),
+            lrs={"projector": 2e-5, "llm": 2e-5}, batch_size=128, max_length=2048,
+            # padding of a modelled mix665k 59.6% -> 17.6% (python -m uhd_jax.perf.lengths)
+            length_buckets=(768, 896, 1024)),
     }
     if small:
         c.data.num_workers = 0 if variant == "tiny" else 2
@@ -52,6 +54,7 @@ def get_config(arg: str | None = None):
             st = c.stages[name]
             st.sources = [dict(json=f"synthetic/{js}", image_folder="synthetic/" + folder)]
             st.max_length = 160
+            st.length_buckets = ()
             st.save_every = 100
             st.batch_size = 16
         # Random-init towers learn far faster than pretrained ones fine-tune: larger rates, a few epochs.

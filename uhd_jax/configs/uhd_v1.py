@@ -68,7 +68,8 @@ def get_config(arg: str | None = None):
             template="qwen_1_5" if variant == "qwen2_7b" else "vicuna_v1", init_from_stage="pretrain",
             sources=[dict(json="llava_v1_5_mix665k.json", image_folder=".")],
             trainable=[("vision/.*", "frozen")] + resampler + [("llm/.*", "llm")],
-            lrs={"projector": 2e-5, "llm": 2e-5}, batch_size=128, grad_accum=4, max_length=2048),
+            lrs={"projector": 2e-5, "llm": 2e-5}, batch_size=128, grad_accum=4, max_length=2048,
+            length_buckets=(640, 1024, 1280)),   # modelled mix665k with slices: 57.4% -> 21.1% padding
     }
     if small:
         # Slices of ~(image_size)^2 area for the small towers; separators from the synthetic tokenizer.
@@ -80,7 +81,7 @@ def get_config(arg: str | None = None):
         for name, js in (("pretrain", "train_pretrain.json"), ("sft", "train_sft.json")):
             st = c.stages[name]
             st.update(sources=[dict(json=f"synthetic/{js}", image_folder="synthetic/images")], max_length=640,
-                      save_every=100, batch_size=8, grad_accum=1)
+                      save_every=100, batch_size=8, grad_accum=1, length_buckets=())
         c.stages.pretrain.update(lrs={"projector": 2e-3})
         c.stages.sft.update(lrs={"projector": 1e-3, "llm": 1e-3}, grad_clip_norm=1.0)
     return c

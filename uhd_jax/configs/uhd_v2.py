@@ -65,6 +65,7 @@ def get_config(arg: str | None = None):
     if not small:
         pre.max_length = 3072 if variant == "7b" else 4096
         sft.max_length = 4096
+        sft.length_buckets = (768, 1024, 1280)   # modelled v2 SFT lengths: 78.0% -> 34.8% padding
     c.stages.jbu = jbu_stage(variant, c, init)
     c.stage_order = ("jbu", "pretrain", "sft")
     pre.init_from_stage = "jbu"
