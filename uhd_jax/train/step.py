@@ -82,9 +82,13 @@ def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = N
             return (grads, loss_sum + ls, count + n, correct + c), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-        (grads, loss_sum, count, correct), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)),
-            (jnp.arange(jax.tree_util.tree_leaves(batch)[0].shape[0]), batch))
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        n_micro = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if n_micro == 1:   # no loop: XLA then fuses the gradient into the update instead of copying a loop carry
+            (grads, loss_sum, count, correct), _ = accumulate(
+                init, (jnp.int32(0), jax.tree_util.tree_map(lambda x: x[0], batch)))
+        else:
+            (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, init, (jnp.arange(n_micro), batch))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
