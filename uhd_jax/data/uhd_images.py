@@ -93,7 +93,7 @@ def patches_needed(images: list[np.ndarray], patch: int) -> int:
 
 def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
     """Raise ValueError (naming sizes and the setting to change) if a sample's images cannot be packed: count,
-    patch multiples, patches per image, budget, RoIAlign tap caps, and the JBU's minimum level size. `fill_row`
+    patch multiples, budget, RoIAlign tap caps, the JBU's minimum level size, and patches per image. `fill_row`
     checks the same, so a sample that passed here (in the data workers, as a counted skip) never fails at
     collation."""
     p = layout.patch_size
@@ -103,12 +103,6 @@ def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
     for k, img in enumerate(images):
         if img.shape[0] % p or img.shape[1] % p:
             raise ValueError(f"image {k}: size {img.shape[1]}x{img.shape[0]} is not a multiple of the patch size {p}")
-    for k, img in enumerate(images):
-        n = (img.shape[0] // p) * (img.shape[1] // p)
-        if n > layout.max_image_patches:
-            raise ValueError(f"image {k}: {img.shape[1]}x{img.shape[0]} has {n} patches, more than the vision "
-                             f"tower's {layout.max_image_patches} per image (model.vision.max_image_patches); "
-                             f"pre-resize such images")
     need = patches_needed(images, p)
     if need > layout.patch_budget:
         sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in images)
@@ -123,6 +117,12 @@ def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
                 raise ValueError(f"image {k} of {w}x{h} patches: its {lv}x map is too small for the JBU's reflect "
                                  f"padding by {RADIUS} (needs more than {RADIUS} pixels per side)")
             roi_taps(lv * h, lv * w, layout.query_grid, layout.level_roi_taps, layout.box_dtype)
+    for k, img in enumerate(images):
+        n = (img.shape[0] // p) * (img.shape[1] // p)
+        if n > layout.max_image_patches:
+            raise ValueError(f"image {k}: {img.shape[1]}x{img.shape[0]} has {n} patches, more than the vision "
+                             f"tower's {layout.max_image_patches} per image (model.vision.max_image_patches); "
+                             f"pre-resize such images")
 
 
 def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout) -> None:
