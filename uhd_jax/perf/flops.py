@@ -7,7 +7,8 @@ Forward FLOPs per component (multiply-add = 2 FLOPs):
       2 T N_mm + layers x 4 T^2 H D        N_mm = matmul weights (q, k, v, o, gate, up, down, lm_head)
   The attention terms count the full T x T (n x n) score and value products, as the masked kernels compute them
       and as PaLM's MFU formula does (12 L H Q T per token for training); packed UHD rows count each image's own
-      n^2, not the whole row's: the rest is masked-out work, not model work.
+      n^2, which is also what the packed tower computes (`vit.attend_per_image`: each image's keys in a row of
+      its own, up to the per-image budget; no scores between images).
   Projector: its forward FLOPs as XLA's cost analysis counts them on the projector alone (`projector_flops`): the
       projectors are small (< 3% of a 7B step) and many-shaped (RoIAlign taps, JBU, windows, SliME's branches).
 
@@ -86,26 +87,40 @@ def xla_flops(lowered) -> float:
 def projector_flops(vlm_cfg, batch: dict) -> float:
     """Forward FLOPs of the VLM's projector for one batch (the step's arrays without the accumulation axis), as XLA
     counts them: image encoding and splicing minus the vision tower alone (text embedding and splicing are gathers)."""
-    from uhd_jax.models.vlm import VLM, init_fn
-    from uhd_jax.models.vit import PackedPatches
+    from uhd_jax.models.vlm import VLM
     from uhd_jax.train.step import model_inputs
 
-    model = VLM(vlm_cfg)
-    params = jax.eval_shape(init_fn(vlm_cfg), jax.random.PRNGKey(0))
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    model, params, abstract = _abstract(vlm_cfg, batch)
 
     def encode(p, arrays):
         return model.apply(p, *model_inputs(arrays), method=VLM.embed_image_and_text)[0]
+
+    both = xla_flops(jax.jit(encode).lower(params, abstract))
+    return max(both - vision_xla_flops(vlm_cfg, batch), 0.0)
+
+
+def _abstract(vlm_cfg, batch: dict):
+    from uhd_jax.models.vlm import VLM, init_fn
+
+    params = jax.eval_shape(init_fn(vlm_cfg), jax.random.PRNGKey(0))
+    return VLM(vlm_cfg), params, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+
+
+def vision_xla_flops(vlm_cfg, batch: dict) -> float:
+    """XLA's count of the vision tower alone on one batch's images (UHD: the packed rows, every slot computed;
+    fixed-size images: every image slot), to set beside `vit_forward_flops` of the real images."""
+    from uhd_jax.models.vit import PackedPatches
+    from uhd_jax.train.step import model_inputs
+
+    model, params, abstract = _abstract(vlm_cfg, batch)
 
     def tower(p, arrays):
         images = model_inputs(arrays)[3]
         if vlm_cfg.packed_images:
             packed = PackedPatches(images["patches"], images["patch_segment_ids"], images["patch_is_cls"],
-                                   images["patch_pos_index"], images["patch_pos_weight"])
+                                   images["patch_pos_index"], images["patch_pos_weight"], images["image_valid"])
             return model.apply(p, packed, method=lambda m, q: m.vision.encode_packed(q))
         flat = images.reshape(-1, *images.shape[2:])
         return model.apply(p, flat, method=lambda m, q: m.vision(q))
 
-    both = xla_flops(jax.jit(encode).lower(params, abstract))
-    vit = xla_flops(jax.jit(tower).lower(params, abstract))
-    return max(both - vit, 0.0)
+    return xla_flops(jax.jit(tower).lower(params, abstract))
