@@ -48,12 +48,13 @@ def run(argv: list[str], expect: int = 0, preflight_only: bool = False) -> str:
     """`argv` (a README command after the size rewrite) through its console script in this process: its output."""
     script = {e.name: e for e in entry_points(group="console_scripts")}[argv[0]]
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), preflight_instead(preflight_only):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), preflight_instead(preflight_only) as checked:
         try:
             rc = script.load()(argv[1:])
         except SystemExit as e:   # argparse's usage errors
             rc = e.code
     assert rc == expect, f"{' '.join(argv)} -> exit {rc}, expected {expect}:\n{out.getvalue()[-3000:]}"
+    assert len(checked) == preflight_only, f"{' '.join(argv)}: train.py returned before its preflight"
     return out.getvalue()
 
 
@@ -62,10 +63,11 @@ def preflight_instead(active: bool):
     """While active, train.py's call into the trainer checks every stage's inputs and trains nothing."""
     from uhd_jax.train import trainer
 
+    checked = []
     if not active:
-        yield
+        yield checked
         return
-    real, checked = trainer.run, []
+    real = trainer.run
 
     def check_only(config, workdir, stages=None):
         checked.append(trainer.preflight(config, workdir, stages))
@@ -73,10 +75,9 @@ def preflight_instead(active: bool):
 
     trainer.run = check_only
     try:
-        yield
+        yield checked
     finally:
         trainer.run = real
-    assert len(checked) == 1, "train.py returned before its preflight"
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +97,15 @@ def work(tmp_path_factory):
     rh.write_convert_inputs(root, checkpoints, sizes.vision.hidden_size)
     before = os.getcwd()
     os.chdir(root)
-    blocks = marked_blocks()
-    for name in RECIPES:
-        for argv in blocks[name]:
-            if argv[:2] == ["uhd-convert", "import"]:
-                run(rh.tiny_size(argv))
-    yield blocks
-    os.chdir(before)
+    try:
+        blocks = marked_blocks()
+        for name in RECIPES:
+            for argv in blocks[name]:
+                if argv[:2] == ["uhd-convert", "import"]:
+                    run(rh.tiny_size(argv))
+        yield blocks
+    finally:
+        os.chdir(before)
 
 
 RECIPES = ("prepare", "uhd_v1", "uhd_v2", "uhd_v2_jbu", "slime", "llavar")
