@@ -159,8 +159,9 @@ for i in "${!LABELS[@]}"; do
     before=$(lines)
     t0=$SECONDS
     # shellcheck disable=SC2086  # the argument string splits into words on purpose
+    # each measurement writes its own workload (samples, tokenizer) under OUT: runs beside this one never share it
     env $envs timeout --kill-after=10 "$limit" "$PYTHON" "$REPO/launch/benchmark.py" $args --label "$label" \
-        --out "$RESULTS" >>"$log" 2>&1
+        --workdir "$OUT/workload/$label" --out "$RESULTS" >>"$log" 2>&1
     rc=$?
     wall=$((SECONDS - t0))
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then

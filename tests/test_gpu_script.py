@@ -76,7 +76,9 @@ def test_tiny_run_prints_one_table_row_per_measurement(tiny):
     assert all(r[6] == line["utc"] and r[7] == line["commit"] for r, line in zip(body, lines))
 
 
-def test_a_measurement_past_its_limit_leaves_a_line_and_a_row(tmp_path):
+def test_a_measurement_past_its_limit_leaves_a_line_and_a_row(tmp_path, capsys):
+    from uhd_jax.cli import benchmark
+
     run = gpu_sh("--tiny", "--only", "decode_7b", "--limit", "1", "--out", "out", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     (line,) = [json.loads(s) for s in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
@@ -85,6 +87,9 @@ def test_a_measurement_past_its_limit_leaves_a_line_and_a_row(tmp_path):
     assert "gpu.sh: decode_7b timeout in" in run.stdout
     row = run.stdout.strip().splitlines()[-1]
     assert "| decode_7b " in row and "timeout after" in row and "| no result |" in row
+    # the same table from the benchmark command
+    assert benchmark.main(["--table", str(tmp_path / "out" / "results.jsonl")]) == 0
+    assert capsys.readouterr().out == (tmp_path / "out" / "table.md").read_text()
 
 
 def test_gpu_sh_user_mistakes(tmp_path):
