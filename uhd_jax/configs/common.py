@@ -15,6 +15,10 @@ TINYLLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, 
                     num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048)
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64)
+# The originals' LoRA SFT (LLaVA-1.5 `finetune_lora.sh`, SliME `scripts/llama-lora`): every linear layer of the LLM,
+# dropout 0.05 (LLaVA's train.py default, which SliME's scripts keep).
+LORA_R128 = dict(rank=128, alpha=256.0, dropout=0.05, targets=("q", "k", "v", "o", "gate", "up", "down"))
 # Tiny sizes for tests and CPU demos: every dimension divisible by the 8-device test mesh axes.
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, patch_size=14, image_size=56,
                    layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2, select_feature="patch")
@@ -101,3 +105,18 @@ def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
         if st.get("kind", "llava") != "jbu":
             st.update(batch_size=8, grad_accum=1, max_length=max_length, save_every=100, length_buckets=())
     return c
+
+
+def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float) -> ml_collections.ConfigDict:
+    """Stage `st` with the LLM trained through adapters instead: the rule that trained `llm/...` now trains only its
+    adapters (group 'lora' at `lr`) and freezes the base; every other group keeps its rule and rate."""
+    rules = []
+    for pattern, group in st.trainable:
+        if group == "llm":
+            rules += [("llm/.*lora_.*", "lora"), (pattern, "frozen")]
+        else:
+            rules.append((pattern, group))
+    lrs = {g: v for g, v in dict(st.lrs).items() if g != "llm"}
+    st.update(trainable=rules, lora=dict(lora))
+    st.lrs = dict(lrs, lora=lr)
+    return st

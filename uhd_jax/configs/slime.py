@@ -9,7 +9,8 @@ Stages = the original's four runs (§C.6), each 1 epoch, cosine, warmup 0.03, ba
   local_compressor  (1c, `*-pt`)    local tokens only (top-p 1.0 keeps all), only the sampler trains   lr 1e-3 (8b: 5e-4)
   sft               (2)             ShareGPT4V mix665k + SMR, LLM + projector + sampler, CLIP frozen  lr 2e-5 (8b: 1e-5)
 Variants: `7b` (default, Vicuna-7B v1.5, `vicuna_v1`), `13b`, `8b` (Llama-3-8B-Instruct, `llama3` template,
-separator ',' = 11), `tiny` (tests), `demo` (CPU sizes on the synthetic dataset), `7b_tiny` (the 7b recipe at `tiny`'s
+separator ',' = 11), `8b_lora` / `70b_lora` (Llama-3-8B / 70B-Instruct, the SFT through LoRA r 128 / alpha 256 at
+1e-4 on every LLM linear layer, projector and sampler fully at 2e-5), `tiny` (tests), `demo` (CPU sizes on the synthetic dataset), `7b_tiny` (the 7b recipe at `tiny`'s
 sizes: the README's commands at test size). Seed 3407 as the original scripts.
 
   uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \\
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from uhd_jax.configs import common
 
-VARIANTS = ("7b", "13b", "8b", "tiny", "demo", "7b_tiny")
+VARIANTS = ("7b", "13b", "8b", "tiny", "demo", "7b_tiny", "8b_lora", "70b_lora")
 PRETRAIN = [dict(json="LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="LLaVA-Pretrain/images")]
 SFT_DATA = [dict(json="sharegpt4v_mix665k_cap23k_coco-ap9k_lcs3k_sam9k_div2k.json", image_folder="."),
             dict(json="SMR/SMR.json", image_folder="SMR")]
@@ -43,6 +44,17 @@ def get_config(arg: str | None = None):
         return c
     if variant not in VARIANTS:
         raise ValueError(f"configs/slime.py: unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    if variant in ("8b_lora", "70b_lora"):   # §C.6's LoRA SFT (scripts/llama-lora): r 128, alpha 256, lr 1e-4
+        c = get_config("8b")
+        c.variant = variant
+        if variant == "70b_lora":
+            c.model.llm = dict(common.LLAMA3_70B)
+            c.tokenizer = "checkpoints/Meta-Llama-3-70B-Instruct"
+            for st in c.stages.values():
+                st.init_checkpoints = [p.replace("-8b-init", "-70b-init") for p in st.init_checkpoints]
+        sft = common.lora_stage(c.stages.sft, common.LORA_R128, lr=1e-4)
+        sft.lrs = dict(sft.lrs, projector=2e-5)   # projector and sampler (both under projector/) fully, at 2e-5
+        return c
     small = variant in ("tiny", "demo")
     llama3 = variant == "8b"
     llm = dict(common.LLAMA3_8B) if llama3 else common.choose_llm("configs/slime.py", variant)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from uhd_jax.models.llama import LlamaConfig, RopeScaling
+from uhd_jax.models.lora import lora_config
 from uhd_jax.models.projectors.slime import SlimeConfig
 from uhd_jax.models.vit import ViTConfig
 from uhd_jax.models.vlm import VLMConfig
@@ -50,8 +51,10 @@ def llm_config(model: Mapping[str, Any]) -> LlamaConfig:
     shared = {k: model[k] for k in _SHARED if k in model}
     section = dict(model["llm"])
     scaling = section.pop("rope_scaling", None)
+    lora = section.pop("lora", None)
     llm = _fields(LlamaConfig, section, shared, "llm")
     llm["rope_scaling"] = RopeScaling(**scaling) if scaling else None
+    llm["lora"] = lora_config(lora)
     if "scan_layers" in model:
         llm["scan_layers"] = model["scan_layers"]
     return LlamaConfig(**llm)

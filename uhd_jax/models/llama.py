@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhd_jax.models import layers
+from uhd_jax.models import layers, lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class LlamaConfig:
     attention_impl: str | None = "auto"   # see layers.resolve_attention_impl
     remat_policy: str = "none"
     scan_layers: bool = False
+    lora: Any = None   # lora.LoraConfig: adapters on the linear layers it targets
 
     @property
     def dim_per_head(self) -> int:
@@ -119,9 +120,12 @@ class LlamaAttention(nn.Module):
         one-token call's token, None otherwise."""
         c = self.cfg
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.attention_bias)
-        q = layers.dense((c.num_heads, c.dim_per_head), axes=("embed", "heads", "head_dim"), name="q", **kw)(x)
-        k = layers.dense((c.num_kv_heads, c.dim_per_head), axes=("embed", "kv_heads", "head_dim"), name="k", **kw)(x)
-        v = layers.dense((c.num_kv_heads, c.dim_per_head), axes=("embed", "kv_heads", "head_dim"), name="v", **kw)(x)
+        q = lora_lib.dense(c.lora, (c.num_heads, c.dim_per_head), axes=("embed", "heads", "head_dim"), name="q",
+                           **kw)(x)
+        k = lora_lib.dense(c.lora, (c.num_kv_heads, c.dim_per_head), axes=("embed", "kv_heads", "head_dim"), name="k",
+                           **kw)(x)
+        v = lora_lib.dense(c.lora, (c.num_kv_heads, c.dim_per_head), axes=("embed", "kv_heads", "head_dim"), name="v",
+                           **kw)(x)
         q = layers.checkpoint_name(apply_rope(q, cos, sin), "query")
         k = layers.checkpoint_name(apply_rope(k, cos, sin), "key")
         v = layers.checkpoint_name(v, "value")
@@ -139,8 +143,8 @@ class LlamaAttention(nn.Module):
             layer_cache = (k_cache, v_cache)
         out = layers.dot_product_attention(q, k, v, is_causal=causal, q_lengths=lengths if causal else None,
                                            kv_lengths=lengths, implementation=c.attention_impl)
-        out = layers.dense(c.hidden_size, axes=("heads", "head_dim", "embed"), axis=(-2, -1), name="o",
-                           dtype=c.dtype, param_dtype=c.param_dtype, use_bias=False)(out)
+        out = lora_lib.dense(c.lora, c.hidden_size, axes=("heads", "head_dim", "embed"), axis=(-2, -1), name="o",
+                             dtype=c.dtype, param_dtype=c.param_dtype, use_bias=False)(out)
         return layers.checkpoint_name(out, "attn_out"), layer_cache
 
 
@@ -156,9 +160,9 @@ class LlamaBlock(nn.Module):
         h, layer_cache = LlamaAttention(c, name="attn")(h, cos, sin, lengths, layer_cache, write)
         x = x + h
         h = layers.RMSNorm(c.rms_norm_eps, name="post_attn_norm", **kw)(x)
-        gate = layers.dense(c.intermediate_size, axes=("embed", "mlp"), name="gate", use_bias=False, **kw)(h)
-        up = layers.dense(c.intermediate_size, axes=("embed", "mlp"), name="up", use_bias=False, **kw)(h)
-        h = layers.dense(c.hidden_size, axes=("mlp", "embed"), name="down", use_bias=False, **kw)(
+        gate = lora_lib.dense(c.lora, c.intermediate_size, axes=("embed", "mlp"), name="gate", use_bias=False, **kw)(h)
+        up = lora_lib.dense(c.lora, c.intermediate_size, axes=("embed", "mlp"), name="up", use_bias=False, **kw)(h)
+        h = lora_lib.dense(c.lora, c.hidden_size, axes=("mlp", "embed"), name="down", use_bias=False, **kw)(
             jax.nn.silu(gate) * up)
         return x + layers.checkpoint_name(h, "mlp_out"), layer_cache
 
@@ -175,7 +179,7 @@ class Llama(nn.Module):
         block = layers.maybe_remat(LlamaBlock, c.remat_policy)
         if c.scan_layers:
             self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=c.num_layers,
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
         else:

@@ -61,8 +61,9 @@ class VLMConfig:
 
     @property
     def stochastic_training(self) -> bool:
-        """The model draws random numbers in training (JBU dropout, SliME's gate and router noise)."""
-        return bool(RESAMPLER_TYPES.get(self.projector_type, {}).get("jbu")) or self.slime is not None
+        """The model draws random numbers in training (JBU dropout, SliME's gate and router noise, LoRA dropout)."""
+        lora_dropout = self.llm.lora is not None and self.llm.lora.dropout > 0
+        return bool(RESAMPLER_TYPES.get(self.projector_type, {}).get("jbu")) or self.slime is not None or lora_dropout
 
     @property
     def tokens_per_image(self) -> int:

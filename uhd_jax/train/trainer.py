@@ -119,7 +119,8 @@ def _log0(msg: str):
 
 def stage_model(config, stage, lookup_separator: bool = True) -> dict:
     """`config.model` with the stage's overrides: `stage.vision_trainable`, and `stage.model` (merged one level deep,
-    e.g. SliME's runs 1a-1c: `model=dict(slime=dict(views='global', expert=0))`). A SliME separator_id of -1 is
+    e.g. SliME's runs 1a-1c: `model=dict(slime=dict(views='global', expert=0))`), and `stage.lora` (the LLM's adapters,
+    `config.model.llm.lora`). A SliME separator_id of -1 is
     looked up in the tokenizer as the original does (`tokenizer(',').input_ids[-1]`) unless `lookup_separator` is
     False (shapes do not depend on it: the preflight checks rules without a tokenizer)."""
     model = config.model.to_dict()
@@ -128,6 +129,9 @@ def stage_model(config, stage, lookup_separator: bool = True) -> dict:
     for key, value in dict(stage.get("model") or {}).items():
         value = value.to_dict() if hasattr(value, "to_dict") else value
         model[key] = {**model[key], **value} if isinstance(value, dict) and isinstance(model.get(key), dict) else value
+    if stage.get("lora"):   # a LoRA stage: adapters on the LLM (uhd_jax.models.lora), named by its trainable rules
+        lora = stage.lora
+        model["llm"] = dict(model["llm"], lora=dict(lora.to_dict() if hasattr(lora, "to_dict") else lora))
     slime = model.get("slime")
     if slime and int(slime.get("separator_id", 0)) < 0 and lookup_separator:
         tok = stage_tokenizer(config)

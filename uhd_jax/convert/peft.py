@@ -1,0 +1,175 @@
+"""LoRA adapters <-> PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors|.bin`).
+
+Names follow `peft.PeftModel` on the transformers model the adapter belongs to: `base_model.model.` + the module
+path + `.lora_A.weight` (rank, in) / `.lora_B.weight` (out, rank). The original LLaVA LoRA trainings
+(LlavaLlamaForCausalLM) and LlamaForCausalLM share `base_model.model.model.layers.{i}.`; llava-hf's
+LlavaForConditionalGeneration nests the decoder at `base_model.model.model.language_model.layers.{i}.`. The
+originals save the fully trained projector beside the adapter as `non_lora_trainables.bin`
+(`base_model.model.model.mm_projector.*`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from uhd_jax.convert import tables
+from uhd_jax.convert import transforms as T
+from uhd_jax.convert.torch_io import _torch_tensor, iter_tensors
+from uhd_jax.models.lora import TARGETS
+
+MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+TORCH_TARGETS = {m.rsplit(".", 1)[1]: t for t, m in MODULES.items()}   # 'q_proj' -> 'q'
+LAYER_PREFIXES = {"hf_llama": "base_model.model.model.layers.", "llava_original": "base_model.model.model.layers.",
+                  "llava_hf": "base_model.model.model.language_model.layers."}
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_OURS = re.compile(r"llm/layers_(\d+)/(?:attn/)?(q|k|v|o|gate|up|down)/lora_(a|b)")
+_TORCH = re.compile(r"(?:base_model\.model\.)?model\.(?:language_model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj"
+                    r"\.lora_(A|B)(?:\.default)?\.weight")
+
+
+def _transform(target: str, which: str) -> T.Linear:
+    # A is (in..., rank): o's input is (heads, head_dim); B is (rank, out...): one input dim
+    return T.Linear(2 if which == "a" and target == "o" else 1)
+
+
+def our_path(layer: int, target: str, which: str) -> str:
+    return f"llm/layers_{layer}/{'attn/' if target in ('q', 'k', 'v', 'o') else ''}{target}/lora_{which}"
+
+
+def to_peft(flat: dict, layout: str) -> dict[str, np.ndarray]:
+    """Our (unscanned, flat) adapters -> PEFT's tensors for a base of `layout`."""
+    prefix = LAYER_PREFIXES[layout]
+    out = {}
+    for path, value in flat.items():
+        m = _OURS.fullmatch(path)
+        if m:
+            i, target, which = m.groups()
+            out[f"{prefix}{i}.{MODULES[target]}.lora_{which.upper()}.weight"] = _transform(target, which).to_torch(
+                np.asarray(value))
+    return out
+
+
+def adapter_config(lora: dict, layout: str, base: str = "") -> dict:
+    """PEFT's LoraConfig as JSON. A llava-hf base also has CLIP q/k/v projections: a regex keeps the adapters on the
+    language model's layers only."""
+    modules = [MODULES[t].rsplit(".", 1)[1] for t in lora.get("targets", TARGETS)]
+    if layout == "llava_hf":
+        target_modules = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(modules) + ")"
+    else:
+        target_modules = modules
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": int(lora["rank"]),
+            "lora_alpha": float(lora["alpha"]), "lora_dropout": float(lora.get("dropout", 0.0)),
+            "target_modules": target_modules, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "modules_to_save": None, "inference_mode": True, "init_lora_weights": True}
+
+
+def write_adapter(flat: dict, lora: dict, layout: str, out: str, dtype: str = "float32", base: str = "") -> list:
+    from safetensors.torch import save_file
+
+    if layout not in LAYER_PREFIXES:
+        raise ValueError(f"PEFT adapters export for a {sorted(LAYER_PREFIXES)} base, not {layout!r}")
+    tensors = to_peft(flat, layout)
+    if not tensors:
+        raise ValueError("the checkpoint holds no LoRA adapters (llm/.../lora_a|lora_b)")
+    os.makedirs(out, exist_ok=True)
+    save_file({k: _torch_tensor(v, dtype) for k, v in tensors.items()},
+              os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config(lora, layout, base), f, indent=2)
+    return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def read_adapter_config(src: str) -> dict:
+    """adapter_config.json -> our lora section {rank, alpha, dropout, targets}; one line for what we cannot apply."""
+    path = os.path.join(src, "adapter_config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{src} is not a PEFT adapter directory: no adapter_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters import")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: per-module {key} {cfg[key]} is not supported (one rank and alpha for all)")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: {key}=true is not supported")
+    modules = cfg.get("target_modules") or []
+    if isinstance(modules, str):
+        raise ValueError(f"{path}: target_modules is a regex ({modules!r}); the targets are read from the tensors")
+    unknown = sorted(set(modules) - set(TORCH_TARGETS))
+    if unknown:
+        raise ValueError(f"{path}: target_modules {unknown} are not LLM linear layers we adapt "
+                         f"({sorted(TORCH_TARGETS)})")
+    targets = tuple(t for t in TARGETS if t in {TORCH_TARGETS[m] for m in modules})
+    return dict(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+                targets=targets)
+
+
+def adapter_file(src: str) -> str:
+    for name in ADAPTER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            return os.path.join(src, name)
+    raise ValueError(f"{src}: no adapter weights ({' or '.join(ADAPTER_FILES)})")
+
+
+def from_peft(src: str, expected: dict) -> dict:
+    """PEFT adapter tensors -> our flat adapters, checked against `expected` (flat path -> shape of the model's
+    adapters): every tensor of one and only one kind, every shape named when it differs."""
+    out, unexpected, misshaped, other_shape = {}, [], [], set()
+    for key, array, _ in iter_tensors(adapter_file(src)):
+        m = _TORCH.fullmatch(key)
+        target = TORCH_TARGETS.get(m.group(3) + "_proj") if m else None
+        path = our_path(int(m.group(1)), target, m.group(4).lower()) if target else None
+        if path is None or path not in expected:
+            unexpected.append(key)
+            continue
+        tr = _transform(target, m.group(4).lower())
+        want = tr.torch_shape(tuple(expected[path]))
+        if tuple(array.shape) != tuple(want):
+            misshaped.append(f"{key}: {tuple(array.shape)}, the model's is {tuple(want)}")
+            other_shape.add(path)
+            continue
+        out[path] = tr.to_ours(np.asarray(array, np.float32), tuple(expected[path]))
+    missing = sorted(set(expected) - set(out) - other_shape)
+    problems = []
+    if misshaped:
+        problems.append(f"{len(misshaped)} adapter(s) of another shape (an adapter for a different base or rank?): "
+                        + "; ".join(misshaped[:4]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the model has no adapter for: {unexpected[:4]}")
+    if missing:
+        problems.append(f"{len(missing)} adapter(s) of the model not in the file: {missing[:4]}")
+    if problems:
+        raise ValueError(f"{adapter_file(src)} does not fit the model: " + " | ".join(problems))
+    return out
+
+
+def read_non_lora_trainables(src: str, projector_type: str, expected: dict) -> dict | None:
+    """The originals' `non_lora_trainables.bin` (the projector trained beside the adapters) -> our flat projector
+    tensors; None when the file is absent."""
+    from uhd_jax.convert.importer import _resolve
+
+    path = os.path.join(src, "non_lora_trainables.bin")
+    if not os.path.exists(path):
+        return None
+    layout = tables.LAYOUTS["mm_projector"]
+    out, unknown = {}, []
+    for key, array, _ in iter_tensors(path):
+        # the originals' loader strips 'base_model.' then 'model.' (model.model.mm_projector -> model.mm_projector)
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        ours, rule = _resolve(name, layout, projector_type)
+        if ours is None or ours not in expected:
+            unknown.append(key)
+            continue
+        want = rule.transform.torch_shape(tuple(expected[ours]))
+        if tuple(array.shape) != tuple(want):
+            raise ValueError(f"{path}: {key} is {tuple(array.shape)}, the model's projector wants {tuple(want)}")
+        out[ours] = rule.transform.to_ours(np.asarray(array, np.float32), tuple(expected[ours]))
+    if unknown:
+        raise ValueError(f"{path}: tensors that are not this model's projector: {unknown[:5]}")
+    return out
