@@ -80,6 +80,8 @@ def test_auto_picks_flash_kernels_where_they_fit_and_xla_elsewhere():
                              is_causal=True, has_mask=False)
     assert pick(dtype=jnp.bfloat16, platform="gpu") == "cudnn"
     assert pick(dtype=jnp.float32, platform="gpu") == "xla"           # cuDNN's flash kernel is bf16/fp16 only
+    assert layers.resolve_attention_impl("auto", dtype=jnp.bfloat16, head_dim=64, q_len=1, kv_len=300,
+                                         is_causal=False, has_mask=False, platform="gpu") == "xla"   # decoding
     assert pick(dtype=jnp.bfloat16, platform="tpu") == "pallas"
     assert pick(dtype=jnp.float32, platform="cpu") == "chunked"
     assert layers.resolve_attention_impl("auto", dtype=jnp.bfloat16, head_dim=64, q_len=1, kv_len=300,

@@ -110,10 +110,11 @@ def resolve_attention_impl(implementation: str | None, *, dtype, head_dim: int, 
     if has_mask:
         return "xla"
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
+    if platform in ("gpu", "cuda"):
+        # one-token decoding reads the cache with a matrix-vector product: nothing for a flash kernel to save
         fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
-            and head_dim <= 128
-        return "cudnn" if fits and platform != "rocm" else "xla"
+            and head_dim <= 128 and q_len > 1
+        return "cudnn" if fits else "xla"
     if platform == "tpu":
         return "pallas" if is_causal and q_len == kv_len and q_len % 128 == 0 else "xla"
     return "chunked" if is_causal and q_len == kv_len else "xla"
