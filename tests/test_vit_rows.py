@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.attention_helpers import assert_no_dense_masks, recorded_attention_calls
 from uhd_jax.data.packing import pack_images_for_vit
 from uhd_jax.models.vit import ViTConfig, VisionTransformer
 from uhd_jax.perf.flops import vit_forward_flops
@@ -63,9 +64,13 @@ def square_shapes(jaxpr, n):
 
 
 def test_no_row_square_scores_or_mask(packed_case):
-    """Neither a (N, N) mask nor (N, N) scores exist anywhere in the traced forward; scores are per image, T x T."""
+    """No attention call gets a (T, S) mask, neither a (N, N) mask nor (N, N) scores exist anywhere in the traced
+    forward, and the scores are per image, T x T."""
     vit, params, _, packed = packed_case
-    jaxpr = jax.make_jaxpr(encode(vit))(params, packed).jaxpr
+    with recorded_attention_calls() as calls:
+        jaxpr = jax.make_jaxpr(encode(vit))(params, packed).jaxpr
+    assert_no_dense_masks(calls)
+    assert len(calls) == CFG.num_computed_layers and all(c.has_lengths and c.mask_shape is None for c in calls)
     assert square_shapes(jaxpr, BUDGET) == []
     t = CFG.image_tokens
     scores = [s for p, s in square_shapes(jaxpr, t) if p == "dot_general"]
