@@ -134,3 +134,193 @@ def test_adapter_of_another_shape_is_named(pair, tmp_path):
     named = r"28 adapter\(s\) of another shape.*gate_proj\.lora_A\.weight: \(4, 32\), the model's is \(8, 32\)[^|]*$"
     with pytest.raises(ValueError, match=named):
         peft_io.from_peft(adapter_dir, expected)
+
+
+@pytest.fixture(scope="module")
+def original_lora(tmp_path_factory):
+    """A tiny LLaVA-1.5 base (uhd-jax checkpoint) and an original-style LoRA directory on it written by peft itself:
+    adapter_model.bin with base_model.model.model.layers.* names (LlavaLlamaForCausalLM's = LlamaForCausalLM's) and
+    non_lora_trainables.bin with the projector."""
+    import transformers
+
+    from tests.convert_helpers import random_checkpoint
+    from uhd_jax.convert.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("original")
+    base = random_checkpoint(root / "base", "configs/llava15.py:tiny", seed=2)
+    export_checkpoint(base, "hf_llama", str(root / "llm"))
+    theirs = peft_lora(transformers.LlamaForCausalLM.from_pretrained(str(root / "llm")), seed=7)
+    src = root / "lora"
+    theirs.save_pretrained(str(src), safe_serialization=False)
+    rng = np.random.default_rng(3)
+    projector = {"base_model.model.model.mm_projector.0.weight": rng.normal(size=(32, 32)),
+                 "base_model.model.model.mm_projector.0.bias": rng.normal(size=(32,)),
+                 "base_model.model.model.mm_projector.2.weight": rng.normal(size=(32, 32)),
+                 "base_model.model.model.mm_projector.2.bias": rng.normal(size=(32,))}
+    projector = {k: torch.from_numpy(v.astype(np.float32)) for k, v in projector.items()}
+    torch.save(projector, str(src / "non_lora_trainables.bin"))
+    return base, str(src), theirs, projector
+
+
+def llm_of(params, model):
+    return Llama(llm_config(model)), {"params": params["llm"]}
+
+
+def test_original_lora_dir_imports_unmerged_and_merged(original_lora, tmp_path, capsys):
+    from uhd_jax.convert.cli import main
+    from uhd_jax.train.checkpoints import load_meta, load_params
+
+    base, src, theirs, projector = original_lora
+    assert os.path.basename(peft_io.adapter_file(src)) == "adapter_model.bin"
+    assert main(["import-lora", "--src", src, "--base", base, "--out", str(tmp_path / "unmerged")]) == 0
+    assert "4 projector tensors from non_lora_trainables.bin" in capsys.readouterr().out
+    meta = load_meta(str(tmp_path / "unmerged"))
+    assert meta["model"]["llm"]["lora"] == dict(LORA, targets=list(lora_lib.TARGETS))
+    params = load_params(str(tmp_path / "unmerged"))
+    ref = torch_logits(theirs, IDS)
+    assert rel_err(our_logits(*llm_of(params, meta["model"]), IDS), ref) <= 1e-5
+    w = projector["base_model.model.model.mm_projector.2.weight"].numpy()
+    assert np.array_equal(np.asarray(params["projector"]["dense_1"]["kernel"]), w.T)
+
+    merged, record, _ = peft_io.import_lora(src, base, merge=True)
+    assert "lora" not in record["model"]["llm"] and not lora_lib.adapter_paths(merged)
+    merged_ref = copy.deepcopy(theirs).merge_and_unload()
+    assert rel_err(our_logits(*llm_of(merged, record["model"]), IDS), torch_logits(merged_ref, IDS)) <= 1e-5
+    w_ref = merged_ref.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert rel_err(np.asarray(merged["llm"]["layers_0"]["down"]["kernel"]).T, w_ref) <= 1e-6
+
+
+def test_export_lora_round_trip_is_bit_exact(original_lora, tmp_path):
+    base, src, _, _ = original_lora
+    params, record, _ = peft_io.import_lora(src, base)
+    from uhd_jax.train.checkpoints import save_params
+    save_params(str(tmp_path / "ckpt"), params, record)
+    files = peft_io.export_lora(str(tmp_path / "ckpt"), "llava_original", str(tmp_path / "out"))
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin"]
+    again, _, _ = peft_io.import_lora(str(tmp_path / "out"), base)
+    a, b = flatten(params), flatten(again)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+
+
+def test_missing_non_lora_trainables_says_what_loads(original_lora, tmp_path):
+    import shutil
+
+    base, src, _, _ = original_lora
+    partial = tmp_path / "partial"
+    shutil.copytree(src, partial, ignore=shutil.ignore_patterns("non_lora_trainables.bin"))
+    with pytest.raises(ValueError, match=r"no non_lora_trainables\.bin.*the 28 adapter tensors would load, but onto"):
+        peft_io.import_lora(str(partial), base)
+    _, _, notes = peft_io.import_lora(str(partial), base, base_projector=True)
+    assert any("the projector is" in n for n in notes)
+
+
+def test_targets_of_the_config_must_match_the_tensors(original_lora, tmp_path):
+    import shutil
+
+    base, src, _, _ = original_lora
+    fewer = tmp_path / "fewer"
+    shutil.copytree(src, fewer)
+    cfg = json.loads((fewer / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    (fewer / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"20 tensor\(s\) the model has no adapter for"):
+        peft_io.import_lora(str(fewer), base)
+    cfg["target_modules"] = ["q_proj", "lm_head"]
+    (fewer / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"target_modules \['lm_head'\] are not LLM linear layers"):
+        peft_io.import_lora(str(fewer), base)
+
+
+def test_llava_hf_adapter_names_are_the_ones_peft_loads(pair, tmp_path):
+    """llava-hf nests the decoder at model.language_model: peft puts our exported tensors into its modules (a name
+    it did not know would leave its own init there: B zero)."""
+    from tests.torch_helpers import tiny_llava
+
+    _, _, _, _, params, _ = pair
+    flat = {"llm/" + k: np.asarray(v) for k, v in flatten(params["params"]).items()}
+    peft_io.write_adapter(flat, LORA, "llava_hf", str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(tiny_llava(), str(tmp_path))
+    names = {k.replace(".default", ""): v for k, v in loaded.named_parameters() if "lora_" in k}
+    ours = peft_io.to_peft(flat, "llava_hf")
+    assert sorted(names) == sorted(ours)
+    for k, v in ours.items():
+        assert np.array_equal(names[k].detach().numpy(), v), k
+
+
+def test_lora_stage_trains_only_adapters_and_named_groups():
+    """The 7b_lora rules on the tiny VLM claim exactly the adapters and the projector; in training (on the LLM
+    alone, its lm_head standing in for a fully trained group) the frozen base has neither gradient nor optimizer
+    state and stays bit-identical, while the adapters and the named group move."""
+    import flax.linen as nn
+    import optax
+
+    from uhd_jax.configs import common, llava15
+    from uhd_jax.models.config import vlm_config
+    from uhd_jax.models.vlm import VLM, example_inputs
+    from uhd_jax.train import optimizer as opt
+    from uhd_jax.train.trainer import stage_model
+
+    c = llava15.get_config("tiny")
+    common.lora_stage(c.stages.sft, dict(rank=4, alpha=8.0, dropout=0.1), lr=1e-2)
+    cfg = vlm_config(stage_model(c, c.stages.sft))
+    assert cfg.llm.lora.rank == 4 and cfg.stochastic_training
+    abstract = nn.meta.unbox(jax.eval_shape(VLM(cfg).init, jax.random.PRNGKey(0), *example_inputs(cfg))["params"])
+    opt.check_rules(abstract, c.stages.sft.trainable, c.stages.sft.lrs)
+    labels = flatten(opt.group_labels(abstract, c.stages.sft.trainable))
+    assert {k for k, g in labels.items() if g != opt.FROZEN} == {
+        k for k in labels if "/lora_" in k or k.startswith("projector/")}
+
+    model = Llama(cfg.llm)
+    ids = jnp.asarray(IDS[:1, :12])
+    valid = jnp.ones(ids.shape, bool)
+    embeds = jnp.zeros((1, 12, cfg.llm.hidden_size))
+    params = {"llm": nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), embeds, positions_from_mask(valid),
+                                                       valid))["params"]}
+    rules = [("llm/.*lora_.*", "lora"), ("llm/lm_head", "head"), ("llm/.*", "frozen")]
+    labels = opt.group_labels(params, rules)
+    trainable, frozen = opt.split_trainable(params, labels)
+    tx, _ = opt.make_optimizer(opt.trainable_labels(labels), {"lora": 1e-2, "head": 1e-2}, total_steps=10,
+                               warmup_ratio=0.0)
+    state = tx.init(trainable)
+    trained = {k for k, v in flatten(trainable).items() if v is not None}
+    assert trained == {k for k in flatten(params) if "/lora_" in k} | {"llm/lm_head"}
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
+    assert n_state == 2 * sum(flatten(params)[k].size for k in trained)   # Adam's m and v, nothing for the base
+
+    @jax.jit
+    def step(t, st, key):
+        def loss(t):
+            p = opt.merge(t, frozen)["llm"]
+            embeds = model.apply({"params": p}, ids, method=Llama.embed)
+            out, _ = model.apply({"params": p}, embeds, positions_from_mask(valid), valid, rngs={"dropout": key})
+            return jnp.mean(out ** 2)
+        updates, st = tx.update(jax.grad(loss)(t), st, t)
+        return optax.apply_updates(t, updates), st
+
+    t = trainable
+    for i in range(2):   # A's gradient is zero while B is (PEFT's init): the second step moves it
+        t, state = step(t, state, jax.random.PRNGKey(i))
+    after, before = flatten(opt.merge(t, frozen)), flatten(params)
+    moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert moved == trained
+
+
+@pytest.mark.parametrize("spec, lora_lr, others", [
+    ("configs/llava15.py:7b_lora", 2e-4, {"projector": 2e-5}),
+    ("configs/slime.py:8b_lora", 1e-4, {"projector": 2e-5}),
+    ("configs/slime.py:70b_lora", 1e-4, {"projector": 2e-5}),
+])
+def test_lora_recipes_carry_the_spec_numbers(spec, lora_lr, others):
+    from uhd_jax.config_loading import load_config
+
+    c = load_config(spec)
+    sft = c.stages.sft
+    assert dict(sft.lora) == dict(rank=128, alpha=256.0, dropout=0.05, targets=lora_lib.TARGETS)
+    assert dict(sft.lrs) == dict(others, lora=lora_lr)
+    assert (sft.batch_size, sft.num_epochs, sft.warmup_ratio) == (128, 1.0, 0.03)
+    assert ("llm/.*lora_.*", "lora") in [tuple(r) for r in sft.trainable]
+    assert tuple(sft.trainable[-1]) == ("llm/.*", "frozen")
+    if "70b" in spec:
+        assert (c.model.llm.hidden_size, c.model.llm.num_layers, c.model.llm.num_kv_heads) == (8192, 80, 8)

@@ -5,6 +5,8 @@
   uhd-convert export --checkpoint CKPT --format llava_hf --out DIR [--dtype bfloat16]
                                        [--tokenizer DIR]
   uhd-convert verify --checkpoint CKPT --torch DIR      # logit check against transformers
+  uhd-convert import-lora --src LORA_DIR --base CKPT --out CKPT [--merge] [--base-projector]
+  uhd-convert export-lora --checkpoint CKPT --format hf_llama|llava_hf|llava_original --out DIR
   uhd-convert layouts
 """
 from __future__ import annotations
@@ -137,10 +139,33 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     check_output_dir(args.out)
     done = export_checkpoint(args.checkpoint, args.format, args.out, args.dtype, args.image_token_index,
-                             args.tokenizer)
+                             args.tokenizer, args.adapters)
     print(f"exported {args.checkpoint} as {args.format} ({args.dtype}) -> {args.out}: {', '.join(done.files)}")
     for line in done.notes:
         print(f"note: {line}")
+    return 0
+
+
+def cmd_import_lora(args) -> int:
+    from uhd_jax.convert.peft import import_lora
+    from uhd_jax.train.checkpoints import save_params
+
+    check_output_dir(args.out)
+    params, record, notes = import_lora(args.src, args.base, merge=args.merge, base_projector=args.base_projector)
+    save_params(args.out, params, record)
+    print(f"imported the LoRA of {args.src} onto {args.base} -> {args.out}" + (" (merged)" if args.merge else ""))
+    for line in notes:
+        print(f"note: {line}")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from uhd_jax.convert.peft import export_lora
+
+    check_output_dir(args.out)
+    files = export_lora(args.checkpoint, args.format, args.out, args.dtype)
+    print(f"exported the LoRA adapters of {args.checkpoint} for a {args.format} base -> {args.out}: "
+          f"{', '.join(files)}")
     return 0
 
 
@@ -194,7 +219,26 @@ def main(argv=None) -> int:
                         "<image> and <pad> are appended as llava-hf does)")
     p.add_argument("--tokenizer", help="the model's tokenizer directory (default: the one the checkpoint records); "
                                        "llava_hf needs one, hf_llama and llava_original copy it")
+    p.add_argument("--adapters", choices=("merge", "drop"), default="merge",
+                   help="a LoRA checkpoint: merge the adapters into the weights (default) or leave them out (the base "
+                        "for export-lora's PEFT adapter)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("import-lora", help="PEFT / original LLaVA LoRA directory + uhd-jax base -> uhd-jax checkpoint")
+    p.add_argument("--src", required=True, help="adapter_config.json, adapter_model.safetensors|.bin and the "
+                                                "originals' non_lora_trainables.bin (the projector)")
+    p.add_argument("--base", required=True, help="uhd-jax checkpoint of the base model (uhd-convert import)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="fold the adapters into the weights (merge_lora_weights.py)")
+    p.add_argument("--base-projector", action="store_true",
+                   help="accept a directory without non_lora_trainables.bin: keep the base's projector")
+    p.set_defaults(fn=cmd_import_lora)
+    p = sub.add_parser("export-lora", help="uhd-jax LoRA checkpoint -> PEFT adapter directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=("hf_llama", "llava_hf", "llava_original"),
+                   help="the base the adapter goes on (export it with `export --adapters drop`)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.set_defaults(fn=cmd_export_lora)
     p = sub.add_parser("verify", help="compare our logits with the transformers model in a directory (fp32, CPU)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--torch", required=True, help="llava_hf, hf_llama or hf_clip directory")

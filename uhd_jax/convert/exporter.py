@@ -128,10 +128,25 @@ class Exported:
     notes: list[str]   # what the user should know about the result
 
 
+def _resolve_adapters(flat: dict, model: dict, adapters: str):
+    from uhd_jax.models.lora import lora_config, merge_adapters
+    from uhd_jax.train.param_tree import flatten, unflatten
+
+    if adapters == "merge":
+        flat = flatten(merge_adapters(unflatten(flat), lora_config(model["llm"]["lora"]).scaling))
+    elif adapters == "drop":
+        flat = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")}
+    else:
+        raise ValueError(f"adapters must be 'merge' or 'drop', got {adapters!r}")
+    return flat, dict(model, llm={k: v for k, v in model["llm"].items() if k != "lora"})
+
+
 def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32",
-                      image_token_index: int | None = None, tokenizer: str | None = None) -> Exported:
+                      image_token_index: int | None = None, tokenizer: str | None = None,
+                      adapters: str = "merge") -> Exported:
     """Write `checkpoint` in format `fmt` into `out`, with the checkpoint's tokenizer (`tokenizer`, else the one it
-    records; required for llava_hf)."""
+    records; required for llava_hf). A checkpoint with LoRA adapters is exported merged (`adapters='merge'`), or as
+    its base alone (`'drop'`, for `uhd-convert export-lora`'s PEFT adapter)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
     if dtype not in ("float32", "bfloat16"):
@@ -155,6 +170,10 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
     family = meta.get("family") or ("llava15" if fmt == "llava_hf" else None)
     flat = load_flat(checkpoint, meta)
     model, hf = meta["model"], dict(meta.get("hf", {}))
+    if (model.get("llm") or {}).get("lora"):
+        flat, model = _resolve_adapters(flat, model, adapters)
+        notes.append("LoRA adapters merged into the weights" if adapters == "merge" else
+                     "LoRA adapters left out (uhd-convert export-lora writes them as a PEFT adapter)")
     have = {k.split("/")[0] for k in flat}
     need = set(spec.components) - ({"vision"} if fmt == "llava_original" else set())
     if not need <= have:

@@ -173,3 +173,85 @@ def read_non_lora_trainables(src: str, projector_type: str, expected: dict) -> d
     if unknown:
         raise ValueError(f"{path}: tensors that are not this model's projector: {unknown[:5]}")
     return out
+
+
+def _load_unscanned(checkpoint: str, meta: dict) -> dict:
+    """Flat numpy params in their stored dtypes, layers unstacked."""
+    import jax
+
+    from uhd_jax.train.checkpoints import load_params
+    from uhd_jax.train.param_tree import flatten, match_layer_layout
+
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(checkpoint))).items()}
+    return match_layer_layout(flat, scanned=bool(meta["model"].get("scan_layers")), want_scanned=False)
+
+
+def import_lora(src: str, base: str, *, merge: bool = False, base_projector: bool = False):
+    """A PEFT / original LLaVA LoRA directory on top of the uhd-jax checkpoint `base` -> (params, meta, notes).
+    Unmerged, the checkpoint's model gains `llm.lora` (adapters applied on the fly); `merge` folds them into the
+    kernels as the originals' merge_lora_weights.py does. The projector comes from `non_lora_trainables.bin`; without
+    that file the import stops unless `base_projector` accepts `base`'s projector."""
+    from uhd_jax.convert.importer import expected_params
+    from uhd_jax.models.lora import lora_config, merge_adapters
+    from uhd_jax.train.checkpoints import load_meta
+    from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
+
+    lora = read_adapter_config(src)
+    meta = load_meta(base)
+    model = dict(meta["model"])
+    if model["llm"].get("lora"):
+        raise ValueError(f"{base} already has LoRA adapters (model.llm.lora); start from a checkpoint without them")
+    with_lora = dict(model, llm=dict(model["llm"], lora=lora))
+    expected = {k: v.shape for k, v in expected_params(with_lora, ["llm"]).items()
+                if k.rsplit("/", 1)[1] in ("lora_a", "lora_b")}
+    adapters = from_peft(src, expected)
+    flat = _load_unscanned(base, meta)
+    notes = [f"{len(adapters)} adapter tensors (rank {lora['rank']}, alpha {lora['alpha']:g}, "
+             f"{', '.join(lora['targets'])}) from {adapter_file(src)}"]
+    proj_expected = {k: v.shape for k, v in flat.items() if k.startswith("projector/")}
+    if proj_expected:
+        projector = read_non_lora_trainables(src, model.get("projector_type", "mlp2x_gelu"), proj_expected)
+        if projector is None and not base_projector:
+            raise ValueError(f"{src} has no non_lora_trainables.bin, the projector the originals train beside the "
+                             f"adapters (their LoRA scripts save it there): the {len(adapters)} adapter tensors would "
+                             f"load, but onto {base}'s projector. Put the file there, or pass --base-projector to "
+                             f"keep {base}'s projector")
+        if projector is None:
+            notes.append(f"no non_lora_trainables.bin: the projector is {base}'s")
+        else:
+            left = sorted(set(proj_expected) - set(projector))
+            notes.append(f"{len(projector)} projector tensors from non_lora_trainables.bin"
+                         + (f"; {len(left)} kept from {base}: {left[:3]}" if left else ""))
+            flat.update({k: v.astype(flat[k].dtype) for k, v in projector.items()})
+    flat.update(adapters)
+    if merge:
+        flat = flatten(merge_adapters(unflatten(flat), lora_config(lora).scaling))
+        notes.append("adapters merged into the base kernels (W + alpha / r * A.B)")
+    else:
+        model = with_lora
+    flat = match_layer_layout(flat, scanned=False, want_scanned=bool(model.get("scan_layers")))
+    record = {k: v for k, v in meta.items() if k != "conversion"}
+    record.update(model=model, lora_source=os.path.abspath(src), lora_merged=merge)
+    return unflatten(flat), record, notes
+
+
+def export_lora(checkpoint: str, fmt: str, out: str, dtype: str = "float32") -> list[str]:
+    """The checkpoint's adapters as a PEFT directory for a base exported as `fmt` (`uhd-convert export --adapters
+    drop`); for llava_original also the projector as `non_lora_trainables.bin`, as the originals save it."""
+    from uhd_jax.convert.exporter import load_flat, torch_state
+    from uhd_jax.convert.torch_io import save_torch_bin
+    from uhd_jax.train.checkpoints import load_meta
+
+    meta = load_meta(checkpoint)
+    lora = meta["model"]["llm"].get("lora")
+    if not lora:
+        raise ValueError(f"{checkpoint} has no LoRA adapters (its model.llm.lora is unset)")
+    flat = load_flat(checkpoint, meta)
+    files = write_adapter(flat, lora, fmt, out, dtype)
+    if fmt == "llava_original" and any(k.startswith("projector/") for k in flat):
+        state = torch_state(flat, tables.LAYOUTS["mm_projector"], ["projector"],
+                            meta["model"].get("projector_type", "mlp2x_gelu"))
+        save_torch_bin(os.path.join(out, "non_lora_trainables.bin"),
+                       {"base_model.model." + k: v for k, v in state}, dtype)
+        files.append("non_lora_trainables.bin")
+    return files
