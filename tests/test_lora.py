@@ -324,3 +324,25 @@ def test_lora_recipes_carry_the_spec_numbers(spec, lora_lr, others):
     assert tuple(sft.trainable[-1]) == ("llm/.*", "frozen")
     if "70b" in spec:
         assert (c.model.llm.hidden_size, c.model.llm.num_layers, c.model.llm.num_kv_heads) == (8192, 80, 8)
+
+
+def test_scanned_layers_with_adapters_match_and_merge(pair):
+    """The recipes scan their layers (and remat): adapters stack along the layer axis with their axis names, the
+    dropout rng splits per layer, and the merge handles the stacked tree."""
+    import dataclasses
+
+    from uhd_jax.train.param_tree import match_layer_layout
+
+    theirs, _, _, model, params, _ = pair
+    cfg = dataclasses.replace(model.cfg, scan_layers=True, remat_policy="save_attn_mlp_out")
+    scanned = Llama(cfg)
+    stacked = unflatten(match_layer_layout(flatten({"llm": params["params"]}), scanned=False, want_scanned=True))
+    p = {"params": stacked["llm"]}
+    ref = torch_logits(theirs, IDS)
+    assert rel_err(our_logits(scanned, p, IDS), ref) <= 1e-5
+    merged = {"params": lora_lib.merge_adapters(p["params"], ALPHA / RANK)}
+    assert rel_err(our_logits(Llama(dataclasses.replace(cfg, lora=None)), merged, IDS), ref) <= 1e-5
+    boxed = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 32)), jnp.zeros((1, 4), jnp.int32),
+                           jnp.ones((1, 4), bool))["params"]["layers"]["attn"]["o"]
+    assert boxed["lora_a"].names == ("layers", "heads", "head_dim", None)
+    assert boxed["lora_b"].names == ("layers", None, "embed")
