@@ -311,9 +311,19 @@ def test_lora_stage_trains_only_adapters_and_named_groups():
     ("configs/llava15.py:7b_lora", 2e-4, {"projector": 2e-5}),
     ("configs/slime.py:8b_lora", 1e-4, {"projector": 2e-5}),
     ("configs/slime.py:70b_lora", 1e-4, {"projector": 2e-5}),
+    ("configs/uhd_v1.py:13b_lora", 2e-4, {"projector": 2e-5}),
+    ("configs/uhd_v2.py:7b_lora", 2e-4, {"projector": 2e-5, "vision": 2e-5}),
 ])
 def test_lora_recipes_carry_the_spec_numbers(spec, lora_lr, others):
+    """The recipes' numbers, and their rules checked on the model (at tiny sizes: the rules name paths, not sizes)."""
+    import flax.linen as nn
+
     from uhd_jax.config_loading import load_config
+    from uhd_jax.configs import common
+    from uhd_jax.models.config import vlm_config
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.train import optimizer as opt
+    from uhd_jax.train.trainer import stage_model
 
     c = load_config(spec)
     sft = c.stages.sft
@@ -324,6 +334,12 @@ def test_lora_recipes_carry_the_spec_numbers(spec, lora_lr, others):
     assert tuple(sft.trainable[-1]) == ("llm/.*", "frozen")
     if "70b" in spec:
         assert (c.model.llm.hidden_size, c.model.llm.num_layers, c.model.llm.num_kv_heads) == (8192, 80, 8)
+    small = common.tiny_recipe(load_config(spec), "lora_tiny", max_length=160)
+    if small.model.get("slime"):   # as slime.py:7b_tiny; the separator is looked up in a tokenizer otherwise
+        grid = small.model.vision.image_size // small.model.vision.patch_size
+        small.model.slime.update(separator_id=0, global_grid=grid, local_grid=grid // 2)
+    boxed = jax.eval_shape(init_fn(vlm_config(stage_model(small, small.stages.sft))), jax.random.PRNGKey(0))
+    opt.check_rules(nn.meta.unbox(boxed["params"]), [tuple(r) for r in sft.trainable], dict(sft.lrs))
 
 
 def test_scanned_layers_with_adapters_match_and_merge(pair):

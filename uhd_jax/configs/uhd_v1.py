@@ -8,7 +8,8 @@ Variants: `13b` (default; HF guozonghao96/llava-uhd-144-13b), `7b`, `qwen2_7b` (
 template: the v2-head code's `adapt_spatial_resampler_v1` on Qwen2), `arxiv64` (the March-2024 64-query resampler
 with one full cross-attention, 8 heads, for the paper's compute comparison), `1b` (TinyLlama-1.1B: the speed target's
 1B-class LLM, benchmarks/README.md), `tiny` (tests), `demo` (CPU demo sizes), `13b_tiny` (the 13b recipe at `tiny`'s
-sizes: the README's commands at test size).
+sizes: the README's commands at test size), `13b_lora` / `7b_lora` (the SFT through LoRA with LLaVA-1.5's LoRA recipe:
+r 128, alpha 256, dropout 0.05, 2e-4; the resampler fully at 2e-5).
 
   uhd-convert import --src data/checkpoints/vicuna-13b-v1.5/ \\
       --vision data/checkpoints/clip-vit-large-patch14-336/ \\
@@ -28,9 +29,15 @@ def get_config(arg: str | None = None):
     variant = arg or "13b"
     if variant == "13b_tiny":
         return tiny_recipe(get_config("13b"), variant)
+    if variant.endswith("_lora") and variant[:-5] in ("7b", "13b"):
+        # No LoRA recipe ships with the UHD code: LLaVA-1.5's (the codebase it extends) on this model's SFT stage
+        c = get_config(variant[:-5])
+        c.variant = variant
+        common.lora_stage(c.stages.sft, common.LORA_R128, lr=2e-4)
+        return c
     if variant not in LLM_OF:
         raise ValueError(f"configs/uhd_v1.py: unknown variant {variant!r}; choose one of "
-                         f"{sorted(LLM_OF) + ['13b_tiny']}")
+                         f"{sorted(LLM_OF) + ['13b_tiny', '7b_lora', '13b_lora']}")
     small = variant in ("tiny", "demo")
     llm = common.choose_llm("configs/uhd_v1.py", LLM_OF[variant])
     if variant == "qwen2_7b":

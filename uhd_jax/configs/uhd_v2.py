@@ -4,7 +4,8 @@ hierarchical window (HiWin) projector (144 tokens per slice), spec uhd.md §3.3-
 Variants: `7b` (default; the paper's Vicuna-7B model, v2-dec2024 code: grid spatial schema, pretrain max length 3072,
 SFT 4096 with ViT + HiWin + JBU fixup + LLM trainable at 2e-5, batch 128, M=7), `qwen2_7b` and `13b` (v2-head:
 v1 spatial schema, Qwen2-7B-Instruct with the `qwen_1_5` template / Vicuna-13B), `tiny` (tests), `demo`, `7b_tiny`
-(the 7b recipe at `tiny`'s sizes: the README's commands at test size).
+(the 7b recipe at `tiny`'s sizes: the README's commands at test size), `7b_lora` / `13b_lora` (the SFT's LLM through
+LoRA with LLaVA-1.5's LoRA recipe: r 128, alpha 256, dropout 0.05, 2e-4; ViT and projector as in `sft`).
 `model.feature_scale_mask`: 5 = {1x, 4x} (v2-head scripts); the dec2024 script's value is not recorded, 7 = all.
 Stages (spec §4.4, §6): `jbu` (the JBU inverse pyramid alone, FeatUp multi-view reconstruction against the frozen
 ViT on an image folder - COCO-stuff train2017 in the paper; NAdam 1e-3, batch 16, 2000 steps as the released
@@ -38,9 +39,15 @@ def get_config(arg: str | None = None):
     variant = arg or "7b"
     if variant == "7b_tiny":
         return tiny_recipe(get_config("7b"), variant)
+    if variant.endswith("_lora") and variant[:-5] in ("7b", "13b"):
+        # No LoRA recipe ships with the UHD code: LLaVA-1.5's (the codebase it extends) on this model's SFT stage
+        c = get_config(variant[:-5])
+        c.variant = variant
+        common.lora_stage(c.stages.sft, common.LORA_R128, lr=2e-4)
+        return c
     if variant not in BASE:
         raise ValueError(f"configs/uhd_v2.py: unknown variant {variant!r}; choose one of "
-                         f"{sorted(BASE) + ['7b_tiny']}")
+                         f"{sorted(BASE) + ['7b_tiny', '7b_lora', '13b_lora']}")
     c = uhd_v1.get_config(BASE[variant])
     small = variant in ("tiny", "demo")
     c.family = "uhd_v2"
