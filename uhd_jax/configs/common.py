@@ -107,9 +107,11 @@ def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
     return c
 
 
-def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float) -> ml_collections.ConfigDict:
+def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
+               base_dtype: str | None = "bfloat16") -> ml_collections.ConfigDict:
     """Stage `st` with the LLM trained through adapters instead: the rule that trained `llm/...` now trains only its
-    adapters (group 'lora' at `lr`) and freezes the base; every other group keeps its rule and rate."""
+    adapters (group 'lora' at `lr`, fp32 master weights) and freezes the base, stored in `base_dtype` (None: the
+    model's param_dtype); every other group keeps its rule and rate."""
     rules = []
     for pattern, group in st.trainable:
         if group == "llm":
@@ -118,5 +120,9 @@ def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float) -> ml_colle
             rules.append((pattern, group))
     lrs = {g: v for g, v in dict(st.lrs).items() if g != "llm"}
     st.update(trainable=rules, lora=dict(lora))
+    if base_dtype:
+        model = st.get("model")
+        model = dict(model.to_dict() if hasattr(model, "to_dict") else model or {})
+        st.model = dict(model, llm=dict(model.get("llm") or {}, param_dtype=base_dtype))
     st.lrs = dict(lrs, lora=lr)
     return st
