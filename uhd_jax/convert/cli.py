@@ -82,7 +82,7 @@ def model_for_sources(sources: list[Source], config_spec: str | None) -> tuple[d
                          f"configs/uhd_v1.py:13b) to describe the model") from None
     except ValueError as e:
         raise ValueError(f"config.json of {main.path}: {e}") from None
-    model.update(dtype="bfloat16", param_dtype="float32", attention_impl="xla", remat_policy="none",
+    model.update(dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="none",
                  scan_layers=False)
     return model, meta, family
 

@@ -14,8 +14,9 @@ references.
 
 SliME (`projector_type='gated'`) reads I = max_images x views_per_image square views (each image's global view, then
 its tiles) and lays every image's features out in `SlimeConfig.rows_per_image` rows; its router drops local tokens by
-turning their positions invalid: the LLM masks them out of attention and positions are recounted over the kept
-tokens, which gives every kept token exactly what the original's shorter, packed sequence gives it.
+turning their positions invalid: the LLM moves the kept tokens together before attending (causal, with lengths) and
+positions are recounted over them, which gives every kept token exactly what the original's shorter, packed sequence
+gives it.
 """
 from __future__ import annotations
 
