@@ -362,3 +362,24 @@ def test_scanned_layers_with_adapters_match_and_merge(pair):
                            jnp.ones((1, 4), bool))["params"]["layers"]["attn"]["o"]
     assert boxed["lora_a"].names == ("layers", "heads", "head_dim", None)
     assert boxed["lora_b"].names == ("layers", None, "embed")
+
+
+def test_train_step_memory_compiles_the_lora_step_abstractly():
+    """uhd_jax.perf.train_memory (the README's LoRA memory figures): the real step of a LoRA stage, compiled with
+    abstract state; the trained parameters are the adapters and the projector, and the frozen base is counted apart."""
+    from uhd_jax.config_loading import load_config
+    from uhd_jax.configs import common
+    from uhd_jax.perf.train_memory import step_memory
+
+    c = load_config("configs/llava15.py:tiny")
+    common.lora_stage(c.stages.sft, dict(rank=4, alpha=8.0, dropout=0.05), lr=1e-4)
+    out = step_memory(c, "sft", per_device=2, length=32, mesh_shape=dict(data=1, fsdp=1, tensor=1))
+    llm = dict(c.model.llm)
+    h, m, layers, heads, kv = (llm[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                                "num_kv_heads"))
+    d = h // heads
+    per_layer = 4 * sum(i + o for i, o in ((h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, m), (h, m),
+                                           (m, h)))
+    projector = 32 * 32 * 2 + 32 * 2   # tiny mlp2x_gelu: vision 32 -> 32 -> 32
+    assert out["trained_parameters"] == layers * per_layer + projector
+    assert out["peak_bytes"] >= out["argument_bytes"] > 0 and out["temp_bytes"] > 0
