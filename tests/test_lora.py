@@ -383,3 +383,28 @@ def test_train_step_memory_compiles_the_lora_step_abstractly():
     projector = 32 * 32 * 2 + 32 * 2   # tiny mlp2x_gelu: vision 32 -> 32 -> 32
     assert out["trained_parameters"] == layers * per_layer + projector
     assert out["peak_bytes"] >= out["argument_bytes"] > 0 and out["temp_bytes"] > 0
+
+
+def test_generation_with_unmerged_adapters_gives_the_merged_tokens(original_lora):
+    """Generation applies unmerged adapters on the fly (the checkpoint's model carries llm.lora): greedy tokens are
+    those of the merged model."""
+    from uhd_jax.eval.decoding import GenerationConfig
+    from uhd_jax.eval.generate import generate_tokens
+    from uhd_jax.models.config import vlm_config
+    from uhd_jax.models.vlm import example_inputs
+
+    base, src, _, _ = original_lora
+    tokens = []
+    for merge in (False, True):
+        params, record, _ = peft_io.import_lora(src, base, merge=merge)
+        cfg = vlm_config(record["model"])
+        assert (cfg.llm.lora is None) == merge
+        _, valid, _, pixels, _ = example_inputs(cfg, batch=2, seq_len=8)
+        ids = jnp.asarray(IDS[:2, :8])
+        image_map = jnp.asarray([[0, 1, 2, 3, -1, -1, -1, -1]] * 2)
+        gen = GenerationConfig(max_new_tokens=6)
+        out = generate_tokens(jax.tree_util.tree_map(jnp.asarray, params), cfg, ids, valid, pixels + 0.3, image_map,
+                              jax.random.split(jax.random.PRNGKey(0), 2), gen)
+        tokens.append(np.asarray(out))
+    assert np.array_equal(tokens[0], tokens[1])
+    assert len(np.unique(tokens[0])) > 1   # not a degenerate constant answer
