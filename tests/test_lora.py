@@ -408,3 +408,28 @@ def test_generation_with_unmerged_adapters_gives_the_merged_tokens(original_lora
         tokens.append(np.asarray(out))
     assert np.array_equal(tokens[0], tokens[1])
     assert len(np.unique(tokens[0])) > 1   # not a degenerate constant answer
+
+
+def test_export_merges_or_leaves_out_the_adapters_for_peft(original_lora, tmp_path):
+    """`uhd-convert export` of a LoRA checkpoint: merged by default (transformers alone gives the LoRA model's
+    logits), or the base alone (`--adapters drop`) onto which `export-lora`'s PEFT directory loads in peft."""
+    import transformers
+
+    from uhd_jax.convert.cli import main
+    from uhd_jax.train.checkpoints import save_params
+
+    base, src, theirs, _ = original_lora
+    params, record, _ = peft_io.import_lora(src, base)
+    ckpt = str(tmp_path / "ckpt")
+    save_params(ckpt, params, record)
+    ref = torch_logits(theirs, IDS)
+    assert main(["export", "--checkpoint", ckpt, "--format", "hf_llama", "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert rel_err(torch_logits(merged, IDS), ref) <= 1e-5
+    assert main(["export", "--checkpoint", ckpt, "--format", "hf_llama", "--adapters", "drop",
+                 "--out", str(tmp_path / "base")]) == 0
+    assert main(["export-lora", "--checkpoint", ckpt, "--format", "hf_llama", "--out", str(tmp_path / "peft")]) == 0
+    plain = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    assert rel_err(torch_logits(plain.eval(), IDS), ref) > 1e-2
+    reloaded = peft.PeftModel.from_pretrained(plain, str(tmp_path / "peft")).eval()
+    assert rel_err(torch_logits(reloaded, IDS), ref) <= 1e-5
