@@ -204,12 +204,17 @@ def test_export_lora_round_trip_is_bit_exact(original_lora, tmp_path):
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
 
 
-def test_missing_non_lora_trainables_says_what_loads(original_lora, tmp_path):
+def test_missing_non_lora_trainables_says_what_loads(original_lora, tmp_path, capsys):
     import shutil
+
+    from uhd_jax.convert.cli import main
 
     base, src, _, _ = original_lora
     partial = tmp_path / "partial"
     shutil.copytree(src, partial, ignore=shutil.ignore_patterns("non_lora_trainables.bin"))
+    assert main(["import-lora", "--src", str(partial), "--base", base, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --base-projector" in err
     with pytest.raises(ValueError, match=r"no non_lora_trainables\.bin.*the 28 adapter tensors would load, but onto"):
         peft_io.import_lora(str(partial), base)
     _, _, notes = peft_io.import_lora(str(partial), base, base_projector=True)
