@@ -107,6 +107,15 @@ def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
     return c
 
 
+def lora_recipe(get_config, variant: str, lr: float) -> ml_collections.ConfigDict:
+    """Variant `<base>_lora`: the config of variant `<base>` with its SFT stage trained through LoRA r 128 / alpha 256
+    (adapters at `lr`)."""
+    c = get_config(variant[:-len("_lora")])
+    c.variant = variant
+    lora_stage(c.stages.sft, LORA_R128, lr=lr)
+    return c
+
+
 def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
                base_dtype: str | None = "bfloat16") -> ml_collections.ConfigDict:
     """Stage `st` with the LLM trained through adapters instead: the rule that trained `llm/...` now trains only its

@@ -25,10 +25,7 @@ def get_config(arg: str | None = None):
     if variant == "7b_tiny":
         return common.tiny_recipe(get_config("7b"), variant, max_length=160)
     if variant == "7b_lora":   # spec A.8's LoRA SFT: r 128, alpha 256, LoRA lr 2e-4, projector 2e-5
-        c = get_config("7b")
-        c.variant = variant
-        common.lora_stage(c.stages.sft, common.LORA_R128, lr=2e-4)
-        return c
+        return common.lora_recipe(get_config, variant, lr=2e-4)
     llm = common.choose_llm("configs/llava15.py", variant, also=("7b_tiny", "7b_lora"))
     small = variant in ("tiny", "demo")
     c = common.base_config(common.VISIONS[variant], llm, projector_type="mlp2x_gelu", tiny=small)

@@ -41,10 +41,7 @@ def get_config(arg: str | None = None):
         return tiny_recipe(get_config("7b"), variant)
     if variant.endswith("_lora") and variant[:-5] in ("7b", "13b"):
         # No LoRA recipe ships with the UHD code: LLaVA-1.5's (the codebase it extends) on this model's SFT stage
-        c = get_config(variant[:-5])
-        c.variant = variant
-        common.lora_stage(c.stages.sft, common.LORA_R128, lr=2e-4)
-        return c
+        return common.lora_recipe(get_config, variant, lr=2e-4)
     if variant not in BASE:
         raise ValueError(f"configs/uhd_v2.py: unknown variant {variant!r}; choose one of "
                          f"{sorted(BASE) + ['7b_tiny', '7b_lora', '13b_lora']}")
