@@ -1,6 +1,7 @@
 """The FLOP formulas against XLA's own count, the training multipliers, and a CPU smoke run of every benchmark mode
 (speed itself is measured by launch/benchmark.py, never asserted here)."""
 
+import dataclasses
 import json
 
 import jax
@@ -14,14 +15,18 @@ from uhd_jax.perf import flops
 
 
 def test_llm_formula_matches_xla_forward_and_gradient():
+    # The formula counts every query-key score, as the plain kernel computes them ('auto' on the CPU is a chunked
+    # causal kernel that skips the blocks above the diagonal: fewer, checked last).
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4,
-                      num_kv_heads=2)
+                      num_kv_heads=2, attention_impl="xla")
     model, t, b = Llama(cfg), 256, 2
     x, pos, valid = jnp.zeros((b, t, 256)), jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, pos, valid)
     forward = flops.xla_flops(jax.jit(lambda p, x: model.apply(p, x, pos, valid)[0]).lower(params, x))
     formula = flops.llm_forward_flops(cfg, t, b)
     assert abs(forward / formula - 1) < 0.02, (forward, formula)   # the rest is elementwise work
+    chunked = Llama(dataclasses.replace(cfg, attention_impl="auto"))
+    assert flops.xla_flops(jax.jit(lambda p, x: chunked.apply(p, x, pos, valid)[0]).lower(params, x)) < forward
     # training the weights: XLA's backward is ~2x its forward (the first layer's input gradient is not needed)
     grad = jax.jit(jax.grad(lambda p, x: model.apply(p, x, pos, valid)[0].sum()))
     assert abs(flops.xla_flops(grad.lower(params, x)) / (flops.multipliers(False, False, True)[2] * formula) - 1) < 0.06
