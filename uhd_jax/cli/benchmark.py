@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 
-
 from absl import flags, logging  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()

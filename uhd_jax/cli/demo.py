@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-
 from absl import flags, logging  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags

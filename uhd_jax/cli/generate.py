@@ -25,7 +25,6 @@ import json
 import os
 import sys
 
-
 from absl import flags, logging  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()

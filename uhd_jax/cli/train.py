@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 
-
 from absl import flags, logging  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; this CLI parses its own
