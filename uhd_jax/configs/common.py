@@ -107,20 +107,21 @@ def tiny_recipe(c: ml_collections.ConfigDict, variant: str, *, max_length: int,
     return c
 
 
-def lora_recipe(get_config, variant: str, lr: float) -> ml_collections.ConfigDict:
-    """Variant `<base>_lora`: the config of variant `<base>` with its SFT stage trained through LoRA r 128 / alpha 256
-    (adapters at `lr`)."""
-    c = get_config(variant[:-len("_lora")])
+def lora_recipe(get_config, variant: str, lr: float, quant: str | None = None) -> ml_collections.ConfigDict:
+    """Variant `<base>_lora` (or `<base>_qlora` with `quant`): the config of variant `<base>` with its SFT stage
+    trained through LoRA r 128 / alpha 256 (adapters at `lr`)."""
+    c = get_config(variant.rsplit("_", 1)[0])
     c.variant = variant
-    lora_stage(c.stages.sft, LORA_R128, lr=lr)
+    lora_stage(c.stages.sft, LORA_R128, lr=lr, quant=quant)
     return c
 
 
 def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
-               base_dtype: str | None = "bfloat16") -> ml_collections.ConfigDict:
+               base_dtype: str | None = "bfloat16", quant: str | None = None) -> ml_collections.ConfigDict:
     """Stage `st` with the LLM trained through adapters instead: the rule that trained `llm/...` now trains only its
     adapters (group 'lora' at `lr`, fp32 master weights) and freezes the base, stored in `base_dtype` (None: the
-    model's param_dtype); every other group keeps its rule and rate."""
+    model's param_dtype); every other group keeps its rule and rate. `quant` ("int8" / "int4", QLoRA): the adapted
+    base kernels are stored quantised (uhd_jax.models.quant), quantised as the float checkpoint loads."""
     rules = []
     for pattern, group in st.trainable:
         if group == "llm":
@@ -128,7 +129,7 @@ def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
         else:
             rules.append((pattern, group))
     lrs = {g: v for g, v in dict(st.lrs).items() if g != "llm"}
-    st.update(trainable=rules, lora=dict(lora))
+    st.update(trainable=rules, lora=dict(lora, quant=quant) if quant else dict(lora))
     if base_dtype:
         model = st.get("model")
         model = dict(model.to_dict() if hasattr(model, "to_dict") else model or {})

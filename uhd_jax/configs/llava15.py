@@ -5,7 +5,8 @@ then `sft` (mix665k, `vicuna_v1`, projector + LLM at 2e-5, batch 128, `pad`); vi
 Variants: `7b` (default), `13b`, `1b` (TinyLlama-1.1B: the 1B-class speed comparison, benchmarks/README.md),
 `tiny` (tests), `demo` (the CPU demo on the synthetic dataset), `7b_tiny` (the 7b recipe - stages, data paths,
 tokenizer - at `tiny`'s sizes: the README's commands at test size), `7b_lora` (the released llava-v1.5-7b-lora: SFT
-through LoRA r 128 / alpha 256 / dropout 0.05 on every LLM linear layer at 2e-4, the projector fully at 2e-5).
+through LoRA r 128 / alpha 256 / dropout 0.05 on every LLM linear layer at 2e-4, the projector fully at 2e-5),
+`7b_qlora` (7b_lora over an int4 frozen base, quantised as the float checkpoint loads).
 
   uhd-convert import --src data/checkpoints/vicuna-7b-v1.5/ \
       --vision data/checkpoints/clip-vit-large-patch14-336/ \
@@ -26,7 +27,9 @@ def get_config(arg: str | None = None):
         return common.tiny_recipe(get_config("7b"), variant, max_length=160)
     if variant == "7b_lora":   # spec A.8's LoRA SFT: r 128, alpha 256, LoRA lr 2e-4, projector 2e-5
         return common.lora_recipe(get_config, variant, lr=2e-4)
-    llm = common.choose_llm("configs/llava15.py", variant, also=("7b_tiny", "7b_lora"))
+    if variant == "7b_qlora":   # 7b_lora over an int4 (per-group-of-64) frozen base
+        return common.lora_recipe(get_config, variant, lr=2e-4, quant="int4")
+    llm = common.choose_llm("configs/llava15.py", variant, also=("7b_tiny", "7b_lora", "7b_qlora"))
     small = variant in ("tiny", "demo")
     c = common.base_config(common.VISIONS[variant], llm, projector_type="mlp2x_gelu", tiny=small)
     c.family = "llava15"

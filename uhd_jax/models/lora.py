@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhd_jax.models import layers
+from uhd_jax.models import layers, quant
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -31,8 +31,10 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGETS
+    quant: str | None = None   # QLoRA: the adapted base kernels stored as "int8" or "int4" (uhd_jax.models.quant)
 
     def __post_init__(self):
+        quant.check_mode(self.quant)
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -75,12 +77,37 @@ class LoraDenseGeneral(layers.DenseGeneral):
     rank: int = 8
     scaling: float = 2.0
     dropout: float = 0.0
+    quant: str | None = None
+
+    def _quantized_base(self, x, n_in):
+        """The base matmul over a frozen quantised kernel, dequantised to the compute dtype just before the dot."""
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = x.shape[x.ndim - n_in:] + features
+        q_shape, s_shape = quant.stored_shapes(shape, n_in, self.quant)
+        q0 = s0 = None
+        if self.is_initializing():   # a fresh base: the float init, quantised (values and scales from one draw)
+            q0, s0 = quant.quantize(self.kernel_init(self.make_rng("params"), shape, jnp.float32), n_in, self.quant)
+        q = self.param("kernel", nn.with_logical_partitioning(lambda *_: q0, tuple(self.axes)))
+        s = self.param("kernel_scale", nn.with_logical_partitioning(
+            lambda *_: s0, quant.scale_axes(self.axes, n_in, self.quant)))
+        if tuple(q.shape) != q_shape or tuple(s.shape) != s_shape:
+            raise ValueError(f"{self.name}: quantised kernel {q.shape} / scale {s.shape}, expected {q_shape} / "
+                             f"{s_shape} for {self.quant}")
+        w = quant.dequantize(q, s, n_in, self.quant, self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), w,
+                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   tuple(self.axes[n_in:])),
+                              features, self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
 
     @nn.compact
     def __call__(self, x):
-        y = super().__call__(x)
         axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
         n_in = len(axis)
+        y = self._quantized_base(x, n_in) if self.quant else super().__call__(x)
         in_shape = x.shape[x.ndim - n_in:]
         out_shape = y.shape[y.ndim - (len(self.axes) - n_in):]
         a = self.param("lora_a", nn.with_logical_partitioning(kaiming_a_init(n_in), tuple(self.axes[:n_in]) + (None,)),
@@ -105,7 +132,7 @@ def dense(lora: LoraConfig | None, features, *, axes: Sequence[str | None], name
                             axis=axis)
     return LoraDenseGeneral(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, dtype=dtype,
                             param_dtype=param_dtype, kernel_init=layers.default_kernel_init, rank=lora.rank,
-                            scaling=lora.scaling, dropout=lora.dropout, name=name)
+                            scaling=lora.scaling, dropout=lora.dropout, quant=lora.quant, name=name)
 
 
 def _is_adapted(node) -> bool:
@@ -120,6 +147,9 @@ def merge_adapters(params, scaling: float):
         if not isinstance(node, dict):
             return node
         if _is_adapted(node):
+            if "kernel_scale" in node:
+                raise ValueError("merge_adapters takes a float base; a QLoRA run's adapters merge into the float "
+                                 "checkpoint it started from")
             kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
             stacked = a.ndim + b.ndim - 2 > kernel.ndim   # scan: a leading layer axis on all three
             if stacked:
