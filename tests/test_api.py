@@ -1,0 +1,102 @@
+"""The Python API (`uhd_jax.load`): a checkpoint alone loads; `generate` gives the tokens of `uhd-generate --image
+--prompt`; a second call in the same bucket compiles nothing; a chat's second prompt is the template's two turns."""
+
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import pytest
+from PIL import Image
+
+from tests.config_helpers import on_synthetic_data
+from uhd_jax.data.templates import VICUNA_SYSTEM
+from uhd_jax.eval.generate import generate_tokens
+
+QUESTION = "What does the sign say?"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_data, tmp_path_factory):
+    """A randomly initialised tiny LLaVA-1.5 laid out as training leaves it (WORK/runs/tiny/sft/final recording its
+    family and its tokenizer relative to WORK), and the model loaded from it."""
+    import uhd_jax
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.train.checkpoints import save_params
+    from uhd_jax.train.trainer import model_for_stage
+
+    config = on_synthetic_data("configs/llava15.py:tiny", synthetic_data)
+    cfg = model_for_stage(config, config.stages.sft)
+    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(4))["params"])
+    work = tmp_path_factory.mktemp("work")
+    final = str(work / "runs" / "tiny" / "sft" / "final")
+    save_params(final, params, {"model": config.model.to_dict()})
+    os.makedirs(work / "data")
+    os.symlink(synthetic_data["tokenizer"], work / "data" / "tokenizer")
+    with open(os.path.join(final, "config.json"), "w") as f:
+        json.dump({"model": config.model.to_dict(), "family": "llava15", "stage": "sft", "steps": 1,
+                   "tokenizer": "data/tokenizer"}, f)
+    folder = synthetic_data["images"] + "/eval"
+    images = [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:2]]
+    return final, uhd_jax.load(final, batch_size=2), images
+
+
+def test_generate_equals_the_offline_cli_and_reuses_compiled_programs(checkpoint, capsys):
+    from uhd_jax.cli import generate
+
+    final, model, images = checkpoint
+    assert generate.main(["--checkpoint", final, "--image", images[0], "--prompt", QUESTION,
+                          "--max-new-tokens", "4"]) == 0
+    offline = capsys.readouterr().out.rstrip("\n").split("\n")[-1].strip()
+    # a path and the same picture as a PIL image give the CLI's answer
+    first = model.generate([images[0], Image.open(images[0])], [QUESTION, QUESTION], max_new_tokens=4)
+    assert offline and first == [offline, offline]
+    programs, compilations = generate_tokens._cache_size(), model.compilations
+    t0 = time.perf_counter()
+    again = model.generate([images[1]], [QUESTION], max_new_tokens=4)   # another image, the same bucket
+    second = time.perf_counter() - t0
+    assert len(again) == 1 and isinstance(again[0], str)
+    assert generate_tokens._cache_size() == programs and model.compilations == compilations == 1
+    assert model.generator(max_new_tokens=4).signatures == {(2, 64)}
+    assert second < 10.0, f"second call of a warm bucket took {second:.1f}s"
+
+
+def test_two_turn_chat_reads_both_turns_in_the_template(checkpoint):
+    from uhd_jax.eval.model_vqa import question_sample
+
+    final, model, images = checkpoint
+    chat = model.new_chat(images[0])
+    first = chat.ask("What is written?", max_new_tokens=3)
+    assert chat.turns == [("What is written?", first)]
+    # vicuna_v1 (LLaVA-1.5's template) for these two turns, written out by hand
+    expected = (f"{VICUNA_SYSTEM} USER: <image>\nWhat is written? ASSISTANT: {first}</s>"
+                f"USER: And the colour? ASSISTANT:")
+    assert model.prompt_text(chat.turns, "And the colour?") == expected
+    second = chat.ask("And the colour?", max_new_tokens=3)
+    # the same answer from the offline generator on a hand-made two-turn sample
+    sample = question_sample({"question_id": 0, "image": images[0], "text": "What is written?"}, model.rule)
+    sample["conversations"] = [sample["conversations"][0], {"from": "gpt", "value": first},
+                               {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": ""}]
+    gen = model.generator(max_new_tokens=3)
+    assert gen([model.preparer.prompt(sample, turn=1)], seeds=[0]) == [second]
+    # the messages form asks the same
+    messages = [{"role": "user", "content": "What is written?"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "And the colour?"}]
+    assert model.chat(messages, image=images[0], max_new_tokens=3) == second
+
+
+def test_api_mistakes_are_one_line(checkpoint, tmp_path):
+    from uhd_jax.cli_errors import UserError
+
+    final, model, images = checkpoint
+    with pytest.raises(UserError, match="2 images for 1 prompts"):
+        model.generate(images, [QUESTION])
+    with pytest.raises(UserError, match="image file not found"):
+        model.generate([str(tmp_path / "none.png")], [QUESTION], max_new_tokens=4)
+    with pytest.raises(UserError, match="alternate user/assistant"):
+        model.chat([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(UserError, match="top_p"):
+        model.generate([images[0]], [QUESTION], top_p=0.0)
+    with pytest.raises(UserError, match="not found"):
+        __import__("uhd_jax").load(str(tmp_path / "nothing"))
