@@ -86,6 +86,16 @@ def test_two_turn_chat_reads_both_turns_in_the_template(checkpoint):
     assert model.chat(messages, image=images[0], max_new_tokens=3) == second
 
 
+def test_slice_plan_counts_the_prompt_image_positions_and_text_only_prompts_answer(checkpoint):
+    final, model, images = checkpoint
+    plan = model.slice_plan(images[0])
+    conv = model.conversation([], QUESTION, has_image=True)
+    prompt = model._prompt(conv, images[0], "prompt")
+    assert plan["grid"] is None and plan["tokens"] == int((prompt["image_map"] >= 0).sum()) > 0
+    (text,) = model.generate([None], ["Say something."], max_new_tokens=3)
+    assert isinstance(text, str)
+
+
 def test_api_mistakes_are_one_line(checkpoint, tmp_path):
     from uhd_jax.cli_errors import UserError
 

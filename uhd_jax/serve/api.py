@@ -128,6 +128,14 @@ class Model:
         return self._answer(convs, images, seed, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                       top_p=top_p, num_beams=num_beams, stop=stop))
 
+    def slice_plan(self, image) -> dict:
+        """How the model cuts `image` (a PIL image or a path): `uhd-show-slices`'s plan ('grid', 'cells',
+        'tokens': the image's positions in the prompt...)."""
+        from uhd_jax.cli.show_slices import open_image, slice_plan
+
+        return slice_plan(open_image(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else image,
+                          self.config)
+
     def new_chat(self, image=None) -> Chat:
         return Chat(self, image)
 
