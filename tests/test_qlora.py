@@ -193,3 +193,32 @@ def test_qlora_stage_freezes_the_quantised_base():
     n_trained = sum(v.size for v in flatten(trainable).values() if v is not None)
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
     assert n_state == 2 * n_trained and not any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(state))
+
+
+def test_float_checkpoint_loads_into_a_scanned_sharded_qlora_model(tmp_path):
+    """The trainer's path: a float checkpoint (the normal on-disk layout, unscanned) overlaid onto a QLoRA stage's
+    scanned model on a 2x2x2 mesh holds the checkpoint's kernels quantised, sharded as the float base would be."""
+    from uhd_jax.config_loading import load_config
+    from uhd_jax.configs import common
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.parallel.mesh import make_mesh
+    from uhd_jax.parallel.sharding import DEFAULT_RULES, init_sharded
+    from uhd_jax.train.checkpoints import save_params
+    from uhd_jax.train.trainer import model_for_stage, overlay_checkpoints
+
+    c = load_config("configs/llava15.py:tiny")
+    float_init = jax.jit(init_fn(model_for_stage(c, c.stages.sft)))
+    float_params = nn.meta.unbox(float_init(jax.random.PRNGKey(1))["params"])
+    save_params(str(tmp_path / "ckpt"), float_params, {"model": c.model.to_dict()})
+    c.model.scan_layers = True
+    common.lora_stage(c.stages.sft, dict(rank=4, alpha=8.0), lr=1e-2, quant="int4")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    variables, shardings = init_sharded(init_fn(model_for_stage(c, c.stages.sft)), mesh, DEFAULT_RULES,
+                                        jax.random.PRNGKey(0))
+    flat = flatten(overlay_checkpoints(variables["params"], shardings["params"], [str(tmp_path / "ckpt")], True))
+    src = flatten(float_params)
+    for name, n_in in (("attn/q", 1), ("attn/o", 2), ("down", 1)):
+        q, s = quant.quantize(src[f"llm/layers_1/{name}/kernel"], n_in, "int4")
+        np.testing.assert_array_equal(np.asarray(flat[f"llm/layers/{name}/kernel"][1]), np.asarray(q))
+        np.testing.assert_array_equal(np.asarray(flat[f"llm/layers/{name}/kernel_scale"][1]), np.asarray(s))
+    assert flat["llm/layers/attn/q/kernel"].sharding.spec[1:] == ("fsdp", "tensor", None)
