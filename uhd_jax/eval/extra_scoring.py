@@ -37,6 +37,13 @@ def _pct(right, total):
     return 100.0 * right / total if total else 0.0
 
 
+def _by_group(scores: dict, overall: str, groups: str) -> dict:
+    """{overall: % over every score, groups: {group: % over its scores}} from {group: [score (bool or 0-1)]}."""
+    every = [x for v in scores.values() for x in v]
+    return {overall: _pct(sum(every), len(every)),
+            groups: {g: _pct(sum(v), len(v)) for g, v in sorted(scores.items())}}
+
+
 def _by_id(answers):
     return {str(a["question_id"]): a for a in answers}
 
@@ -105,10 +112,7 @@ def score_seed(answers, path):
             a is not None and a["text"] == q["answer"])
         if a is not None:
             pairs.append((a, q))
-    oks = [ok for v in by_type.values() for ok in v]
-    return ({"image_accuracy": _pct(sum(oks), len(oks)),
-             "types": {t: _pct(sum(v), len(v)) for t, v in sorted(by_type.items())}},
-            pairs, _unmatched(answers, {str(q["question_id"]) for q in questions}))
+    return (_by_group(by_type, "image_accuracy", "types"), pairs, _unmatched(answers, {str(q["question_id"]) for q in questions}))
 
 
 def score_mmmu(answers, path):
@@ -136,10 +140,7 @@ def score_mmmu(answers, path):
         subject = "_".join(str(r["id"]).split("_")[1:-1]) or "all"
         by_subject[subject].append(ok)
         pairs.append((a, r))
-    oks = [ok for v in by_subject.values() for ok in v]
-    return ({"accuracy": _pct(sum(oks), len(oks)),
-             "subjects": {s: _pct(sum(v), len(v)) for s, v in sorted(by_subject.items())}},
-            pairs, _unmatched(answers, {str(r["id"]) for r in records}))
+    return (_by_group(by_subject, "accuracy", "subjects"), pairs, _unmatched(answers, {str(r["id"]) for r in records}))
 
 
 def score_ocrbench(answers, path):
@@ -204,10 +205,7 @@ def score_vizwiz(answers, path):
             by_type[r.get("answer_type", "all")].append(
                 soft_accuracy(a["text"], [x["answer"] if isinstance(x, dict) else x for x in r["answers"]]))
             pairs.append((a, r))
-    scores = [s for v in by_type.values() for s in v]
-    return ({"accuracy": _pct(sum(scores), len(scores)),
-             "answer_types": {t: _pct(sum(v), len(v)) for t, v in sorted(by_type.items())}},
-            pairs, _unmatched(answers, {str(r["image"]) for r in records}))
+    return (_by_group(by_type, "accuracy", "answer_types"), pairs, _unmatched(answers, {str(r["image"]) for r in records}))
 
 
 def vizwiz_submission(answers, questions_path_or_records) -> list[dict]:
