@@ -8,6 +8,7 @@ import random
 import pytest
 from PIL import Image
 
+from tests.file_helpers import write_json
 from uhd_jax.eval import benchmark_formats as formats
 from uhd_jax.eval.benchmarks import HR_LETTER, LETTER, LETTER_CN, VIZWIZ, eval_rule, prompt_text
 from uhd_jax.eval.metrics.choice import (infer_option, mmmu_choice, mmmu_open_correct, mmmu_open_parse, sqa_choice)
@@ -17,15 +18,6 @@ from uhd_jax.eval.scoring import score_answers
 
 def ans(qid, text):
     return {"question_id": qid, "prompt": "", "text": text}
-
-
-def write_json(path, data, lines=False):
-    with open(path, "w") as f:
-        if lines:
-            f.writelines(json.dumps(r) + "\n" for r in data)
-        else:
-            json.dump(data, f)
-    return str(path)
 
 
 def png_b64(color=(255, 0, 0)):

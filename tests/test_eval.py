@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.cli_mistakes import assert_mistake, exit_status
 from tests.config_helpers import on_synthetic_data
+from tests.file_helpers import write_json
 from uhd_jax.eval import answers as answer_files
 from uhd_jax.eval import synthetic_bench
 from uhd_jax.eval.benchmarks import LETTER, SHORT, eval_rule, prompt_text
@@ -473,15 +474,6 @@ def test_reading_benchmark_and_slice_picture_from_a_checkpoint_alone(synthetic_d
     assert show_slices(["--image", image, "--checkpoint", ckpt, "--out", outs[0]]) == 0
     assert show_slices([image, "--config", "configs/uhd_v2.py:tiny", "--out", outs[1]]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
-
-
-def write_json(path, obj, lines=False):
-    with open(path, "w") as f:
-        if lines:
-            f.writelines(json.dumps(o) + "\n" for o in obj)
-        else:
-            json.dump(obj, f)
-    return str(path)
 
 
 def answer(qid, prompt, text):
