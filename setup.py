@@ -24,7 +24,8 @@ TORCH = ["torch==2.13.0", "safetensors==0.8.0"]
 # pytest-xdist: `make test` runs two worker processes (2-core machine, clean clone, 2026-12-02: 421 tests in 13.7 min)
 # peft (+ accelerate, which it imports): tests/test_lora.py loads and writes PEFT adapter directories with it
 # openai: tests/test_server*.py drive `uhd-serve` with the official client
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "peft==0.21.2", "accelerate==1.15.0", "openai==3.51.0"]
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "peft==0.21.2", "accelerate==1.15.0",
+        "openai==3.51.0"]
 # Accelerators: jax's own extras pull the PJRT plugin built for the pinned jaxlib (CUDA 12 wheels with cuDNN and NCCL;
 # libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
 ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
