@@ -26,6 +26,13 @@ TORCH = ["torch==2.13.0", "safetensors==0.8.0"]
 # openai: tests/test_server*.py drive `uhd-serve` with the official client
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "peft==0.21.2", "accelerate==1.15.0",
         "openai==3.51.0"]
+# lmms-eval (`--model uhd_jax`): what lmms-eval 0.7.3 imports to run a task, resolved against the pins above. lmms-eval
+# itself goes in with `pip install --no-deps lmms-eval==0.7.3`: its own requirements (torchvision, wandb==0.25.0 with
+# protobuf<7, opencv, ...) would replace torch 2.13.0 and protobuf. Released formats read here: MMMU's parquet
+# (pyarrow), MMBench's xlsx (openpyxl).
+LMMS = ["datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "sacrebleu==2.6.0", "tenacity==9.2.1", "pytz==2026.6",
+        "pytablewriter==1.2.1"]
+FORMATS = ["pyarrow==26.0.1", "openpyxl==3.1.5"]
 # Accelerators: jax's own extras pull the PJRT plugin built for the pinned jaxlib (CUDA 12 wheels with cuDNN and NCCL;
 # libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
 ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
@@ -49,6 +56,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["uhd_jax", "uhd_jax.*"]),
     install_requires=CORE,
-    entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()]},
-    extras_require={"torch": TORCH, "test": TORCH + TEST, **ACCELERATORS},
+    entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()],
+                  # lmms-eval 0.7 builds its model registry from this group: `lmms-eval --model uhd_jax`
+                  "lmms_eval.models": ["uhd_jax = uhd_jax.integrations:lmms_manifest"]},
+    extras_require={"torch": TORCH, "test": TORCH + TEST, "lmms": TORCH + LMMS + FORMATS, "formats": FORMATS,
+                    **ACCELERATORS},
 )
