@@ -3,6 +3,7 @@ directories in and out, the original LLaVA LoRA layout, frozen base in training,
 import copy
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,13 +128,23 @@ def test_export_is_bit_exact_and_reloads_in_peft(pair, tmp_path):
     assert peft_io.read_adapter_config(str(tmp_path)) == dict(LORA, alpha=ALPHA)
 
 
-def test_adapter_of_another_shape_is_named(pair, tmp_path):
+def test_adapter_of_another_rank_or_base_is_named(pair):
+    """The same file against a model of rank 8 (the adapter is rank 4) and against a base twice as wide: each
+    mismatch says which it is, the other base's with the first tensor's shapes."""
     _, adapter_dir, _, _, _, spec = pair
-    other = {"llm": {**spec["llm"], "lora": dict(LORA, rank=RANK * 2)}, "dtype": "float32"}
-    expected = {k: v.shape for k, v in expected_params(other, ["llm"]).items() if "lora_" in k}
-    named = r"28 adapter\(s\) of another shape.*gate_proj\.lora_A\.weight: \(4, 32\), the model's is \(8, 32\)[^|]*$"
-    with pytest.raises(ValueError, match=named):
-        peft_io.from_peft(adapter_dir, expected)
+
+    def expected(llm):
+        other = {"llm": {**spec["llm"], **llm}, "dtype": "float32"}
+        return {k: v.shape for k, v in expected_params(other, ["llm"]).items() if "lora_" in k}
+
+    with pytest.raises(ValueError, match=r"does not fit the model: rank 4 in the file where adapter_config\.json's "
+                                         r"r is 8$"):
+        peft_io.from_peft(adapter_dir, expected(dict(lora=dict(LORA, rank=RANK * 2))))
+    wide = dict(hidden_size=64, intermediate_size=128, lora=LORA)
+    with pytest.raises(ValueError, match=r"28 adapter\(s\) for a different base \(other layer sizes\): "
+                                         r"base_model\.model\.model\.layers\.0\.mlp\.down_proj\.lora_A\.weight: "
+                                         r"\(4, 64\), this base's is \(4, 128\)"):
+        peft_io.from_peft(adapter_dir, expected(wide))
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +241,50 @@ def test_targets_of_the_config_must_match_the_tensors(original_lora, tmp_path):
     cfg = json.loads((fewer / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "v_proj"]
     (fewer / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"20 tensor\(s\) the model has no adapter for"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json targets \['q_proj', 'v_proj'\] but the tensors adapt "
+                                         r"\['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', "
+                                         r"'down_proj'\]$"):
         peft_io.import_lora(str(fewer), base)
     cfg["target_modules"] = ["q_proj", "lm_head"]
     (fewer / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"target_modules \['lm_head'\] are not LLM linear layers"):
         peft_io.import_lora(str(fewer), base)
+
+
+@pytest.mark.parametrize("case, said", [
+    ("targets", r"adapter_config\.json targets \['q_proj', 'v_proj'\] but the tensors adapt \['q_proj', 'k_proj'"),
+    ("rank", r"rank 4 in the file where adapter_config\.json's r is 8"),
+    ("base", r"6 adapter\(s\) for a different base \(other layer sizes\): [^ ]*mlp\.gate_proj\.lora_B\.weight: \(64, 4\), "
+             r"this base's is \(48, 4\)"),
+    ("projector", r"no non_lora_trainables\.bin.*the 28 adapter tensors would load, but onto"),
+])
+def test_bad_lora_directories_are_one_line_and_exit_2(original_lora, tmp_path, capsys, case, said):
+    """uhd-convert import-lora on a directory whose adapter_config.json names other targets or another rank than its
+    tensors, on a base of other layer sizes, or without the projector file: exit 2, one line saying which."""
+    import shutil
+
+    from tests.convert_helpers import random_checkpoint
+    from uhd_jax.convert.cli import main
+
+    base, src, _, _ = original_lora
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    if case == "targets":
+        cfg["target_modules"] = ["q_proj", "v_proj"]
+    elif case == "rank":
+        cfg["r"] = 8
+    elif case == "base":
+        base = random_checkpoint(tmp_path / "other", "configs/llava15.py:tiny", dict(intermediate_size=48))
+    else:
+        os.remove(bad / "non_lora_trainables.bin")
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["import-lora", "--src", str(bad), "--base", base, "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and out.err.startswith("uhd-convert: error: ") and not out.out, out.err
+    assert re.search(said, out.err), out.err
+    assert not os.path.exists(tmp_path / "out" / "config.json")
 
 
 def test_llava_hf_adapter_names_are_the_ones_peft_loads(pair, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 
 from uhd_jax.convert import tables
 from uhd_jax.convert import transforms as T
-from uhd_jax.convert.torch_io import _torch_tensor, iter_tensors
+from uhd_jax.convert.torch_io import _torch_tensor, iter_tensors, list_keys
 from uhd_jax.models.lora import TARGETS
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -99,8 +99,11 @@ def read_adapter_config(src: str) -> dict:
         if cfg.get(key):
             raise ValueError(f"{path}: {key}=true is not supported")
     modules = cfg.get("target_modules") or []
-    if isinstance(modules, str):
-        raise ValueError(f"{path}: target_modules is a regex ({modules!r}); the targets are read from the tensors")
+    if isinstance(modules, str):   # a regex (our llava_hf exports write one): the tensors' names say what it matched
+        modules = [MODULES[t].rsplit(".", 1)[1] for t in tensor_targets(src)]
+        if not modules:
+            raise ValueError(f"{path}: target_modules {cfg['target_modules']!r} matched no LLM q/k/v/o/gate/up/down "
+                             f"layer in {adapter_file(src)}")
     unknown = sorted(set(modules) - set(TORCH_TARGETS))
     if unknown:
         raise ValueError(f"{path}: target_modules {unknown} are not LLM linear layers we adapt "
@@ -117,13 +120,37 @@ def adapter_file(src: str) -> str:
     raise ValueError(f"{src}: no adapter weights ({' or '.join(ADAPTER_FILES)})")
 
 
+def tensor_targets(src: str) -> tuple[str, ...]:
+    """The LLM targets the adapter file's tensors adapt, in our order (names only: nothing is read)."""
+    found = set()
+    for key in list_keys(adapter_file(src)):
+        m = _TORCH.fullmatch(key)
+        if m and m.group(3) + "_proj" in TORCH_TARGETS:
+            found.add(TORCH_TARGETS[m.group(3) + "_proj"])
+    return tuple(t for t in TARGETS if t in found)
+
+
+def _shape_problem(key: str, have: tuple, want: tuple, which: str) -> tuple[str, str]:
+    """('rank' | 'base', description) for an adapter tensor of another shape: A is (rank, in), B (out, rank)."""
+    r_axis = 0 if which == "a" else 1
+    if len(have) == 2 and have[1 - r_axis] == want[1 - r_axis]:
+        return "rank", f"rank {have[r_axis]} in the file where adapter_config.json's r is {want[r_axis]}"
+    return "base", f"{key}: {have}, this base's is {want}"
+
+
 def from_peft(src: str, expected: dict) -> dict:
     """PEFT adapter tensors -> our flat adapters, checked against `expected` (flat path -> shape of the model's
-    adapters): every tensor of one and only one kind, every shape named when it differs."""
-    out, unexpected, misshaped, other_shape = {}, [], [], set()
+    adapters, from adapter_config.json's rank and targets): every tensor of one and only one kind. A mismatch is
+    one line that says which: the targets, the rank, or the base (the first tensors of another shape named)."""
+    out, unexpected, other_shape = {}, [], set()
+    ranks, bases = set(), []
+    config_targets = {p.rsplit("/", 2)[-2] for p in expected}
+    file_targets = set()
     for key, array, _ in iter_tensors(adapter_file(src)):
         m = _TORCH.fullmatch(key)
         target = TORCH_TARGETS.get(m.group(3) + "_proj") if m else None
+        if target:
+            file_targets.add(target)
         path = our_path(int(m.group(1)), target, m.group(4).lower()) if target else None
         if path is None or path not in expected:
             unexpected.append(key)
@@ -131,22 +158,32 @@ def from_peft(src: str, expected: dict) -> dict:
         tr = _transform(target, m.group(4).lower())
         want = tr.torch_shape(tuple(expected[path]))
         if tuple(array.shape) != tuple(want):
-            misshaped.append(f"{key}: {tuple(array.shape)}, the model's is {tuple(want)}")
+            kind, what = _shape_problem(key, tuple(array.shape), tuple(want), m.group(4).lower())
+            (ranks.add if kind == "rank" else bases.append)(what)
             other_shape.add(path)
             continue
         out[path] = tr.to_ours(np.asarray(array, np.float32), tuple(expected[path]))
     missing = sorted(set(expected) - set(out) - other_shape)
     problems = []
-    if misshaped:
-        problems.append(f"{len(misshaped)} adapter(s) of another shape (an adapter for a different base or rank?): "
-                        + "; ".join(misshaped[:4]))
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) the model has no adapter for: {unexpected[:4]}")
-    if missing:
+    if file_targets != config_targets:
+        problems.append(f"adapter_config.json targets {_module_names(config_targets)} but the tensors adapt "
+                        f"{_module_names(file_targets)}")
+    if bases:
+        problems.append(f"{len(bases)} adapter(s) for a different base (other layer sizes): " + "; ".join(bases[:3]))
+    if ranks:
+        problems.append("; ".join(sorted(ranks)))
+    if unexpected and file_targets == config_targets:
+        problems.append(f"{len(unexpected)} tensor(s) the model has no adapter for (another layer count, or not an "
+                        f"LLM linear layer): {unexpected[:4]}")
+    if missing and file_targets == config_targets:
         problems.append(f"{len(missing)} adapter(s) of the model not in the file: {missing[:4]}")
     if problems:
         raise ValueError(f"{adapter_file(src)} does not fit the model: " + " | ".join(problems))
     return out
+
+
+def _module_names(targets) -> list[str]:
+    return [MODULES[t].rsplit(".", 1)[1] for t in TARGETS if t in targets]
 
 
 def read_non_lora_trainables(src: str, projector_type: str, expected: dict) -> dict | None:
@@ -190,7 +227,8 @@ def import_lora(src: str, base: str, *, merge: bool = False, base_projector: boo
     """A PEFT / original LLaVA LoRA directory on top of the uhd-jax checkpoint `base` -> (params, meta, notes).
     Unmerged, the checkpoint's model gains `llm.lora` (adapters applied on the fly); `merge` folds them into the
     kernels as the originals' merge_lora_weights.py does. The projector comes from `non_lora_trainables.bin`; without
-    that file the import stops unless `base_projector` accepts `base`'s projector."""
+    that file the import stops unless `base_projector` accepts `base`'s projector, or the adapter names llava-hf's
+    modules (PEFT on LlavaForConditionalGeneration: the projector is the base's)."""
     from uhd_jax.convert.importer import expected_params
     from uhd_jax.models.lora import lora_config, merge_adapters
     from uhd_jax.train.checkpoints import load_meta
@@ -211,13 +249,16 @@ def import_lora(src: str, base: str, *, merge: bool = False, base_projector: boo
     proj_expected = {k: v.shape for k, v in flat.items() if k.startswith("projector/")}
     if proj_expected:
         projector = read_non_lora_trainables(src, model.get("projector_type", "mlp2x_gelu"), proj_expected)
-        if projector is None and not base_projector:
+        # a PEFT adapter of llava-hf's LlavaForConditionalGeneration keeps the projector in the base model
+        hf_named = any(".language_model.layers." in k for k in list_keys(adapter_file(src)))
+        if projector is None and not base_projector and not hf_named:
             raise ValueError(f"{src} has no non_lora_trainables.bin, the projector the originals train beside the "
                              f"adapters (their LoRA scripts save it there): the {len(adapters)} adapter tensors would "
                              f"load, but onto {base}'s projector. Put the file there, or pass --base-projector to "
                              f"keep {base}'s projector")
         if projector is None:
-            notes.append(f"no non_lora_trainables.bin: the projector is {base}'s")
+            notes.append(f"no non_lora_trainables.bin: the projector is {base}'s"
+                         + (" (a llava-hf PEFT adapter: its projector is the base model's)" if hf_named else ""))
         else:
             left = sorted(set(proj_expected) - set(projector))
             notes.append(f"{len(projector)} projector tensors from non_lora_trainables.bin"
