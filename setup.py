@@ -30,8 +30,9 @@ TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "peft==0.21.2"
 # itself goes in with `pip install --no-deps lmms-eval==0.7.3`: its own requirements (torchvision, wandb==0.25.0 with
 # protobuf<7, opencv, ...) would replace torch 2.13.0 and protobuf. Released formats read here: MMMU's parquet
 # (pyarrow), MMBench's xlsx (openpyxl).
+# filelock 3: lmms-eval's evaluator patches filelock._api, which filelock 4 no longer has.
 LMMS = ["datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "sacrebleu==2.6.0", "tenacity==9.2.1", "pytz==2026.6",
-        "pytablewriter==1.2.1"]
+        "pytablewriter==1.2.1", "filelock==3.32.7"]
 FORMATS = ["pyarrow==26.0.1", "openpyxl==3.1.5"]
 # Accelerators: jax's own extras pull the PJRT plugin built for the pinned jaxlib (CUDA 12 wheels with cuDNN and NCCL;
 # libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
