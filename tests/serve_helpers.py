@@ -31,3 +31,28 @@ def tiny_checkpoint(synthetic_data, folder, seed: int = 4) -> str:
 def eval_images(synthetic_data, count: int) -> list[str]:
     folder = synthetic_data["images"] + "/eval"
     return [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:count]]
+
+
+def data_url(path: str) -> str:
+    import base64
+
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels and whose data is empty: a decompression bomb's calling
+    card, a few dozen bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def user_message(text: str, url: str | None = None) -> list[dict]:
+    parts = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": url}}] if url else [])
+    return [{"role": "user", "content": parts}]

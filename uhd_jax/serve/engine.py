@@ -198,8 +198,12 @@ class Engine:
         self.cache_len = self.max_prompt_tokens + self.max_tokens_limit
         self.eos = self.generator.gen.eos_id
         self._llm_params = {"params": model.loaded.params["llm"]}
-        # committed to the device like the parameters and every later cache, so the programs see one signature
-        self._cache = jax.device_put(init_cache(cfg.llm, slots, self.cache_len), jax.local_devices()[0])
+        # committed like the parameters and every later cache, so the programs see one signature; over a mesh
+        # (`load(mesh=...)`) the cache is replicated and the parameters' shardings split the work
+        mesh = getattr(model.loaded, "mesh", None)
+        place = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                 else jax.local_devices()[0])
+        self._cache = jax.device_put(init_cache(cfg.llm, slots, self.cache_len), place)
         self._rows: list[_Request | None] = [None] * slots
         self._pending: list[_Request] = []
         self._lock = threading.Condition()

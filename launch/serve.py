@@ -1,0 +1,10 @@
+"""`uhd-serve` run from a checkout (`python launch/serve.py --help`): the program is uhd_jax/cli/serve.py."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout, without installing
+
+from uhd_jax.cli.serve import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
