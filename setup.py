@@ -48,6 +48,7 @@ COMMANDS = {
     "uhd-show-slices": "uhd_jax.cli.show_slices:main",
     "uhd-benchmark": "uhd_jax.cli.benchmark:main",
     "uhd-demo": "uhd_jax.cli.demo:main",
+    "uhd-serve": "uhd_jax.cli.serve:main",
 }
 
 setup(
