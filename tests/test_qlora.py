@@ -1,6 +1,8 @@
 """QLoRA: int8 / int4 round-trip bounds (worked out from the definitions, not from the code), the packed nibble
 layout, loss and adapter gradients against bf16 LoRA on a tiny Llama, the base's bytes, float checkpoints quantised
 on load, and a QLoRA stage's rules leaving the quantised base without gradient or optimizer state."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -222,3 +224,93 @@ def test_float_checkpoint_loads_into_a_scanned_sharded_qlora_model(tmp_path):
         np.testing.assert_array_equal(np.asarray(flat[f"llm/layers/{name}/kernel"][1]), np.asarray(q))
         np.testing.assert_array_equal(np.asarray(flat[f"llm/layers/{name}/kernel_scale"][1]), np.asarray(s))
     assert flat["llm/layers/attn/q/kernel"].sharding.spec[1:] == ("fsdp", "tensor", None)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def qlora_checkpoint(request, tmp_path_factory):
+    """A QLoRA stage's final checkpoint as the trainer writes it: the tiny LLaVA's adapted kernels int8 (or packed int4) values +
+    float32 scales, adapters fp32 with non-zero B, model.llm.lora.quant recorded; with its tokenizer."""
+    from tests.convert_helpers import llama_style, random_checkpoint
+    from uhd_jax.train.checkpoints import load_meta, load_params, save_params
+
+    mode = request.param
+    root = tmp_path_factory.mktemp(f"qlora_{mode}")
+    lora = dict(rank=4, alpha=8.0, dropout=0.05, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    tok = llama_style(str(root / "tokenizer"), 128)
+    src = random_checkpoint(root / "float", "configs/llava15.py:tiny", dict(lora=lora), seed=4, tokenizer=tok)
+    flat = {k: np.asarray(v) for k, v in flatten(load_params(src)).items()}
+    for k in flat:   # adapters of a trained size (the random ones are 0.2-scale normals: too large for int4 tests)
+        if "/lora_" in k:
+            flat[k] = flat[k] * 0.25
+    meta = load_meta(src)
+    meta["model"]["llm"]["lora"] = dict(lora, quant=mode)
+    ckpt = str(root / "qlora")
+    save_params(ckpt, jax.device_get(jax.jit(lambda p: quant.quantize_params(p, mode))(unflatten(flat))), meta)
+    return mode, ckpt, meta["model"]
+
+
+def _qlora_logits(model_dict, params):
+    """Our QLoRA LLM's logits: adapters applied on the fly over the dequantised base (fp32 compute)."""
+    model = Llama(llm_config(dict(model_dict, dtype="float32")))
+    ids = jnp.asarray(IDS)
+    valid = jnp.ones(ids.shape, bool)
+
+    @jax.jit
+    def logits(p):
+        embeds = model.apply({"params": p}, ids, method=Llama.embed)
+        return model.apply({"params": p}, embeds, positions_from_mask(valid), valid)[0]
+    return np.asarray(logits(params["llm"]))
+
+
+def test_qlora_checkpoint_exports_to_every_format_and_as_a_peft_adapter(qlora_checkpoint, tmp_path, capsys):
+    """`uhd-convert export` dequantises the base (a note says so): merged, transformers alone gives our QLoRA model's
+    logits; `--adapters drop` + `export-lora` reload in peft with the same logits; every other format writes the
+    same merged weights (the LLM of llava_hf / llava_original equals hf_llama's bit for bit)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    from tests.torch_helpers import rel_err
+    from uhd_jax.convert.cli import main
+    from uhd_jax.convert.exporter import FORMATS
+    from uhd_jax.train.checkpoints import load_params
+
+    peft = pytest.importorskip("peft")
+    mode, ckpt, model = qlora_checkpoint
+    assert flatten(load_params(ckpt))["llm/layers_0/attn/q/kernel"].dtype == np.int8
+    ours = _qlora_logits(model, load_params(ckpt))
+    ids = torch.from_numpy((IDS).astype(np.int64))
+    for fmt in sorted(FORMATS):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", ckpt, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0, fmt
+        printed = capsys.readouterr().out
+        assert f"note: the {mode} QLoRA base dequantised to float" in printed, (fmt, printed)
+    with torch.no_grad():
+        merged = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf_llama")).eval()
+        assert rel_err(merged(input_ids=ids).logits.numpy(), ours) <= 1e-5
+
+    def llm_tensors(fmt, prefix):
+        files = [f for f in os.listdir(tmp_path / fmt) if f.endswith(".safetensors")]
+        out = {}
+        for f in files:
+            out.update({k[len(prefix):]: v for k, v in load_file(str(tmp_path / fmt / f)).items()
+                        if k.startswith(prefix)})
+        return out
+
+    reference = llm_tensors("hf_llama", "model.layers.")
+    assert len(reference) == 2 * 9
+    for fmt, prefix in (("llava_original", "model.layers."), ("llava_hf", "language_model.model.layers.")):
+        got = llm_tensors(fmt, prefix)
+        assert sorted(got) == sorted(reference) and all(np.array_equal(got[k], reference[k]) for k in got), fmt
+    assert os.listdir(tmp_path / "mm_projector") == ["mm_projector.bin"]
+    assert "model.safetensors" in os.listdir(tmp_path / "hf_clip")
+
+    assert main(["export", "--checkpoint", ckpt, "--format", "hf_llama", "--adapters", "drop",
+                 "--out", str(tmp_path / "base")]) == 0
+    assert main(["export-lora", "--checkpoint", ckpt, "--format", "hf_llama", "--out", str(tmp_path / "peft")]) == 0
+    with torch.no_grad():
+        base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+        assert rel_err(base(input_ids=ids).logits.numpy(), ours) > 1e-3   # the adapters matter
+        reloaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+        assert rel_err(reloaded(input_ids=ids).logits.numpy(), ours) <= 1e-5
+

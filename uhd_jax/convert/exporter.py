@@ -68,7 +68,13 @@ def grow_vocabulary(flat: dict, model: dict, size: int, multiple: int = 64) -> d
 
 
 def load_flat(checkpoint: str, meta: dict):
+    """Flat float32 numpy params, layers unstacked; a QLoRA checkpoint's quantised base kernels dequantised."""
     params = jax.device_get(load_params(checkpoint))
+    quant_mode = ((meta["model"].get("llm") or {}).get("lora") or {}).get("quant")
+    if quant_mode:
+        from uhd_jax.models.quant import dequantize_params
+
+        params = dequantize_params(params, quant_mode)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     return match_layer_layout(flat, scanned=bool(meta["model"].get("scan_layers")), want_scanned=False)
 
@@ -174,6 +180,10 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, dtype: str = "float32
         flat, model = _resolve_adapters(flat, model, adapters)
         notes.append("LoRA adapters merged into the weights" if adapters == "merge" else
                      "LoRA adapters left out (uhd-convert export-lora writes them as a PEFT adapter)")
+        quant_mode = meta["model"]["llm"]["lora"].get("quant")
+        if quant_mode:
+            notes.append(f"the {quant_mode} QLoRA base dequantised to float: the base the adapters were trained on, "
+                         f"not the float checkpoint it was quantised from")
     have = {k.split("/")[0] for k in flat}
     need = set(spec.components) - ({"vision"} if fmt == "llava_original" else set())
     if not need <= have:

@@ -9,7 +9,8 @@ A kernel of shape in_shape + out_shape (the `n_in` leading dims are contracted) 
 Packing along the last input dim keeps every other dim, so the values carry the base kernel's logical axes and shard
 as it does. The forward dequantises to the compute dtype right before the matmul (XLA fuses the two); values and
 scales are frozen parameters named `kernel` / `kernel_scale`, so a trainable rule on `lora_` never reaches them.
-Checkpoints on disk keep the float layout: `quantize_loaded` converts a loaded float kernel into the model's layout.
+A float checkpoint loads into a QLoRA model through `quantize_loaded`; a QLoRA run's own checkpoints hold the
+quantised layout, which `dequantize_params` turns back into float kernels for merging and export.
 """
 from __future__ import annotations
 
@@ -102,6 +103,13 @@ def _quantize_node(kernel, lora_a, lora_b, mode):
     return q, s
 
 
+def _dequantize_node(q, scale, lora_a, lora_b, mode, dtype):
+    stacked = lora_a.ndim + lora_b.ndim - 2 > q.ndim
+    n_in = lora_a.ndim - 1 - int(stacked)
+    fn = (lambda q_, s_: dequantize(q_, s_, n_in, mode, dtype))
+    return jax.vmap(fn)(q, scale) if stacked else fn(q, scale)
+
+
 def quantize_params(params, mode: str):
     """Every adapted layer's float `kernel` -> int values `kernel` + `kernel_scale` (pure; other leaves untouched)."""
     def walk(node):
@@ -110,6 +118,24 @@ def quantize_params(params, mode: str):
         if "lora_a" in node and "lora_b" in node and "kernel" in node and "kernel_scale" not in node:
             q, s = _quantize_node(node["kernel"], node["lora_a"], node["lora_b"], mode)
             return dict(node, kernel=q, kernel_scale=s)
+        return {k: walk(v) for k, v in node.items()}
+    return walk(dict(params))
+
+
+def dequantize_params(params, mode: str, dtype=jnp.float32):
+    """The inverse layout of quantize_params: every quantised `kernel` + `kernel_scale` -> a float `kernel` (the base
+    the adapters were trained on; numpy in, numpy out). Leaves without a `kernel_scale` are untouched."""
+    check_mode(mode)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        if "kernel_scale" in node and "lora_a" in node and "lora_b" in node:
+            w = _dequantize_node(jnp.asarray(node["kernel"]), jnp.asarray(node["kernel_scale"]), node["lora_a"],
+                                 node["lora_b"], mode, dtype)
+            out = {k: v for k, v in node.items() if k != "kernel_scale"}
+            out["kernel"] = np.asarray(w) if isinstance(node["kernel"], np.ndarray) else w
+            return out
         return {k: walk(v) for k, v in node.items()}
     return walk(dict(params))
 
