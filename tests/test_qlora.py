@@ -228,8 +228,8 @@ def test_float_checkpoint_loads_into_a_scanned_sharded_qlora_model(tmp_path):
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def qlora_checkpoint(request, tmp_path_factory):
-    """A QLoRA stage's final checkpoint as the trainer writes it: the tiny LLaVA's adapted kernels int8 (or packed int4) values +
-    float32 scales, adapters fp32 with non-zero B, model.llm.lora.quant recorded; with its tokenizer."""
+    """A QLoRA stage's final checkpoint as the trainer writes it: the tiny LLaVA's adapted kernels as int8 (or packed
+    int4) values + float32 scales, adapters fp32 with non-zero B, model.llm.lora.quant recorded; with its tokenizer."""
     from tests.convert_helpers import llama_style, random_checkpoint
     from uhd_jax.train.checkpoints import load_meta, load_params, save_params
 
@@ -277,9 +277,16 @@ def test_qlora_checkpoint_exports_to_every_format_and_as_a_peft_adapter(qlora_ch
 
     peft = pytest.importorskip("peft")
     mode, ckpt, model = qlora_checkpoint
-    assert flatten(load_params(ckpt))["llm/layers_0/attn/q/kernel"].dtype == np.int8
-    ours = _qlora_logits(model, load_params(ckpt))
-    ids = torch.from_numpy((IDS).astype(np.int64))
+    # the layout of a QLoRA stage's model (what the trainer saves): names, shapes and dtypes
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.models.config import vlm_config
+
+    abstract = flatten(nn.meta.unbox(jax.eval_shape(init_fn(vlm_config(model)), jax.random.PRNGKey(0))["params"]))
+    stored = flatten(load_params(ckpt))
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: (v.shape, v.dtype) for k, v in stored.items()}
+    assert stored["llm/layers_0/attn/q/kernel"].dtype == np.int8
+    ours = _qlora_logits(model, unflatten(stored))
+    ids = torch.from_numpy(IDS.astype(np.int64))
     for fmt in sorted(FORMATS):
         capsys.readouterr()
         assert main(["export", "--checkpoint", ckpt, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0, fmt
