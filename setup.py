@@ -33,7 +33,8 @@ TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "peft==0.21.2"
 # filelock 3: lmms-eval's evaluator patches filelock._api, which filelock 4 no longer has.
 LMMS = ["datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "sacrebleu==2.6.0", "tenacity==9.2.1", "pytz==2026.6",
         "pytablewriter==1.2.1", "filelock==3.32.7"]
-FORMATS = ["pyarrow==26.0.1", "openpyxl==3.1.5"]
+# The test extra carries them (tests/test_benchmarks_extra.py reads hand-made parquet and xlsx files): 7 s to install.
+FORMATS = ["pyarrow==26.0.1", "openpyxl==3.1.5", "et-xmlfile==2.0.0"]
 # Accelerators: jax's own extras pull the PJRT plugin built for the pinned jaxlib (CUDA 12 wheels with cuDNN and NCCL;
 # libtpu), so the plugin can never drift from the pin. tests/test_install.py checks both resolve.
 ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
@@ -61,6 +62,6 @@ setup(
     entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()],
                   # lmms-eval 0.7 builds its model registry from this group: `lmms-eval --model uhd_jax`
                   "lmms_eval.models": ["uhd_jax = uhd_jax.integrations:lmms_manifest"]},
-    extras_require={"torch": TORCH, "test": TORCH + TEST, "lmms": TORCH + LMMS + FORMATS, "formats": FORMATS,
-                    **ACCELERATORS},
+    extras_require={"torch": TORCH, "test": TORCH + TEST + FORMATS, "lmms": TORCH + LMMS + FORMATS,
+                    "formats": FORMATS, **ACCELERATORS},
 )
