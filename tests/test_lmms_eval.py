@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from tests.config_helpers import on_synthetic_data
-from uhd_jax.eval import synthetic_bench
 from uhd_jax.integrations.harness import HarnessModel, Settings, cut_at_stops, settings_from
 
 SIDES, PER_BUCKET, NEW_TOKENS = (336, 672), 2, 8
@@ -138,11 +137,10 @@ def lmms_results(checkpoint, tasks):
 
     from uhd_jax.integrations.lmms_task import CHOICE, GENERATE
 
-    out = evaluator.simple_evaluate(model="uhd_jax", model_args=f"checkpoint={checkpoint},benchmark=synthetic_reading"
-                                                                f",batch_size=4",
-                                    tasks=[GENERATE, CHOICE], task_manager=TaskManager(include_path=tasks["include_path"]),
-                                    log_samples=True)
-    return out
+    return evaluator.simple_evaluate(model="uhd_jax",
+                                     model_args=f"checkpoint={checkpoint},benchmark=synthetic_reading,batch_size=4",
+                                     tasks=[GENERATE, CHOICE], log_samples=True,
+                                     task_manager=TaskManager(include_path=tasks["include_path"]))
 
 
 def test_lmms_eval_finds_the_model_through_its_entry_point():

@@ -70,11 +70,15 @@ def score_file(a) -> int:
     if not os.path.exists(a.annotations):   # MME, ScienceQA, LLaVA-Bench: their release folder
         raise UserError(f"--annotations {a.annotations}: not found; give the {a.benchmark} annotation file or folder")
     judges = judge_for(a)
-    if a.benchmark == "mmvet":   # the file MM-Vet's own evaluator and online grader take
-        from uhd_jax.eval.judge import mmvet_submission
-        with open(a.answers + ".mmvet_submission.json", "w") as f:
-            json.dump(mmvet_submission(answers), f, indent=1)
-        print(f"MM-Vet submission -> {a.answers}.mmvet_submission.json")
+    from uhd_jax.eval import submissions
+
+    # the file the benchmark's server or own tool reads, beside the answers
+    upload = submissions.write(a.benchmark, answers, a.annotations, a.answers + ".upload")
+    if upload:
+        print(f"{a.benchmark} upload file -> {upload}")
+    if submissions.server_only(a.benchmark, a.annotations):
+        print(f"{a.annotations} is a test split without answers: upload {upload} to the benchmark's server")
+        return 0
     result = score_answers(a.benchmark, answers, a.annotations, judge=judges(a.benchmark) if judges else None,
                            reviews_path=a.answers + ".reviews.jsonl")
     print_scores(result)

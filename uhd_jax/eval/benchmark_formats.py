@@ -2,15 +2,18 @@
 
   scienceqa    LLaVA's llava_test_CQM-A.json (ids, images, the CQM-A prompt) + images/test; scored on the official
                problems.json and pid_splits.json of the same folder.
-  mmbench(_cn) the released TSV (index, question, hint, A-D, answer, category, image as base64). Files whose rows hold
-               no circular copies (index >= 1e6) get them here, VLMEvalKit's way: a question with n options is asked
-               n times, the options rotated by one each time, copy k indexed index + k * 1e6.
+  mmbench(_cn) the released TSV or xlsx (index, question, hint, A-D, answer, category, image as base64). Files
+               whose rows hold no circular copies (index >= 1e6) get them here, VLMEvalKit's way: a question with n
+               options is asked n times, the options rotated by one each time, copy k indexed index + k * 1e6.
   seed         SEED-Bench.json (questions, choice_a-d, answer, data_type, question_type_id); image questions only.
-  mmmu         the validation set as JSON (lines) of the HF dataset's fields: id, question, options (a list, or its
-               Python repr as in the parquet files), answer, question_type, image_1 (a path under the image folder).
+  mmmu         the HF release's parquet files (MMMU/<Subject>/validation-*.parquet, else test-*.parquet: answers for the
+               server only; image_1 as PNG/JPEG bytes), or validation.jsonl of the same fields: id, question, options
+               (a list, or its Python repr as in the parquet files), answer, question_type, image_1 (a path under
+               images/).
   ocrbench     OCRBench.json (dataset_name, id, image_path, question, answers, type) + OCRBench_Images.
-  realworldqa  JSON (lines) of the HF dataset's fields: question, answer, image (a path); the id is the line number.
-  hrbench4k/8k the released TSV (index, question, answer, category, cycle_category, A-D, image as base64).
+  realworldqa  the HF release's parquet files (data/test-*.parquet: image bytes, question, answer), or test.jsonl of
+               those fields with the image as a path; the id is the row number.
+  hrbench4k/8k the released TSV (or xlsx) (index, question, answer, category, cycle_category, A-D, image as base64).
   vizwiz       the official val.json, else test.json (image, question[, answers, answer_type]) + val/ or test/.
   llava_bench  the released folder: questions.jsonl (already in model_vqa format), context.jsonl, answers_gpt4.jsonl.
   mmvet        mm-vet.json ({v1_N: imagename, question, answer, capability}) + images/.
@@ -24,6 +27,7 @@ import ast
 import base64
 import csv
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -60,15 +64,66 @@ def _read_json_or_lines(path: str):
 
 
 def read_tsv(path: str) -> list[dict]:
-    """Rows of a released MMBench / HR-Bench TSV (its image column is base64 and can be megabytes long)."""
+    """Rows of a released MMBench / HR-Bench table, TSV or xlsx, every cell as text (its image column is base64 and
+    can be megabytes long)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; give the benchmark's released TSV")
-    csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    if path.lower().endswith(".xlsx"):
+        rows = _xlsx_rows(path)
+    else:
+        csv.field_size_limit(sys.maxsize)
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows or "index" not in rows[0] or "question" not in rows[0]:
         raise UserError(f"{path}: no 'index' and 'question' columns; is this the benchmark's TSV?")
     return rows
+
+
+def _xlsx_rows(path: str) -> list[dict]:
+    """The first sheet's rows under its header; empty cells as '' and numbers as the TSV writes them ('3', '2.5')."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise UserError(f"{path}: reading xlsx needs openpyxl: pip install 'uhd-jax[formats]'") from None
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:
+        cells = list(book.worksheets[0].iter_rows(values_only=True))
+    finally:
+        book.close()
+    if not cells:
+        return []
+
+    def text(v):
+        if v is None:
+            return ""
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        return str(v)
+    header = [text(h) for h in cells[0]]
+    return [dict(zip(header, map(text, row))) for row in cells[1:] if any(v is not None for v in row)]
+
+
+def parquet_rows(files: list[str]) -> list[dict]:
+    """The rows of released parquet files, in file order (image columns stay {'bytes', 'path'} dicts)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{files[0]}: reading parquet needs pyarrow: pip install 'uhd-jax[formats]'") from None
+    rows = []
+    for f in files:
+        try:
+            rows += pq.read_table(f).to_pylist()
+        except Exception as e:   # pyarrow's errors have no common base worth naming
+            raise UserError(f"{f}: not a readable parquet file ({e})") from None
+    return rows
+
+
+def _image_bytes(cell, folder: str, name: str) -> str | None:
+    """A parquet image cell ({'bytes', 'path'} or raw bytes) saved under `folder`; its file name."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if not data:
+        return None
+    return _save_bytes(data, folder, name)
 
 
 def _given(value) -> bool:
@@ -102,7 +157,10 @@ def mmbench_records(path: str) -> list[dict]:
 
 
 def _save_image(b64: str, folder: str, name: str) -> str:
-    data = base64.b64decode(b64)
+    return _save_bytes(base64.b64decode(b64), folder, name)
+
+
+def _save_bytes(data: bytes, folder: str, name: str) -> str:
     ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, name + ext), "wb") as f:
@@ -209,15 +267,42 @@ def _seed(folder, out):
                     os.path.join(folder, "SEED-Bench-image"), ann)
 
 
+def mmmu_split(folder: str) -> tuple[str, list[str]]:
+    """('validation' or 'test', its parquet files) of an MMMU release folder; validation when it is there."""
+    for split in ("validation", "test"):
+        files = sorted(glob.glob(os.path.join(folder, "**", f"{split}-*.parquet"), recursive=True))
+        if files:
+            return split, files
+    return "", []
+
+
 def _mmmu(folder, out):
-    ann = _need(os.path.join(folder, "validation.jsonl"), "MMMU's validation set as JSON lines")
+    """The parquet release is written out as <split>.jsonl beside its images (the annotations the scorer reads);
+    a folder with validation.jsonl and images/ is read as it is."""
+    if os.path.exists(os.path.join(folder, "validation.jsonl")):
+        ann, images = os.path.join(folder, "validation.jsonl"), os.path.join(folder, "images")
+        records = _read_json_or_lines(ann)
+    else:
+        split, files = mmmu_split(folder)
+        if not files:
+            raise UserError(f"{folder}: no MMMU release (<Subject>/validation-*.parquet or test-*.parquet, or "
+                            f"validation.jsonl); give the folder of the HF dataset MMMU/MMMU")
+        images, records = os.path.join(out, "images"), []
+        for r in parquet_rows(files):
+            keep = {k: r.get(k) for k in ("id", "question", "options", "answer", "question_type")}
+            name = _image_bytes(r.get("image_1"), images, str(r["id"]))
+            if name:
+                keep["image_1"] = name
+            records.append(keep)
+        ann = os.path.join(out, f"{split}.jsonl")
+        _write_questions(ann, records)
     qs = []
-    for r in _read_json_or_lines(ann):
+    for r in records:
         q = {"question_id": r["id"], "text": question_text("mmmu", r)}
         if r.get("image_1"):
             q["image"] = r["image_1"]   # LLaVA answers with the first image only, as MMMU's run_llava.py
         qs.append(q)
-    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), os.path.join(folder, "images"), ann)
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), images, ann)
 
 
 def _ocrbench(folder, out):
@@ -228,10 +313,20 @@ def _ocrbench(folder, out):
 
 
 def _realworldqa(folder, out):
-    ann = _need(os.path.join(folder, "test.jsonl"), "RealWorldQA's test split as JSON lines")
-    qs = [{"question_id": i, "image": r["image"], "text": r["question"].strip()}
-          for i, r in enumerate(_read_json_or_lines(ann))]
-    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), folder, ann)
+    if os.path.exists(os.path.join(folder, "test.jsonl")):
+        ann, images = os.path.join(folder, "test.jsonl"), folder
+        records = _read_json_or_lines(ann)
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "**", "test-*.parquet"), recursive=True))
+        if not files:
+            raise UserError(f"{folder}: no RealWorldQA release (data/test-*.parquet, or test.jsonl)")
+        images, records = os.path.join(out, "images"), []
+        for i, r in enumerate(parquet_rows(files)):
+            records.append({"question": r["question"], "answer": r["answer"],
+                            "image": _image_bytes(r.get("image"), images, str(i))})
+        ann = _write_questions(os.path.join(out, "test.jsonl"), records)
+    qs = [{"question_id": i, "image": r["image"], "text": r["question"].strip()} for i, r in enumerate(records)]
+    return Prepared(_write_questions(os.path.join(out, "questions.jsonl"), qs), images, ann)
 
 
 def _vizwiz(folder, out):

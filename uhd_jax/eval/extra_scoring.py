@@ -194,8 +194,8 @@ def score_hrbench(answers, tsv):
 def score_vizwiz(answers, path):
     records = _read_json_or_lines(path)
     if not records or "answers" not in records[0]:
-        raise UserError(f"{path}: no 'answers' (the test split?); write the submission with --submission and upload it "
-                        f"to VizWiz's EvalAI server")
+        raise UserError(f"{path}: no 'answers' (the test split?); uhd-evaluate writes its upload file for VizWiz's "
+                        f"EvalAI server instead")
     preds = _by_id(answers)
     by_type = collections.defaultdict(list)
     pairs = []

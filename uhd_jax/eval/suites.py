@@ -11,7 +11,6 @@ their column lists follow the benchmarks the specs say those papers evaluate, no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from uhd_jax.cli_errors import UserError
@@ -159,9 +158,8 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
     """Answer (with `answer(benchmark, questions, image_folder, answers_path)`, when given) and score every benchmark
     of the suite present under `data_root`; answers and scores go to `workdir/<benchmark>/`. Without `answer` the
     answer files already there are scored. Returns {'scores', 'results', 'missing', 'skipped'}."""
+    from uhd_jax.eval import submissions
     from uhd_jax.eval.answers import read_answers
-    from uhd_jax.eval.extra_scoring import seed_submission, vizwiz_submission
-    from uhd_jax.eval.judge import mmvet_submission
     from uhd_jax.eval.scoring import JUDGED, score_answers
 
     present, missing = plan(name, data_root)
@@ -177,16 +175,13 @@ def run(name: str, data_root: str, workdir: str, answer=None, judge=None, log=pr
             if not answers:
                 skipped[bench] = f"no answers in {answers_path} (give --checkpoint to answer the questions)"
                 continue
-            if bench == "mmvet":   # the file MM-Vet's own evaluator and online grader take
-                with open(os.path.join(out, "mmvet_submission.json"), "w") as f:
-                    json.dump(mmvet_submission(answers), f, indent=1)
-            if bench == "seed":
-                with open(os.path.join(out, "answers_upload.jsonl"), "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in seed_submission(answers, annotations))
-            if bench == "vizwiz" and annotations.endswith("test.json"):   # EvalAI's upload file; no local score
-                with open(os.path.join(out, "answers_upload.json"), "w") as f:
-                    json.dump(vizwiz_submission(answers, annotations), f)
-                skipped[bench] = f"test split: upload {os.path.join(out, 'answers_upload.json')} to VizWiz's server"
+            try:   # the file the benchmark's server or own tool reads
+                upload = submissions.write(bench, answers, annotations, out)
+            except UserError as e:
+                upload = None
+                log(f"{label}: no upload file ({e})")
+            if submissions.server_only(bench, annotations):
+                skipped[bench] = f"test split: upload {upload} to the benchmark's server"
                 continue
             if bench in JUDGED and judge is None:
                 skipped[bench] = "judged by GPT: give --judge-url and --judge-model (answers are written)"
