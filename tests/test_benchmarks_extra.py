@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.file_helpers import write_json
 from uhd_jax.eval import benchmark_formats as formats
-from uhd_jax.eval.benchmarks import HR_LETTER, LETTER, LETTER_CN, VIZWIZ, eval_rule, prompt_text
+from uhd_jax.eval.benchmarks import HR_LETTER, LETTER, VIZWIZ, eval_rule, prompt_text
 from uhd_jax.eval.metrics.choice import (infer_option, mmmu_choice, mmmu_open_correct, mmmu_open_parse, sqa_choice)
 from uhd_jax.eval.metrics.ocr import ocrbench_correct
 from uhd_jax.eval.scoring import score_answers
@@ -96,28 +96,41 @@ def test_ocrbench_containment():
 # ---------------------------------------------------------------- prompts
 
 
-def test_prompt_rules_per_family_of_benchmarks():
-    rec = {"question": "What color?", "hint": "nan", "options": {"A": "red", "B": "blue"}}
-    assert formats.question_text("mmbench", rec) == "What color?\nA. red\nB. blue" + LETTER
-    assert formats.question_text("mmbench", {**rec, "hint": "A car."}).startswith("A car.\nWhat color?\nA. red")
-    assert formats.question_text("mmbench_cn", rec).endswith("\nB. blue\n请直接回答选项字母。") and LETTER_CN
-    hr = {"question": " Q? ", "A": "a", "B": "b", "C": "c", "D": "d"}
-    assert formats.question_text("hrbench4k", hr) == "Q?\nA. a\nB. b\nC. c\nD. d\nAnswer the option letter directly."
-    seed = {"question": "Q?", "choice_a": "1", "choice_b": "2", "choice_c": "3", "choice_d": "4"}
-    assert formats.question_text("seed", seed) == (
-        "Q?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer with the option's letter from the given choices directly.")
-    mc = {"question": "Q <image 1>?", "options": "['x', 'y']", "question_type": "multiple-choice"}
-    assert formats.question_text("mmmu", mc) == (
-        "Q <image 1>?\n(A) x\n(B) y\n\nAnswer with the option's letter from the given choices directly.")
-    assert formats.question_text("mmmu", {"question": "Q?", "question_type": "open"}) == (
-        "Q?\nAnswer the question using a single word or phrase.")
-    assert formats.question_text("vizwiz", {"question": "What is this?"}) == (
-        "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
-        "Answer the question using a single word or phrase.")
-    # the family rule adds nothing to a prompt that already ends with its suffix, and the open ones get no suffix
-    for bench, text in (("mmbench", "Q\nA. x" + LETTER), ("hrbench8k", "Q\nA. x" + HR_LETTER), ("vizwiz", "Q" + VIZWIZ),
-                        ("ocrbench", "what is written?"), ("mmvet", "Explain."), ("realworldqa", "Q? Answer.")):
-        assert prompt_text(text, eval_rule("llava15", bench)) == "<image>\n" + text
+MMB_RECORD = {"question": "What color?", "hint": "nan", "options": {"A": "red", "B": "blue"}}
+SEED_RECORD = {"question": "Q?", "choice_a": "1", "choice_b": "2", "choice_c": "3", "choice_d": "4"}
+
+
+@pytest.mark.parametrize("bench,record,prompt", [
+    # LLaVA's model_vqa_mmbench --single-pred-prompt: no hint when the cell is nan, options one per line
+    ("mmbench", MMB_RECORD, "What color?\nA. red\nB. blue" + LETTER),
+    ("mmbench", {**MMB_RECORD, "hint": "A car."}, "A car.\nWhat color?\nA. red\nB. blue" + LETTER),
+    ("mmbench_cn", MMB_RECORD, "What color?\nA. red\nB. blue\n请直接回答选项字母。"),
+    # lmms-eval's hrbench_doc_to_text: the question stripped, each option line ending in a newline
+    ("hrbench4k", {"question": " Q? ", "A": "a", "B": "b", "C": "c", "D": "d"},
+     "Q?\nA. a\nB. b\nC. c\nD. d\nAnswer the option letter directly."),
+    # LLaVA's llava-seed-bench.jsonl
+    ("seed", SEED_RECORD, "Q?\nA. 1\nB. 2\nC. 3\nD. 4" + LETTER),
+    # MMMU's construct_prompt, llava1.5 config: '(A) x\n' per option, then the instruction after an empty line
+    ("mmmu", {"question": "Q <image 1>?", "options": "['x', 'y']", "question_type": "multiple-choice"},
+     "Q <image 1>?\n(A) x\n(B) y\n\nAnswer with the option's letter from the given choices directly."),
+    ("mmmu", {"question": "Q?", "question_type": "open"}, "Q?\nAnswer the question using a single word or phrase."),
+    ("vizwiz", {"question": "What is this?"},
+     "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
+     "Answer the question using a single word or phrase."),
+], ids=["mmbench", "mmbench-hint", "mmbench_cn", "hrbench", "seed", "mmmu-choice", "mmmu-open", "vizwiz"])
+def test_prompt_rule(bench, record, prompt):
+    assert formats.question_text(bench, record) == prompt
+
+
+@pytest.mark.parametrize("bench,text", [
+    ("mmbench", "Q\nA. x" + LETTER), ("hrbench8k", "Q\nA. x" + HR_LETTER), ("vizwiz", "Q" + VIZWIZ),
+    ("ocrbench", "what is written?"), ("mmvet", "Explain."), ("realworldqa", "Q? Answer.")])
+def test_family_rule_adds_nothing_to_a_complete_prompt(bench, text):
+    """A question file that already ends with the suffix gets none added; the open benchmarks get none at all."""
+    assert prompt_text(text, eval_rule("llava15", bench)) == "<image>\n" + text
+
+
+def test_decoding_rules_of_the_added_benchmarks():
     assert eval_rule("llava15", "mmvet").max_new_tokens == 1024
     assert eval_rule("slime", "llava_bench").max_new_tokens == 1024
     assert eval_rule("uhd_v2", "mmvet").num_beams == 5 and eval_rule("uhd_v1", "scienceqa").num_beams == 3
@@ -244,3 +257,135 @@ def test_hrbench_scorer_averages_cycles(tmp_path):
     prep = formats.prepare("hrbench4k", tsv, str(tmp_path / "prep"))
     q = json.loads(open(prep.questions).readline())
     assert q["text"] == "q\nA. a\nB. b\nC. c\nD. d" + HR_LETTER and (tmp_path / "prep" / "images" / q["image"]).exists()
+
+
+# ---------------------------------------------------------------- parquet and xlsx releases, upload files
+
+
+def png_bytes(color=(0, 0, 255)):
+    return base64.b64decode(png_b64(color))
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+
+
+def mmmu_row(id_, question_type, answer, options="[]", image=True):
+    return {"id": id_, "question": "Q <image 1>", "options": options, "explanation": "", "answer": answer,
+            "question_type": question_type, "img_type": "['Diagrams']", "topic_difficulty": "Easy",
+            "subfield": "s", "image_1": {"bytes": png_bytes(), "path": "x.png"} if image else None,
+            "image_2": None}
+
+
+def test_mmmu_from_its_parquet_release(tmp_path):
+    """MMMU/MMMU as released: a parquet file per subject; the validation split is prepared (first image written
+    out), answered and scored; the test split gets MMMU's run_llava.py JSON for the server instead of a score."""
+    from uhd_jax.eval import submissions
+
+    root = tmp_path / "MMMU"
+    write_parquet(root / "Art" / "validation-00000-of-00001.parquet",
+                  [mmmu_row("validation_Art_1", "multiple-choice", "B", "['dog', 'cat', 'cow']"),
+                   mmmu_row("validation_Art_2", "open", "12", image=False)])
+    write_parquet(root / "Math" / "validation-00000-of-00001.parquet",
+                  [mmmu_row("validation_Math_1", "open", "['0.5', '1/2']")])
+    write_parquet(root / "Math" / "test-00000-of-00001.parquet", [mmmu_row("test_Math_9", "open", "?")])
+    prep = formats.prepare("mmmu", str(root), str(tmp_path / "prep"))
+    qs = {q["question_id"]: q for q in map(json.loads, open(prep.questions))}
+    assert sorted(qs) == ["validation_Art_1", "validation_Art_2", "validation_Math_1"]   # validation first
+    assert qs["validation_Art_1"]["text"] == "Q <image 1>\n(A) dog\n(B) cat\n(C) cow\n" + "\n" + LETTER.lstrip("\n")
+    assert Image.open(f"{prep.image_folder}/{qs['validation_Art_1']['image']}").size == (4, 3)
+    assert "image" not in qs["validation_Art_2"]
+    answers = [ans("validation_Art_1", "The answer is (C)"), ans("validation_Art_2", "12"),
+               ans("validation_Math_1", "x = 0.5")]
+    r = score_answers("mmmu", answers, prep.annotations)
+    # Art: C is wrong, 12 right -> 50; Math: 0.5 read as a number, equal to '0.5' -> 100; overall 2 of 3
+    assert r["metrics"]["subjects"] == {"Art": 50.0, "Math": 100.0} and r["score"] == pytest.approx(200 / 3)
+    assert not submissions.server_only("mmmu", prep.annotations)
+    upload = json.load(open(submissions.write("mmmu", answers, prep.annotations, str(tmp_path / "up"))))
+    # multiple choice: the parsed letter; open: the answer text as given (run_llava.py)
+    assert upload == {"validation_Art_1": "C", "validation_Art_2": "12", "validation_Math_1": "x = 0.5"}
+    for f in root.glob("*/validation-*.parquet"):
+        f.unlink()
+    test = formats.prepare("mmmu", str(root), str(tmp_path / "test"))
+    assert test.annotations.endswith("test.jsonl") and submissions.server_only("mmmu", test.annotations)
+
+
+def test_realworldqa_from_its_parquet_release(tmp_path):
+    write_parquet(tmp_path / "rw" / "data" / "test-00000-of-00001.parquet",
+                  [{"image": {"bytes": png_bytes(), "path": None}, "question": "How many cars? ", "answer": "3"},
+                   {"image": {"bytes": png_bytes((1, 2, 3)), "path": None}, "question": "Which? A. x", "answer": "A"}])
+    prep = formats.prepare("realworldqa", str(tmp_path / "rw"), str(tmp_path / "prep"))
+    qs = [json.loads(line) for line in open(prep.questions)]
+    assert [(q["question_id"], q["text"]) for q in qs] == [(0, "How many cars?"), (1, "Which? A. x")]
+    assert (tmp_path / "prep" / "images" / qs[1]["image"]).exists()
+    assert score_answers("realworldqa", [ans(0, "3."), ans(1, "B")], prep.annotations)["score"] == 50.0
+
+
+MMB_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+              "l2-category", "comment", "split"]
+
+
+def mmb_rows():
+    img = png_b64()
+    return [{"index": 0, "question": "Q0", "hint": "nan", "A": "red", "B": "blue", "C": "", "D": "", "answer": "A",
+             "category": "color", "image": img, "source": "s", "l2-category": "c", "comment": "", "split": "dev"},
+            {"index": 1, "question": "Q1", "hint": "H", "A": "one", "B": "two", "C": "3", "D": "", "answer": "C",
+             "category": "count", "image": img, "source": "s", "l2-category": "c", "comment": "", "split": "dev"}]
+
+
+def write_xlsx(path, header, rows):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(header)
+    for r in rows:   # numbers as numbers and empty cells empty, as a spreadsheet holds them
+        book.active.append([r[h] if r[h] != "" else None for h in header])
+    book.save(path)
+    return str(path)
+
+
+def test_mmbench_xlsx_reads_as_its_tsv_and_the_upload_sheet_is_llavas(tmp_path):
+    import openpyxl
+
+    from uhd_jax.eval import submissions
+
+    tsv = write_tsv(tmp_path / "dev.tsv", MMB_HEADER, mmb_rows())
+    xlsx = write_xlsx(tmp_path / "dev.xlsx", MMB_HEADER, [{**r, "C": 3 if r["C"] == "3" else r["C"]}
+                                                          for r in mmb_rows()])
+    from_tsv = open(formats.prepare("mmbench", tsv, str(tmp_path / "a")).questions).read()
+    assert open(formats.prepare("mmbench", xlsx, str(tmp_path / "b")).questions).read() == from_tsv
+    # 2 options -> 2 copies of Q0, 3 -> 3 of Q1 (empty C and D cells are no options); the number 3 reads as '3'
+    qs = {q["question_id"]: q["text"] for q in map(json.loads, from_tsv.splitlines())}
+    assert sorted(qs) == [0, 1, 1_000_000, 1_000_001, 2_000_001]
+    assert qs[1] == "H\nQ1\nA. one\nB. two\nC. 3" + LETTER
+    answers = [ans(0, "A"), ans(1_000_000, "B"), ans(1, "C"), ans(1_000_001, "B"), ans(2_000_001, "A. three")]
+    assert score_answers("mmbench", answers, xlsx)["score"] == score_answers("mmbench", answers, tsv)["score"] == 100.0
+    assert not submissions.server_only("mmbench", xlsx)
+    sheet = openpyxl.load_workbook(submissions.write("mmbench", [ans(0, "A"), ans(1_000_000, "B")], tsv,
+                                                     str(tmp_path / "up"))).active
+    rows = list(sheet.iter_rows(values_only=True))
+    # hint, category, image, source, l2-category and comment dropped; 'prediction' the 7th column (before
+    # 'answer'); one row per row of the released file, index 1 unanswered; copies are not rows of the file
+    assert rows == [("index", "question", "A", "B", "C", "D", "prediction", "answer", "split"),
+                    (0, "Q0", "red", "blue", None, None, "A", "A", "dev"),
+                    (1, "Q1", "one", "two", "3", None, None, "C", "dev")]
+    test_rows = [{k: v for k, v in r.items() if k != "answer"} for r in mmb_rows()]
+    test = write_tsv(tmp_path / "test.tsv", [h for h in MMB_HEADER if h != "answer"], test_rows)
+    assert submissions.server_only("mmbench", test)
+
+
+def test_evaluate_writes_upload_files_and_lists_a_test_split(tmp_path, capsys):
+    """uhd-evaluate on a split without answers writes the server's file and scores nothing (exit 0)."""
+    from uhd_jax.cli.evaluate import main as evaluate
+
+    test = write_json(tmp_path / "test.json", [{"image": "VizWiz_test_0.jpg", "question": "What?"}])
+    answers = write_json(tmp_path / "vizwiz.jsonl", [ans("VizWiz_test_0.jpg", "Unanswerable.")], lines=True)
+    assert evaluate(["--benchmark", "vizwiz", "--answers", answers, "--annotations", test]) == 0
+    out = capsys.readouterr().out
+    assert "test split" in out and not (tmp_path / "vizwiz.jsonl.scores.json").exists()
+    assert json.load(open(tmp_path / "vizwiz.jsonl.upload" / "answers_upload.json")) == [
+        {"image": "VizWiz_test_0.jpg", "answer": "unanswerable"}]

@@ -55,6 +55,8 @@ def _read_json_or_lines(path: str):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
+        if path.endswith(".jsonl"):   # one record on its one line is also a JSON document
+            raise json.JSONDecodeError("JSON lines", text, 0)
         return json.loads(text)
     except json.JSONDecodeError:
         try:
