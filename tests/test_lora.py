@@ -439,29 +439,45 @@ def test_train_step_memory_compiles_the_lora_step_abstractly():
     assert out["peak_bytes"] >= out["argument_bytes"] > 0 and out["temp_bytes"] > 0
 
 
-def test_generation_with_unmerged_adapters_gives_the_merged_tokens(original_lora):
-    """Generation applies unmerged adapters on the fly (the checkpoint's model carries llm.lora): greedy tokens are
-    those of the merged model."""
-    from uhd_jax.eval.decoding import GenerationConfig
-    from uhd_jax.eval.generate import generate_tokens
-    from uhd_jax.models.config import vlm_config
-    from uhd_jax.models.vlm import example_inputs
+def test_evaluation_with_unmerged_adapters_answers_as_merged(synthetic_data, tmp_path):
+    """Generation through the evaluation path (load_model -> setup -> answer_questions, as uhd-eval and uhd-generate
+    run it) on a LoRA checkpoint with its adapters unmerged (applied on the fly, the checkpoint's model carries
+    llm.lora) and on the same checkpoint merged: the same greedy answers, word for word."""
+    import flax.linen as nn
 
-    base, src, _, _ = original_lora
-    tokens = []
-    for merge in (False, True):
-        params, record, _ = peft_io.import_lora(src, base, merge=merge)
-        cfg = vlm_config(record["model"])
-        assert (cfg.llm.lora is None) == merge
-        _, valid, _, pixels, _ = example_inputs(cfg, batch=2, seq_len=8)
-        ids = jnp.asarray(IDS[:2, :8])
-        image_map = jnp.asarray([[0, 1, 2, 3, -1, -1, -1, -1]] * 2)
-        gen = GenerationConfig(max_new_tokens=6)
-        out = generate_tokens(jax.tree_util.tree_map(jnp.asarray, params), cfg, ids, valid, pixels + 0.3, image_map,
-                              jax.random.split(jax.random.PRNGKey(0), 2), gen)
-        tokens.append(np.asarray(out))
-    assert np.array_equal(tokens[0], tokens[1])
-    assert len(np.unique(tokens[0])) > 1   # not a degenerate constant answer
+    from tests.config_helpers import on_synthetic_data
+    from uhd_jax.eval import answers as answer_files
+    from uhd_jax.eval.model_vqa import answer_questions, load_model, rule_for, setup
+    from uhd_jax.models.config import vlm_config
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.train.checkpoints import save_params
+    from uhd_jax.train.trainer import stage_model
+
+    config = on_synthetic_data("configs/llava15.py:tiny", synthetic_data)
+    lora = dict(rank=4, alpha=8.0, dropout=0.05, targets=list(lora_lib.TARGETS))
+    model = dict(stage_model(config, config.stages.sft), llm=dict(config.model.llm.to_dict(), lora=lora))
+    shapes = flatten(nn.meta.unbox(jax.eval_shape(init_fn(vlm_config(model)), jax.random.PRNGKey(4))["params"]))
+    rng = np.random.default_rng(6)   # random weights, norms near 1; B not zero, as after training
+    flat = {k: (rng.normal(0, 0.2, v.shape) + k.endswith("/scale")).astype(np.float32) for k, v in shapes.items()}
+    save_params(str(tmp_path / "unmerged"), unflatten(flat), {"model": model})
+    merged = lora_lib.merge_adapters(unflatten(flat), lora_lib.lora_config(lora).scaling)
+    plain = dict(model, llm={k: v for k, v in model["llm"].items() if k != "lora"})
+    save_params(str(tmp_path / "merged"), merged, {"model": plain})
+
+    images = sorted(os.listdir(os.path.join(synthetic_data["images"], "eval")))[:4]
+    questions = [{"question_id": f"q{i}", "image": img, "text": f"What is written on sign {i}?"}
+                 for i, img in enumerate(images)]
+    answers = {}
+    for name in ("unmerged", "merged"):
+        loaded = load_model(config, str(tmp_path / name))
+        assert (loaded.cfg.llm.lora is None) == (name == "merged")
+        answering = setup(loaded, rule_for(config, "textvqa"), os.path.join(synthetic_data["images"], "eval"),
+                          batch_size=4, max_new_tokens=6)
+        out = str(tmp_path / f"{name}.jsonl")
+        assert answer_questions(answering, questions, out, log=lambda *_: None)["answered_now"] == 4
+        answers[name] = {a["question_id"]: a["text"] for a in answer_files.read_answers(out)}
+    assert answers["unmerged"] == answers["merged"]
+    assert len(set(answers["merged"].values())) > 1   # not one degenerate answer for every question
 
 
 def test_export_merges_or_leaves_out_the_adapters_for_peft(original_lora, tmp_path):
