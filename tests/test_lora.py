@@ -97,6 +97,38 @@ def test_adapter_gradients_match_peft(pair):
                 assert rel_err(ours, named[torch_name].grad.numpy()) <= 1e-5, name
 
 
+def test_fresh_adapters_follow_peft_init_over_a_bf16_base():
+    """A fresh adapter is PEFT's: B zero (the model unchanged), A drawn as peft draws lora_A (kaiming_uniform_ with
+    a=sqrt(5): uniform in +-1/sqrt(fan_in)); adapters fp32 over a bf16-stored base. peft's own draws on the same
+    shapes give the reference spread."""
+    import flax.linen as nn
+    import transformers
+
+    from tests.torch_helpers import TINY_LLAMA
+
+    spec = {"llm": dict(llm_from_hf(transformers.LlamaConfig(**TINY_LLAMA).to_dict()), lora=dict(LORA, rank=16),
+                        param_dtype="bfloat16"), "dtype": "float32"}
+    model = Llama(llm_config(spec))
+    ids = jnp.asarray(IDS[:1, :4])
+    valid = jnp.ones(ids.shape, bool)
+    params = flatten(nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4, 32)),
+                                                       positions_from_mask(valid), valid))["params"])
+    assert {v.dtype for k, v in params.items() if "/lora_" in k} == {np.dtype(np.float32)}
+    assert {v.dtype for k, v in params.items() if k.endswith("/kernel")} == {np.dtype(jnp.bfloat16)}
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=16, lora_alpha=ALPHA, target_modules=MODULES))
+    named = dict(theirs.named_parameters())
+    for layer in range(2):
+        for target, fan_in in (("q", 32), ("o", 32), ("down", 64)):
+            path = peft_io.our_path(layer, target, "a")[len("llm/"):]
+            a = np.asarray(params[path]).reshape(fan_in, 16)
+            torch_a = named[f"base_model.model.model.layers.{layer}.{peft_io.MODULES[target]}.lora_A.default.weight"]
+            ref = torch_a.detach().numpy()
+            assert np.abs(a).max() <= 1 / np.sqrt(fan_in) and np.abs(ref).max() <= 1 / np.sqrt(fan_in)
+            assert abs(a.std() / ref.std() - 1) < 0.2 and np.abs(a).max() > 0.9 / np.sqrt(fan_in), path
+            assert not np.asarray(params[path[:-1] + "b"]).any()
+
+
 def test_merge_equals_peft_merge_and_unload(pair):
     theirs, _, _, model, params, spec = pair
     merged_ref = copy.deepcopy(theirs).merge_and_unload()
