@@ -14,6 +14,8 @@ Answer files record `--model-id` (default: the checkpoint's name, RUN-STAGE for 
 
 The answer file is the originals' `model_vqa` format; a rerun skips answered questions. With several processes
 (`jax.process_count() > 1`) each answers its own contiguous chunk unless --num-chunks/--chunk-idx say otherwise.
+`--mesh data,fsdp,tensor` shards one process's generation over its devices (parameters, batches and KV cache by the
+training rules; e.g. `--mesh 1,1,8` for a model that fits no single device); several processes each do so.
 The benchmark's rule (prompt suffix, beams, pre-resize, slices: `uhd_jax/eval/benchmarks.py`) applies unless a flag
 overrides it. A prompt longer than the model's positions less the new tokens (or than --max-prompt-length) is not
 answered: it is listed with the reason in `<answers>.skipped.jsonl` and the exit status is 1.
@@ -42,6 +44,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="resolve the config's relative paths (tokenizer) here")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes over this process's devices (e.g. 1,1,8: "
+                                                "tensor parallel); parameters, batches and KV cache sharded by the "
+                                                "training rules (default: one device)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the family's rule")
     p.add_argument("--num-beams", type=int, default=None, help="default: the benchmark's rule")
     p.add_argument("--temperature", type=float, default=None, help="default: the family's rule (0 = greedy)")
@@ -71,10 +76,12 @@ def check_model(a) -> None:
 
 
 def load(a):
+    from uhd_jax.eval.generate import generation_mesh
     from uhd_jax.eval.model_vqa import load_model
 
+    mesh = generation_mesh(getattr(a, "mesh", None))
     src = model_source(a)
-    return load_model(src.config, src.checkpoint, model=src.model, model_id=src.model_id)
+    return load_model(src.config, src.checkpoint, model=src.model, model_id=src.model_id, mesh=mesh)
 
 
 def answering_for(model, a, benchmark: str, image_folder: str):

@@ -4,12 +4,19 @@ fixed batches, images encoded and spliced, then decoded (`uhd_jax.eval.decoding`
 Static shapes: a batch is `batch_size` rows (short batches repeat their last prompt) of a bucketed length, and the
 images always fill the model's fixed slots (LLaVA-1.5 / LLaVAR / SliME) or its packed patch budget (UHD). So a whole
 benchmark compiles once per bucket it touches; `Generator.compilations` counts them.
+
+On a mesh (`generation_mesh`, this process's devices only: several processes still answer their own chunks) the
+parameters carry the training rules' shardings (tensor parallel and FSDP, `uhd_jax.parallel.sharding`), a batch's rows
+go over the data and fsdp axes that divide the batch, and the KV cache follows its keys and values (kv heads over
+`tensor`, rows over the batch axes). The decode program is the same one: only where its arrays live changes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +25,60 @@ from uhd_jax.cli_errors import UserError
 from uhd_jax.data.uhd_images import fill_row
 from uhd_jax.eval.decoding import GenerationConfig, decode
 from uhd_jax.models.vlm import VLM, VLMConfig
+from uhd_jax.parallel.mesh import MESH_AXES, make_mesh
+from uhd_jax.parallel.sharding import BATCH_AXES
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data,fsdp,tensor' sizes as uhd-benchmark's --mesh (one may be -1: the remaining devices) -> a mesh shape."""
+    parts = [x.strip() for x in str(text).split(",")]
+    if len(parts) != 3 or not all(x.lstrip("-").isdigit() and (int(x) >= 1 or int(x) == -1) for x in parts):
+        raise UserError(f"--mesh {text}: give three sizes data,fsdp,tensor, e.g. 1,1,8 (one may be -1)")
+    return dict(zip(MESH_AXES, map(int, parts)))
+
+
+def generation_mesh(mesh) -> jax.sharding.Mesh | None:
+    """A mesh over this process's devices from 'data,fsdp,tensor', a {axis: size} dict or a Mesh (kept); None: none.
+    Local devices only: generation shards inside a process, and several processes each answer their own chunk."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    try:
+        return make_mesh(shape, jax.local_devices())
+    except ValueError as e:
+        raise UserError(f"mesh: {e}; give data,fsdp,tensor sizes whose product is this process's "
+                        f"{jax.local_device_count()} device(s)") from None
+
+
+def batch_axes(mesh: jax.sharding.Mesh, batch: int) -> tuple[str, ...]:
+    """The batch axes (data, fsdp) a batch of `batch` rows is split over: those that divide it, in order (a chat's
+    single row stays whole on every device and the model's axes still split the work)."""
+    kept, size = [], 1
+    for name in BATCH_AXES:
+        if batch % (size * mesh.shape[name]) == 0:
+            kept.append(name)
+            size *= mesh.shape[name]
+    return tuple(kept)
+
+
+def generation_rules(rules, mesh: jax.sharding.Mesh, batch: int):
+    """The training rules with the activations' batch axis narrowed to `batch_axes`: the constraints inside the
+    model then hold for batches that the data x fsdp product does not divide."""
+    axes = batch_axes(mesh, batch)
+    return tuple((name, (axes or None) if name == "activation_batch" else target) for name, target in rules)
+
+
+def place_params(cfg: VLMConfig, params, mesh: jax.sharding.Mesh, rules):
+    """Host or single-device parameters -> the same tree laid out on `mesh` by the logical rules, leaf by leaf (one
+    tensor on the host at a time beyond what the caller holds)."""
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.parallel.sharding import logical_shardings
+
+    # shapes do not depend on the attention kernel, and tracing cuDNN's needs a GPU even abstractly
+    xla = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
+                              llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
+    shardings = logical_shardings(jax.eval_shape(init_fn(xla), jax.random.PRNGKey(0))["params"], mesh, rules)
+    return jax.tree_util.tree_map(lambda x, sh: jax.device_put(np.asarray(x), sh), params, shardings)
 
 
 def bucket_length(n: int, smallest: int = 64) -> int:
@@ -77,7 +138,7 @@ class Generator:
 
     def __init__(self, cfg: VLMConfig, params, tokenizer, gen: GenerationConfig, *, batch_size: int = 8,
                  packed_layout=None, max_images: int = 1, stop_strings: tuple[str, ...] = (),
-                 max_prompt_length: int | None = None, smallest_bucket: int = 64):
+                 max_prompt_length: int | None = None, smallest_bucket: int = 64, mesh=None, rules=None):
         if cfg.packed_images and packed_layout is None:
             raise ValueError("this model reads packed UHD slices: pass "
                              "packed_layout=trainer.packed_layout(config, cfg)")
@@ -101,6 +162,29 @@ class Generator:
         self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length or room, \
             smallest_bucket
         self.signatures: set[tuple[int, int]] = set()
+        # `params` are already laid out on `mesh` (`place_params`); a batch is placed there per call
+        self.mesh = mesh
+        if mesh is not None:
+            from uhd_jax.parallel.sharding import DEFAULT_RULES
+
+            self.rules = generation_rules(DEFAULT_RULES if rules is None else rules, mesh, batch_size)
+            rows = batch_axes(mesh, batch_size)
+            self._row_sharding = lambda ndim: jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(rows or None, *([None] * (ndim - 1))))
+
+    def _placed(self, x):
+        """A host batch array where the program reads it: on the default device, or its rows over the mesh."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, self._row_sharding(np.ndim(x)))
+
+    def _on_mesh(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
 
     @property
     def compilations(self) -> int:
@@ -138,11 +222,14 @@ class Generator:
             slots = self.max_images * self.cfg.views_per_image
             ids, valid, image_map, pixels = left_pad(chunk, length, slots, self.cfg.vision.image_size,
                                                      fixed_images=not self.cfg.packed_images)
-            images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else jnp.asarray(pixels)
+            images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else pixels
+            images = jax.tree_util.tree_map(lambda x: self._placed(np.asarray(x)), images)
             keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
             self.signatures.add((self.batch_size, length))
-            tokens = np.asarray(generate_tokens(self.params, self.cfg, jnp.asarray(ids), jnp.asarray(valid), images,
-                                                jnp.asarray(image_map), keys, self.gen))
+            with self._on_mesh():
+                tokens = np.asarray(generate_tokens(self.params, self.cfg, self._placed(ids), self._placed(valid),
+                                                    images, self._placed(image_map), self._placed(np.asarray(keys)),
+                                                    self.gen))
             for i, row in zip(idx, tokens):
                 out[i] = self._trim(row)
         return out

@@ -24,9 +24,10 @@ from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
 from uhd_jax.eval.benchmarks import EvalRule, eval_rule, prompt_text
 from uhd_jax.eval.checkpoint_config import field_at
 from uhd_jax.eval.decoding import GenerationConfig
-from uhd_jax.eval.generate import Generator
+from uhd_jax.eval.generate import Generator, generation_mesh, place_params
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import init_fn
+from uhd_jax.parallel.sharding import rules_from_config
 from uhd_jax.train.checkpoints import CONFIG_FILE, load_meta, load_params
 from uhd_jax.train.param_tree import flatten, match_layer_layout, unflatten
 from uhd_jax.train.trainer import _resolve, packed_layout, preparer_factory, stage_tokenizer
@@ -39,6 +40,8 @@ class LoadedModel:
     params: Any
     tokenizer: Any
     model_id: str
+    mesh: Any = None     # a jax Mesh the parameters are laid out on (`generate.place_params`), or None
+    rules: Any = None    # the logical axis rules they were laid out by
 
 
 # What makes a model what it is: a checkpoint that differs from the config in one of these is another family or size
@@ -103,10 +106,13 @@ def tokenizer_for(config, meta: dict):
                         f"with a Hugging Face tokenizer directory") from None
 
 
-def load_model(config, checkpoint: str, model: dict | None = None, model_id: str | None = None) -> LoadedModel:
+def load_model(config, checkpoint: str, model: dict | None = None, model_id: str | None = None,
+               mesh=None) -> LoadedModel:
     """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes, whose
     family and size must be the experiment config's. `model`: that model with other run settings
-    (`checkpoint_config.experiment`); a different layer layout (scan_layers) or param_dtype converts the parameters."""
+    (`checkpoint_config.experiment`); a different layer layout (scan_layers) or param_dtype converts the parameters.
+    `mesh` ('data,fsdp,tensor', a dict or a Mesh; see `generate.generation_mesh`): the parameters are laid out over
+    this process's devices by the config's axis rules (the training ones)."""
     from uhd_jax.eval.checkpoint_config import checkpoint_name
 
     meta = read_meta(checkpoint)
@@ -132,7 +138,12 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
         raise UserError(f"checkpoint {checkpoint} does not fit the model in its config.json: missing {missing[:8]}, "
                         f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
                         f"checkpoint directory (a stage's final/ folder)")
-    return LoadedModel(config, cfg, unflatten(got), tokenizer, model_id or checkpoint_name(checkpoint))
+    params = unflatten(got)
+    mesh = generation_mesh(mesh)
+    rules = rules_from_config(config.get("axis_rules"))
+    if mesh is not None:
+        params = place_params(cfg, params, mesh, rules)
+    return LoadedModel(config, cfg, params, tokenizer, model_id or checkpoint_name(checkpoint), mesh, rules)
 
 
 def rule_for(config, benchmark: str) -> EvalRule:
@@ -200,7 +211,7 @@ def setup(model: LoadedModel, rule: EvalRule, image_folder: str, *, batch_size: 
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     generator = Generator(model.cfg, model.params, model.tokenizer, gen, batch_size=batch_size,
                           packed_layout=packed_layout(config, model.cfg, stage), max_images=int(config.data.max_images),
-                          max_prompt_length=max_prompt_length)
+                          max_prompt_length=max_prompt_length, mesh=model.mesh, rules=model.rules)
     return Answering(model, rule, generator, prep)
 
 

@@ -64,7 +64,8 @@ class Model:
             self._generators[key] = Generator(
                 self.loaded.cfg, self.loaded.params, self.tokenizer, gen, batch_size=self.batch_size,
                 packed_layout=packed_layout(config, self.loaded.cfg, stage),
-                max_images=int(config.data.max_images), stop_strings=stop)
+                max_images=int(config.data.max_images), stop_strings=stop, mesh=self.loaded.mesh,
+                rules=self.loaded.rules)
         return self._generators[key]
 
     @property
@@ -173,11 +174,14 @@ def _image_path(image, folder: str, index: int) -> str | None:
 
 
 def load(checkpoint: str, *, dtype: str | None = None, config: str | None = None, overrides=(),
-         tokenizer: str | None = None, batch_size: int = 8) -> Model:
+         tokenizer: str | None = None, batch_size: int = 8, mesh=None) -> Model:
     """A checkpoint directory (a stage's final/ or a converted one) ready to answer: model, family and tokenizer
     from its config.json, as `uhd-generate --checkpoint`. `dtype`: the compute dtype ('bfloat16'...); `config`:
-    configs/NAME.py[:variant] instead of the family's; `overrides`: 'KEY=VALUE' run settings."""
+    configs/NAME.py[:variant] instead of the family's; `overrides`: 'KEY=VALUE' run settings. `mesh`: shard the
+    parameters, batches and KV cache over this process's devices: 'data,fsdp,tensor' sizes ('1,1,8': tensor
+    parallel over 8), a {axis: size} dict or a jax Mesh; the training rules place them."""
     from uhd_jax.eval.checkpoint_config import check_runs_here, choose_tokenizer, experiment
+    from uhd_jax.eval.generate import generation_mesh
     from uhd_jax.eval.model_vqa import load_model, rule_for, setup, tokenizer_for
 
     if batch_size < 1:
@@ -187,6 +191,7 @@ def load(checkpoint: str, *, dtype: str | None = None, config: str | None = None
     check_runs_here(src.model)
     choose_tokenizer(src, tokenizer)
     tokenizer_for(src.config, src.meta)
-    loaded = load_model(src.config, src.checkpoint, model=src.model, model_id=src.model_id)
+    mesh = generation_mesh(mesh)   # a bad mesh is refused before minutes of loading
+    loaded = load_model(src.config, src.checkpoint, model=src.model, model_id=src.model_id, mesh=mesh)
     answering = setup(loaded, rule_for(loaded.config, "open"), "", batch_size=batch_size)
     return Model(loaded, answering, batch_size)
