@@ -61,10 +61,13 @@ def harness(checkpoint):
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    from uhd_jax.integrations.lmms_task import write_tasks
+    """`uhd-evaluate --benchmark synthetic_reading --lmms-tasks DIR`: the tasks' folder and their documents."""
+    from uhd_jax.cli.evaluate import main as evaluate
 
-    return write_tasks(str(tmp_path_factory.mktemp("lmms")), per_bucket=PER_BUCKET, sides=SIDES,
-                       max_new_tokens=NEW_TOKENS)
+    out = tmp_path_factory.mktemp("lmms")
+    assert evaluate(["--benchmark", "synthetic_reading", "--lmms-tasks", str(out), "--per-bucket", str(PER_BUCKET),
+                     "--sides", *map(str, SIDES), "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    return {"include_path": str(out / "tasks"), "docs": str(out / "tasks" / "docs.jsonl")}
 
 
 def docs(tasks):
@@ -107,7 +110,15 @@ def test_loglikelihood_is_one_unpadded_forward(harness, tasks):
     prompts = [answering.prompt({"question_id": i, "text": doc_to_text(d), "image": d["image"]})
                for i, d in enumerate(ds)]
     tok, cfg, params = harness.loaded.tokenizer, harness.loaded.cfg, harness.loaded.params
-    requests = [(doc_to_text(d), doc_to_visual(d), " " + opt) for d in ds for opt in d["options"][:2]][:3]
+    # two options of one question, of one token length: a single reference program (the batch's rows are still
+    # left-padded into their bucket, beside filler rows)
+    d = ds[0]
+    lengths = {}
+    for opt in d["options"]:
+        lengths.setdefault(len(tok(" " + opt, add_special_tokens=False)["input_ids"]), []).append(opt)
+    pair = max(lengths.values(), key=len)[:2]
+    requests = [(doc_to_text(d), doc_to_visual(d), " " + opt) for opt in pair]
+    assert len(requests) == 2
     forward = jax.jit(lambda params, *inputs: VLM(cfg).apply({"params": params}, *inputs)[0])
     got = harness.loglikelihood([(text, cont, images) for text, images, cont in requests])
     for (text, images, cont), (logp, n, greedy) in zip(requests, got):

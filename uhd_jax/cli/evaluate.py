@@ -14,6 +14,11 @@
   # one paper table: answer and score every benchmark of the suite present under --bench-root, list the missing
   uhd-evaluate --suite uhd_v2 --bench-root data/eval --checkpoint runs/uhd_v2-7b/sft/final --workdir runs/table
   uhd-evaluate --suite llava15 --bench-root data/eval --workdir runs/table    # score the answers already there
+  # the reading benchmark as lmms-eval tasks, answered by our model inside lmms-eval (`pip install 'uhd-jax[lmms]'`
+  # and `pip install --no-deps lmms-eval==0.7.3`)
+  uhd-evaluate --benchmark synthetic_reading --lmms-tasks runs/lmms
+  lmms-eval --model uhd_jax --model_args checkpoint=runs/uhd_v2-7b/sft/final,benchmark=synthetic_reading \
+      --include_path runs/lmms/tasks --tasks uhd_synthetic_reading
 
 Results go to a JSON file next to the answers (`<answers>.scores.json`, `<workdir>/results.json` with a bar chart
 `<workdir>/results.png` of accuracy per resolution bucket, or `<workdir>/suite_<name>.json`) and a table on stdout.
@@ -86,6 +91,19 @@ def score_file(a) -> int:
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"scores -> {out}")
+    return 0
+
+
+def lmms_tasks(a) -> int:
+    """The reading benchmark as local lmms-eval tasks (no model runs here)."""
+    from uhd_jax.integrations.lmms_task import CHOICE, GENERATE, write_tasks
+
+    if a.per_bucket < 1 or any(s < 1 for s in a.sides) or (a.max_new_tokens is not None and a.max_new_tokens < 1):
+        raise UserError(f"--per-bucket {a.per_bucket} --sides {a.sides} --max-new-tokens {a.max_new_tokens}: give "
+                        f"positive numbers")
+    out = write_tasks(a.lmms_tasks, a.per_bucket, tuple(a.sides), max_new_tokens=a.max_new_tokens or 128)
+    print(f"tasks {GENERATE}, {CHOICE} -> {out['include_path']}\nrun: lmms-eval --model uhd_jax --model_args "
+          f"checkpoint=CKPT,benchmark=synthetic_reading --include_path {out['include_path']} --tasks {GENERATE}")
     return 0
 
 
@@ -210,6 +228,8 @@ def main(argv=None) -> int:
             p.add_argument(*action.option_strings, default=action.default, type=action.type, help=action.help)
     p.add_argument("--name", action="append", help="label per model (default: the config, or the checkpoint's name)")
     p.add_argument("--workdir", default="runs/synthetic_reading")
+    p.add_argument("--lmms-tasks", metavar="DIR", help="with synthetic_reading: write it as local lmms-eval tasks "
+                                                        "(uhd_jax/integrations/lmms_task.py) instead of running it")
     p.add_argument("--per-bucket", type=int, default=40)
     p.add_argument("--sides", type=int, nargs="+", default=[336, 672, 1024, 1536, 2048])
     a, extra = p.parse_known_args(argv)
@@ -231,6 +251,11 @@ def main(argv=None) -> int:
               f"{prepared.image_folder} --answers ANSWERS ...; then uhd-evaluate --benchmark {a.benchmark} "
               f"--answers ANSWERS --annotations {prepared.annotations}")
         return 0
+    if a.lmms_tasks:
+        if a.benchmark != "synthetic_reading":
+            p.error("--lmms-tasks writes the synthetic_reading benchmark's lmms-eval tasks: give --benchmark "
+                    "synthetic_reading")
+        return lmms_tasks(a)
     if a.benchmark == "synthetic_reading":
         return synthetic_reading(a)
     if a.overrides:

@@ -31,10 +31,21 @@ class UHDJax(lmms):
                             f"benchmark, batch_size, dtype, tokenizer, data_root, seed")
         if not checkpoint:
             raise UserError("--model_args checkpoint=DIR: give the checkpoint to evaluate (a stage's final/ folder)")
-        self.model = HarnessModel(checkpoint, config=config, benchmark=benchmark,
-                                  batch_size=int(batch_size or 8), dtype=dtype, tokenizer=tokenizer,
-                                  data_root=data_root)
+        if not str(batch_size).isdigit():
+            raise UserError(f"batch_size {batch_size!r}: give a number (uhd_jax batches are of a fixed size)")
+        self.model = HarnessModel(checkpoint, config=config, benchmark=benchmark, batch_size=int(batch_size),
+                                  dtype=dtype, tokenizer=tokenizer, data_root=data_root)
         self.seed = int(seed)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """As lmms' own, except that a key given in --model_args wins over lmms-eval's flag of the same name (its
+        CLI always sends batch_size, 1 unless --batch_size is given)."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def _images(self, doc_to_visual, doc_id, task, split):
         if doc_to_visual is None:
