@@ -134,3 +134,27 @@ def test_prepare_converts_a_released_file_for_uhd_generate(partial_root, tmp_pat
     assert f"questions -> {out / 'questions.jsonl'}" in printed and "uhd-generate --benchmark seed" in printed
     assert [json.loads(line)["question_id"] for line in open(out / "questions.jsonl")] == ["s0", "s1"]
     assert_mistake(capsys, evaluate, ["--benchmark", "gqa", "--prepare", str(tmp_path)], "no reader for 'gqa'")
+
+
+def test_suite_lists_a_test_split_with_its_upload_file(tmp_path, capsys):
+    """MMMU released as parquet with only its test split: the suite answers it, writes MMMU's JSON for the server
+    and lists it as not scored; the table still prints."""
+    from tests.test_benchmarks_extra import mmmu_row, write_parquet
+
+    root = tmp_path / "eval"
+    write_parquet(root / "MMMU" / "Art" / "test-00000-of-00001.parquet",
+                  [mmmu_row("test_Art_1", "multiple-choice", "?", "['dog', 'cat']"),
+                   mmmu_row("test_Art_2", "open", "?")])
+
+    def answer(bench, questions, images, answers_path):
+        qs = [json.loads(line) for line in open(questions)]
+        write(tmp_path / "work" / bench / "answers.jsonl",
+              [{"question_id": q["question_id"], "prompt": q["text"], "text": "(B) cat"} for q in qs], lines=True)
+
+    outcome = suites.run("uhd_v1", str(root), str(tmp_path / "work"), answer=answer, log=lambda *_: None)
+    assert outcome["scores"] == {} and "mmmu" not in outcome["missing"]
+    assert outcome["skipped"]["mmmu"].startswith("test split: upload")
+    assert json.load(open(tmp_path / "work" / "mmmu" / "answers_upload.json")) == {"test_Art_1": "B",
+                                                                                   "test_Art_2": "(B) cat"}
+    printed = suites.report("uhd_v1", outcome, str(root))
+    assert "LLaVA-UHD-13B" in printed and "MMMU" in printed and "not scored" in printed
