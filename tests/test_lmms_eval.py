@@ -87,6 +87,20 @@ def test_generation_kwargs_and_stop_strings():
     assert cut_at_stops("red car", ("\n\n",)) == "red car"
 
 
+def test_mistakes_are_one_line(checkpoint, tmp_path, capsys):
+    from tests.cli_mistakes import assert_mistake
+    from uhd_jax.cli.evaluate import main as evaluate
+    from uhd_jax.cli_errors import UserError
+
+    assert_mistake(capsys, evaluate, ["--benchmark", "gqa", "--lmms-tasks", tmp_path], "--benchmark synthetic_reading")
+    assert_mistake(capsys, evaluate, ["--benchmark", "synthetic_reading", "--lmms-tasks", tmp_path, "--sides", "0"],
+                   "positive numbers")
+    with pytest.raises(UserError, match="batch_size must be at least 1"):
+        HarnessModel(checkpoint, batch_size=0)
+    with pytest.raises(UserError, match="no tokens"):
+        HarnessModel(checkpoint, batch_size=1).loglikelihood([("What?", "", None)])
+
+
 def test_harness_answers_as_uhd_evaluate(harness, tasks, offline):
     """The lmms-eval task's prompts (the question file's text) and images (PIL, as doc_to_visual gives them) get
     the answers uhd-evaluate wrote for the same questions."""
