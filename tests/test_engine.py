@@ -8,7 +8,7 @@ from tests.serve_helpers import eval_images, tiny_checkpoint
 from uhd_jax.cli_errors import UserError
 
 Q = "What does the sign say?"
-TOKENS = 8
+TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,9 @@ def test_concurrent_requests_answer_as_offline_and_compile_once_per_bucket(setup
     # one at a time this takes 6 * (TOKENS - 1) steps; batched, two waves at most
     assert engine.steps - steps <= 2 * (TOKENS - 1) + 2
     programs = compiled_programs()
-    assert programs["step"] - before["step"] <= 1 and programs["insert"] - before["insert"] <= 1
-    assert programs["prefill"] - before["prefill"] <= len(engine.buckets) == 2
+    # a lone request's prefill and a group's: at most two programs per bucket, two row copies
+    assert programs["step"] - before["step"] <= 1 and programs["insert"] - before["insert"] <= 2
+    assert programs["prefill"] - before["prefill"] <= 2 * len(engine.buckets) and len(engine.buckets) == 2
     # another mix of settings, seeds and stop strings in the same buckets compiles nothing
     again = [engine.submit(user(q), im, max_tokens=TOKENS - 3, temperature=0.5, seed=9, stop=["zz"])
              for im, q in cases]
@@ -141,7 +142,7 @@ def test_request_mistakes_are_user_errors(setup):
     mistakes = [
         (dict(messages=[{"role": "assistant", "content": "hi"}]), "alternate user/assistant"),
         (dict(messages=[{"role": "user", "content": ["a"]}]), "content must be a string"),
-        (dict(max_tokens=TOKENS + 1), "over this server's limit of 8"),
+        (dict(max_tokens=TOKENS + 1), "over this server's limit of 16"),
         (dict(max_tokens=0), "positive integer"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),

@@ -12,7 +12,7 @@ import pytest
 from tests.serve_helpers import data_url, eval_images, png_header, tiny_checkpoint, user_message
 
 Q = "What does the sign say?"
-TOKENS = 8
+TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_client_mistakes_get_4xx_openai_errors(served):
         client(server).chat.completions.create(model="tiny", messages=good, n=2)
     mistakes = [
         (dict(messages=good, frobnicate=1), 400, "unknown field 'frobnicate'"),
-        (dict(messages=good, max_tokens=TOKENS + 1), 400, "over this server's limit of 8"),
+        (dict(messages=good, max_tokens=TOKENS + 1), 400, "over this server's limit of 16"),
         (dict(messages=good, temperature="hot"), 400, "temperature must be a number"),
         (dict(messages=[{"role": "system", "content": "be brief"}] + good), 400, "system messages"),
         (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "alternate user/assistant"),

@@ -47,20 +47,19 @@ def pick(logits, temperature, top_p, keys, steps):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def prefill(params, cfg: VLMConfig, input_ids, token_valid, pixel_values, image_token_map, sampling, cache_len: int):
-    """One prompt (1, T) -> (its first token (1,), its cache row of `cache_len` positions, its last position)."""
+    """Prompts (P, T) -> (their first tokens (P,), their cache rows of `cache_len` positions, last positions (P,))."""
     embeds, token_valid, _ = VLM(cfg).apply({"params": params}, input_ids, token_valid, jnp.zeros_like(input_ids),
                                             pixel_values, image_token_map, method=VLM.embed_image_and_text)
     extra = cache_len - token_valid.shape[1]
     logits, cache, last_pos = _prefill(Llama(cfg.llm), {"params": params["llm"]}, embeds, token_valid, extra)
-    return pick(logits, *sampling, jnp.zeros((1,), jnp.int32)), cache, last_pos
+    return pick(logits, *sampling, jnp.zeros(token_valid.shape[:1], jnp.int32)), cache, last_pos
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def insert(cache: KVCache, row: KVCache, slot):
-    """`row` (a one-row cache) copied into row `slot` of `cache`."""
-    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=1)
-    return KVCache(put(cache.k, row.k), put(cache.v, row.v),
-                   jax.lax.dynamic_update_slice_in_dim(cache.lengths, row.lengths, slot, axis=0))
+def insert(cache: KVCache, rows: KVCache, slots):
+    """Row i of `rows` copied into row slots[i] of `cache`; a slot out of range (a padding row) is dropped."""
+    return KVCache(cache.k.at[:, slots].set(rows.k, mode="drop"), cache.v.at[:, slots].set(rows.v, mode="drop"),
+                   cache.lengths.at[slots].set(rows.lengths, mode="drop"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(2,))
@@ -158,7 +157,8 @@ class Handle:
 
 @dataclasses.dataclass
 class _Request:
-    arrays: tuple              # (ids, valid, pixels, image_map) of the prompt in its bucket, batch 1
+    prompt: dict | None        # the preparer's prompt (ids, image_map, pixels) until it is prefilled
+    length: int                # its bucket
     prompt_tokens: int
     max_tokens: int
     temperature: float
@@ -178,7 +178,7 @@ class Engine:
     """
 
     def __init__(self, model, slots: int = 8, *, max_tokens_limit: int | None = None,
-                 max_prompt_tokens: int | None = None, smallest_bucket: int = 64):
+                 max_prompt_tokens: int | None = None, prefill_batch: int = 4, smallest_bucket: int = 64):
         if slots < 1:
             raise UserError(f"slots must be at least 1, got {slots}")
         self.model = model
@@ -194,7 +194,9 @@ class Engine:
         if not 0 < self.max_prompt_tokens <= room:
             raise UserError(f"max prompt tokens {self.max_prompt_tokens} is outside 1..{room}: the model has "
                             f"{context} positions and {self.max_tokens_limit} go to new tokens")
-        self.slots, self.smallest_bucket = slots, smallest_bucket
+        if prefill_batch < 1:
+            raise UserError(f"prefill batch must be at least 1, got {prefill_batch}")
+        self.slots, self.smallest_bucket, self.prefill_batch = slots, smallest_bucket, min(prefill_batch, slots)
         self.cache_len = self.max_prompt_tokens + self.max_tokens_limit
         self.eos = self.generator.gen.eos_id
         self._llm_params = {"params": model.loaded.params["llm"]}
@@ -281,13 +283,8 @@ class Engine:
             raise UserError(f"the prompt is {n} tokens (text and image tokens), over this server's limit of "
                             f"{self.max_prompt_tokens}")
         length = min(bucket_length(n, self.smallest_bucket), self.max_prompt_tokens)
-        cfg = self.model.loaded.cfg
-        ids, valid, image_map, pixels = left_pad([prompt], length, self.generator.max_images * cfg.views_per_image,
-                                                 cfg.vision.image_size, fixed_images=not cfg.packed_images)
-        pixels = packed_pixels([prompt], self.generator.layout) if cfg.packed_images else pixels
         key = np.asarray(jax.random.PRNGKey(np.uint32(seed)))
-        return _Request((ids, valid, pixels, image_map), n, max_tokens, temperature, top_p, key,
-                        Text(self.model.tokenizer, stops))
+        return _Request(prompt, length, n, max_tokens, temperature, top_p, key, Text(self.model.tokenizer, stops))
 
     # ---- the decoding thread -------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -306,12 +303,13 @@ class Engine:
                     if self._rows[slot] is None and self._pending:
                         admitted.append((slot, self._pending.pop(0)))
             try:
-                for slot, request in admitted:
+                for group in self._groups(admitted):
                     try:
-                        self._start(slot, request)
-                    except Exception as e:   # this request's failure only (a bug or the device's)
-                        self._rows[slot] = None
-                        request.handle._finish(None, RuntimeError(f"prefill failed: {type(e).__name__}: {e}"))
+                        self._start(group)
+                    except Exception as e:   # these requests' failure only (a bug or the device's)
+                        for slot, request in group:
+                            self._rows[slot] = None
+                            request.handle._finish(None, RuntimeError(f"prefill failed: {type(e).__name__}: {e}"))
                 self._drop_cancelled()
                 if any(self._rows):
                     self._step()
@@ -323,21 +321,41 @@ class Engine:
         for request in self._pending + [r for r in self._rows if r is not None]:
             request.handle._finish(None, RuntimeError("the engine was closed"))
 
-    def _start(self, slot: int, request: _Request) -> None:
-        if request.handle.cancelled:
-            return self._end(None, request, "cancelled")
-        ids, valid, pixels, image_map = request.arrays
-        sampling = (jnp.asarray([request.temperature], jnp.float32), jnp.asarray([request.top_p], jnp.float32),
-                    jnp.asarray(request.key[None]))
-        self.buckets.add(ids.shape[1])
-        first, row, last_pos = prefill(self.model.loaded.params, self.model.loaded.cfg, jnp.asarray(ids),
-                                       jnp.asarray(valid), jnp.asarray(pixels), jnp.asarray(image_map), sampling,
-                                       self.cache_len)
-        self._cache = insert(self._cache, row, jnp.int32(slot))
-        request.position = int(last_pos[0]) + 1
-        request.arrays = None   # the pixels are no longer needed
-        self._rows[slot] = request
-        self._receive(slot, int(first[0]))
+    def _groups(self, admitted):
+        """Admitted (slot, request) pairs in groups of at most `prefill_batch` that share a bucket."""
+        by_length = {}
+        for slot, request in admitted:
+            if request.handle.cancelled:
+                self._end(None, request, "cancelled")
+            else:
+                by_length.setdefault(request.length, []).append((slot, request))
+        for group in by_length.values():
+            for i in range(0, len(group), self.prefill_batch):
+                yield group[i:i + self.prefill_batch]
+
+    def _start(self, group) -> None:
+        """Prefill a group of requests together and copy their cache rows into their slots. A lone request is
+        prefilled alone; a group is padded to `prefill_batch` rows by repeating its last (two programs per bucket at
+        most, and a request arriving at a quiet server does not pay for rows it does not need)."""
+        cfg, requests = self.model.loaded.cfg, [r for _, r in group]
+        rows = 1 if len(requests) == 1 else self.prefill_batch
+        padded = requests + [requests[-1]] * (rows - len(requests))
+        prompts, length = [r.prompt for r in padded], requests[0].length
+        ids, valid, image_map, pixels = left_pad(prompts, length, self.generator.max_images * cfg.views_per_image,
+                                                 cfg.vision.image_size, fixed_images=not cfg.packed_images)
+        pixels = packed_pixels(prompts, self.generator.layout) if cfg.packed_images else jnp.asarray(pixels)
+        sampling = (jnp.asarray([r.temperature for r in padded], jnp.float32),
+                    jnp.asarray([r.top_p for r in padded], jnp.float32), jnp.asarray(np.stack([r.key for r in padded])))
+        self.buckets.add(length)
+        first, cache_rows, last_pos = prefill(self.model.loaded.params, cfg, jnp.asarray(ids), jnp.asarray(valid), pixels,
+                                        jnp.asarray(image_map), sampling, self.cache_len)
+        slots = [slot for slot, _ in group] + [self.slots] * (rows - len(group))
+        self._cache = insert(self._cache, cache_rows, jnp.asarray(slots, jnp.int32))
+        first, last_pos = np.asarray(first), np.asarray(last_pos)
+        for i, (slot, request) in enumerate(group):
+            request.position, request.prompt = int(last_pos[i]) + 1, None
+            self._rows[slot] = request
+            self._receive(slot, int(first[i]))
 
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self._rows):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import socket
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256   # the listen backlog: a burst of clients waits to be accepted instead of being reset
 
     def __init__(self, address, engine, *, model_id: str, limits: Limits = Limits(), log: bool = False):
         self.engine, self.model_id, self.limits, self.log = engine, model_id, limits, log
@@ -51,6 +53,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60   # seconds a client may stall while sending: a silent connection does not hold a thread forever
     server: Server
+
+    def setup(self):
+        super().setup()
+        # each streamed token is a small write: without this, Nagle's algorithm holds it for the client's delayed ACK
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # ---- routing -------------------------------------------------------------------------------------------
     def do_GET(self):
