@@ -327,6 +327,30 @@ def test_bad_lora_directories_are_one_line_and_exit_2(original_lora, tmp_path, c
     assert not os.path.exists(tmp_path / "out" / "config.json")
 
 
+def test_init_checkpoint_adapters_must_be_the_stages(pair):
+    """A LoRA checkpoint a stage starts from: its adapters' rank and targets must be the stage's lora (one line saying
+    which differs, a UserError: exit 2 from uhd-train); a base without adapters always fits."""
+    from uhd_jax.cli_errors import UserError
+
+    _, _, _, _, _, spec = pair
+
+    def flat(lora):
+        return dict(expected_params({"llm": {**spec["llm"], "lora": lora}, "dtype": "float32"}, ["llm"]))
+
+    stage = flat(LORA)
+    lora_lib.check_init_adapters(flat(None), stage, "base/")
+    lora_lib.check_init_adapters(flat(dict(LORA, alpha=1.0)), stage, "same/")
+    with pytest.raises(UserError, match=r"^init checkpoint r8/ holds rank-8 LoRA adapters on \['q', 'k', 'v', 'o', "
+                                        r"'gate', 'up', 'down'\]; the stage's lora\.rank is 4: set it to 8"):
+        lora_lib.check_init_adapters(flat(dict(LORA, rank=8)), stage, "r8/")
+    with pytest.raises(UserError, match=r"^init checkpoint qv/ holds rank-4 LoRA adapters on \['q', 'v'\]; the stage's "
+                                        r"lora\.targets are \['q', 'k', 'v', 'o', 'gate', 'up', 'down'\]"):
+        lora_lib.check_init_adapters(flat(dict(LORA, targets=("q", "v"))), stage, "qv/")
+    with pytest.raises(UserError, match=r"holds rank-4 LoRA adapters .* but the stage has no lora: give it "
+                                        r"lora=dict\(rank=4,"):
+        lora_lib.check_init_adapters(stage, flat(None), "lora/")
+
+
 def test_llava_hf_adapter_names_are_the_ones_peft_loads(pair, tmp_path):
     """llava-hf nests the decoder at model.language_model: peft puts our exported tensors into its modules (a name
     it did not know would leave its own init there: B zero)."""

@@ -177,3 +177,32 @@ def adapter_paths(params) -> list[str]:
             out.append(prefix)
     walk(params, "")
     return out
+
+
+def _adapter_summary(flat: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(targets, ranks) of the adapters in a flat '/'-keyed tree; A is (in..., rank) with or without a layer axis."""
+    targets = {k.rsplit("/", 2)[-2] for k in flat if k.endswith("/lora_a")}
+    ranks = {int(v.shape[-1]) for k, v in flat.items() if k.endswith("/lora_a")}
+    return tuple(t for t in TARGETS if t in targets), tuple(sorted(ranks))
+
+
+def check_init_adapters(loaded: dict, model: dict, src: str) -> None:
+    """A checkpoint's LoRA adapters against the model's, both flat '/'-keyed: one line (a UserError) when the
+    checkpoint holds adapters of another rank or on other targets than the stage's `lora`, or the stage has none.
+    A checkpoint without adapters (a base) always fits: the stage's adapters start from PEFT's init."""
+    from uhd_jax.cli_errors import UserError
+
+    have_targets, have_ranks = _adapter_summary(loaded)
+    if not have_targets:
+        return
+    want_targets, want_ranks = _adapter_summary(model)
+    held = f"init checkpoint {src} holds rank-{'/'.join(map(str, have_ranks))} LoRA adapters on {list(have_targets)}"
+    if not want_targets:
+        raise UserError(f"{held} but the stage has no lora: give it lora=dict(rank={have_ranks[0]}, "
+                        f"targets={list(have_targets)}, ...) to go on training them, or start from a merged export")
+    if have_ranks != want_ranks:
+        raise UserError(f"{held}; the stage's lora.rank is {'/'.join(map(str, want_ranks))}: set it to "
+                        f"{have_ranks[0]}, or start from a checkpoint without adapters")
+    if have_targets != want_targets:
+        raise UserError(f"{held}; the stage's lora.targets are {list(want_targets)}: set them to "
+                        f"{list(have_targets)}, or start from a checkpoint without adapters")
