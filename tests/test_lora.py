@@ -327,6 +327,15 @@ def test_bad_lora_directories_are_one_line_and_exit_2(original_lora, tmp_path, c
     assert not os.path.exists(tmp_path / "out" / "config.json")
 
 
+def test_export_lora_of_a_checkpoint_without_adapters_is_one_line(original_lora, tmp_path, capsys):
+    from uhd_jax.convert.cli import main
+
+    base, _, _, _ = original_lora
+    assert main(["export-lora", "--checkpoint", base, "--format", "llava_hf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no LoRA adapters (its model.llm.lora is unset)" in err
+
+
 def test_init_checkpoint_adapters_must_be_the_stages(pair):
     """A LoRA checkpoint a stage starts from: its adapters' rank and targets must be the stage's lora (one line saying
     which differs, a UserError: exit 2 from uhd-train); a base without adapters always fits."""

@@ -122,8 +122,8 @@ def test_llava_merge_equals_peft_merge_and_unload(llava_lora):
 
 
 def test_llava_hf_peft_directory_out_and_back_in(llava_lora, tmp_path):
-    """Our llava-hf PEFT export holds peft's own tensors bit for bit and loads onto the base in peft with the same
-    logits; imported again it gives the checkpoint's adapters bit for bit; a merged export loads in transformers
+    """Our llava-hf PEFT export holds peft's own tensors bit for bit and, in peft, loads onto our export of the base
+    (`export --adapters drop`) with the same logits; imported again it gives the checkpoint's adapters bit for bit; a merged export loads in transformers
     alone with the LoRA model's logits."""
     import transformers
 
@@ -137,9 +137,12 @@ def test_llava_hf_peft_directory_out_and_back_in(llava_lora, tmp_path):
     assert sorted(written) == sorted(original)
     assert all(np.array_equal(written[k], original[k]) for k in original)
 
+    assert convert_cli(["export", "--checkpoint", ckpt, "--format", "llava_hf", "--adapters", "drop",
+                        "--out", str(tmp_path / "base")]) == 0
     with torch.no_grad():
         ref = torch_logits(theirs).numpy()
-        reloaded = peft.PeftModel.from_pretrained(tiny_llava(seed=SEED, image_token_index=IMAGE_TOKEN), out).eval()
+        exported = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "base"))
+        reloaded = peft.PeftModel.from_pretrained(exported, out).eval()
         assert rel_err(torch_logits(reloaded).numpy()[VALID], ref[VALID]) <= 1e-5
 
     again, record_again, _ = peft_io.import_lora(out, base)
