@@ -50,6 +50,7 @@ COMMANDS = {
     "uhd-benchmark": "uhd_jax.cli.benchmark:main",
     "uhd-demo": "uhd_jax.cli.demo:main",
     "uhd-serve": "uhd_jax.cli.serve:main",
+    "uhd-chat": "uhd_jax.cli.chat:main",
 }
 
 setup(
