@@ -128,6 +128,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served):
     server, model, images = served
     body = json.dumps({"messages": [{"role": "user", "content": "Say something."}], "max_tokens": TOKENS,
                        "stream": True}).encode()
+    cancelled = server.engine.finished["cancelled"]
     for _ in range(3):
         sock = socket.create_connection(server.server_address[:2], timeout=60)
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -138,6 +139,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served):
     while any(server.engine._rows) or server.engine._pending:
         assert time.time() < deadline, "a slot stayed busy after its client left"
         time.sleep(0.05)
+    assert server.engine.finished["cancelled"] - cancelled == 3   # each stopped before its 16 tokens
     assert client(server).chat.completions.create(model="tiny", messages=user_message("Say something."),
                                                   max_tokens=2).choices[0].message.content is not None
 

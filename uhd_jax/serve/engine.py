@@ -2,12 +2,12 @@
 batch at a decode-step boundary instead of waiting for the others to finish.
 
 The cache holds `slots` rows of `max_prompt_tokens + max_tokens_limit` positions. A background thread loops: admit
-waiting requests into free rows (each prefilled alone, in its own bucketed length, then copied into its row), run one
-decode step over all rows (rows without a request stay put: their token is not valid, so their cache does not advance),
+waiting requests into free rows (prefilled in groups that share a bucketed prompt length, then copied into their
+rows), run one decode step over all rows (rows without a request stay put: their token is not valid, so their cache does not advance),
 hand each request its new token. Sampling settings are per-row arrays (temperature 0 = greedy, top-p 1 = off) and each
 row draws from its own key folded with its own step count, as `eval.decoding` does: so one compiled step serves every
-mix, and a seeded answer does not depend on which other requests share the batch. Programs: one step, one row copy,
-one prefill per prompt bucket.
+mix, and a seeded answer does not depend on which other requests share the batch. Programs: one step, and per prompt
+bucket two prefills (a lone request's, a group's of `prefill_batch` rows) with their two row copies.
 
 Prompts are built exactly as `api.Model.generate`/`chat` build them (the family's template, the preparer's slicing),
 so a greedy answer here is the offline answer token for token. Stop strings are matched in the decoded text (that is
@@ -16,6 +16,7 @@ half-decoded character and trailing whitespace, so the deltas always add up to t
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import queue
@@ -212,6 +213,7 @@ class Engine:
         self._closed = False
         self.buckets: set[int] = set()
         self.steps = 0
+        self.finished = collections.Counter()   # requests ended, by finish reason
         self._thread = threading.Thread(target=self._loop, name="uhd-engine", daemon=True)
         self._thread.start()
 
@@ -397,6 +399,7 @@ class Engine:
         text, rest = request.text.final()
         request.handle._delta(rest)
         completion = len(request.text.tokens)
+        self.finished[reason] += 1
         request.handle._finish({"text": text, "finish_reason": reason, "prompt_tokens": request.prompt_tokens,
                                 "completion_tokens": completion})
 

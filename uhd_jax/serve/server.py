@@ -5,7 +5,8 @@ The standard library's ThreadingHTTPServer: one thread per connection does the p
 building while the engine's single thread decodes for everyone, which is all the concurrency a one-model server
 needs, and it keeps the install free of a web framework. Responses are HTTP/1.1 (keep-alive for plain answers, so a
 client's connection pool is reused); a stream is server-sent events on a connection closed at its end. A client that
-goes away mid-stream is noticed at the next write and its request cancelled, freeing its slot.
+goes away is noticed at its request's next token (or within 0.2 s while it waits for a plain answer) and its
+request cancelled, freeing its slot.
 
   POST /v1/chat/completions   GET /v1/models   GET /health   POST /v1/slice_plan {"image_url": "data:..."}
   GET /  and  /static/<file>  (files of uhd_jax/serve/web/)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import select
 import socket
 import sys
 import threading
@@ -72,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             engine = self.server.engine
             return self._json(200, {"status": "ok", "model": self.server.model_id, "slots": engine.slots,
                                     "active": sum(r is not None for r in engine._rows),
-                                    "waiting": len(engine._pending)})
+                                    "waiting": len(engine._pending), "finished": dict(engine.finished)})
         if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": self.server.model_id, "object": "model",
                                                                  "created": 0, "owned_by": "uhd-jax"}]})
@@ -95,7 +97,15 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(str(e), code="context_length_exceeded" if "prompt is" in str(e) else None) from None
         if request.stream:
             return self._stream(handle, request.include_usage)
-        result = handle.result()
+        while True:
+            try:
+                result = handle.result(timeout=0.2)
+                break
+            except TimeoutError:
+                if self._client_gone():
+                    handle.cancel()
+                    self.close_connection = True
+                    return
         self._json(200, self._completion(result))
 
     # ---- chat completions ----------------------------------------------------------------------------------
@@ -122,6 +132,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._event(chunk({"role": "assistant", "content": ""}))
             for text in handle:
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed the connection")
                 self._event(chunk({"content": text}))
             result = handle.result()
             self._event(chunk({}, result["finish_reason"]))
@@ -139,6 +151,15 @@ class Handler(BaseHTTPRequestHandler):
                                        "param": None, "code": None}})
             except OSError:
                 pass
+
+    def _client_gone(self) -> bool:
+        """The client closed its end (a write would only fail one token later, once the peer's reset is back)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
