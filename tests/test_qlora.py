@@ -2,6 +2,7 @@
 layout, loss and adapter gradients against bf16 LoRA on a tiny Llama, the base's bytes, float checkpoints quantised
 on load, a QLoRA stage's rules leaving the quantised base without gradient or optimizer state, a short training run
 against bf16 LoRA, and QLoRA checkpoints exported (base dequantised) to every format."""
+import functools
 import os
 
 import flax.linen as nn
@@ -24,9 +25,10 @@ IDS = np.random.default_rng(0).integers(0, 128, size=(2, 16)).astype(np.int32)
 # Measured: int8 4.2e-6 / 1.7e-2 / 7.6e-3, int4 3.9e-4 / 0.29 / 0.12 (int4's 15 levels per group of 64 move each base
 # weight by up to ~7% of its group's max, and a gradient feels every layer above it).
 TOL = {"int8": dict(loss=1e-4, grad=5e-2, all=2e-2), "int4": dict(loss=2e-3, grad=4e-1, all=2e-1)}
-# A short training run (24 Adam steps, tests below): worst step's loss relative to bf16 LoRA's. Measured int8 3.2e-3,
+# A short training run (STEPS Adam steps at LR): worst step's loss relative to bf16 LoRA's. Measured int8 3.2e-3,
 # int4 1.7e-2, while the loss itself falls by 20%.
 TRAIN_TOL = {"int8": 1e-2, "int4": 5e-2}
+STEPS, LR = 24, 1e-2
 
 
 def rel(a, b):
@@ -82,20 +84,45 @@ def _init(model):
     return nn.meta.unbox(model.init(jax.random.PRNGKey(0), embeds, positions_from_mask(valid), valid))["params"]
 
 
-def _loss_and_adapter_grads(model, params):
+@functools.lru_cache
+def _stepper(mode):
+    """One jitted Adam step on the adapters of the tiny Llama (bf16 LoRA for mode None, else QLoRA `mode`), the base
+    an argument, so a run and a zeroed-base check share one compilation: (adapters, base, opt state) -> (adapters,
+    opt state, loss before the step, its adapter gradients)."""
+    import optax
+
+    model = _model(mode) if mode else _model(param_dtype="bfloat16")
+    tx = optax.adam(LR)
     ids = jnp.asarray(IDS)
     valid = jnp.ones(ids.shape, bool)
-    flat = flatten(params)
-    adapters = {k: v for k, v in flat.items() if "/lora_" in k}
-    base = {k: v for k, v in flat.items() if k not in adapters}
 
-    def loss(a):
-        p = unflatten({**base, **a})
+    def loss(adapters, base):
+        p = unflatten({**base, **adapters})
         embeds = model.apply({"params": p}, ids, method=Llama.embed)
         logits = model.apply({"params": p}, embeds, positions_from_mask(valid), valid)[0].astype(jnp.float32)
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-    return jax.jit(jax.value_and_grad(loss))(adapters)
+
+    @jax.jit
+    def step(adapters, base, state):
+        value, grads = jax.value_and_grad(loss)(adapters, base)
+        updates, state = tx.update(grads, state, adapters)
+        return optax.apply_updates(adapters, updates), state, value, grads
+    return step, tx
+
+
+def _run(mode, params, steps):
+    """(losses before each of `steps` steps, the first step's adapter gradients)."""
+    step, tx = _stepper(mode)
+    flat = flatten(params)
+    adapters = {k: v for k, v in flat.items() if "/lora_" in k}
+    base = {k: v for k, v in flat.items() if k not in adapters}
+    state, losses, first = tx.init(adapters), [], None
+    for _ in range(steps):
+        adapters, state, value, grads = step(adapters, base, state)
+        losses.append(float(value))
+        first = grads if first is None else first
+    return np.asarray(losses), first
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +137,20 @@ def float_params():
 
 
 @pytest.fixture(scope="module")
-def bf16_reference(float_params):
-    """bf16 LoRA: base weights stored in bf16 (as lora_stage does), adapters fp32, fp32 compute."""
-    base = {k: (v if "/lora_" in k else v.astype(jnp.bfloat16)) for k, v in flatten(float_params).items()}
-    return _loss_and_adapter_grads(_model(param_dtype="bfloat16"), unflatten(base))
+def runs(float_params):
+    """STEPS Adam steps from the same adapters over a bf16 base (as lora_stage stores it: adapters fp32, fp32
+    compute; key None) and over its int8 / int4 quantisation: {mode: (losses, first step's adapter gradients)}."""
+    bf16 = {k: (v if "/lora_" in k else v.astype(jnp.bfloat16)) for k, v in flatten(float_params).items()}
+    out = {None: _run(None, unflatten(bf16), STEPS)}
+    for mode in ("int8", "int4"):
+        out[mode] = _run(mode, quant.quantize_params(float_params, mode), STEPS)
+    return out
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_qlora_loss_and_adapter_grads_near_bf16_lora(mode, float_params, bf16_reference):
-    ref_loss, ref_grads = bf16_reference
-    qparams = quant.quantize_params(float_params, mode)
-    loss, grads = _loss_and_adapter_grads(_model(mode), qparams)
-    loss_err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
+def test_qlora_loss_and_adapter_grads_near_bf16_lora(mode, float_params, runs):
+    (ref_losses, ref_grads), (losses, grads) = runs[None], runs[mode]
+    loss_err = abs(losses[0] - ref_losses[0]) / abs(ref_losses[0])
     grad_err = max(rel(grads[k], ref_grads[k]) for k in ref_grads)
     keys = sorted(ref_grads)
     global_err = rel(np.concatenate([np.ravel(grads[k]) for k in keys]),
@@ -131,9 +160,23 @@ def test_qlora_loss_and_adapter_grads_near_bf16_lora(mode, float_params, bf16_re
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * LLM["num_layers"]
     assert loss_err <= TOL[mode]["loss"] and grad_err <= TOL[mode]["grad"] and global_err <= TOL[mode]["all"]
     # the base matters: with its kernels zeroed the gradients are far off, so the tolerance is not vacuous
-    zeroed = {k: (jnp.zeros_like(v) if k.endswith("kernel") else v) for k, v in flatten(qparams).items()}
-    _, far = _loss_and_adapter_grads(_model(mode), unflatten(zeroed))
+    zeroed = {k: (jnp.zeros_like(v) if k.endswith("kernel") else v)
+              for k, v in flatten(quant.quantize_params(float_params, mode)).items()}
+    _, far = _run(mode, unflatten(zeroed), 1)
     assert max(rel(far[k], ref_grads[k]) for k in ref_grads) > 3 * TOL[mode]["grad"]
+
+
+def test_short_qlora_training_tracks_bf16_lora(runs):
+    """STEPS Adam steps on the adapters over an int8 / int4 base follow the bf16-LoRA run's losses step by step
+    within TRAIN_TOL, a band well inside how far the loss falls."""
+    ref = runs[None][0]
+    assert ref[-1] < (1 - 3 * TRAIN_TOL["int4"]) * ref[0]
+    for mode in ("int8", "int4"):
+        losses = runs[mode][0]
+        gap = np.abs(losses - ref) / ref
+        print(f"{mode}: losses {np.round(losses, 4).tolist()} vs bf16 {np.round(ref, 4).tolist()}; worst step's "
+              f"relative gap {gap.max():.2e}")
+        assert gap.max() <= TRAIN_TOL[mode], mode
 
 
 def _base_bytes(params):
@@ -326,47 +369,3 @@ def test_qlora_checkpoint_exports_to_every_format_and_as_a_peft_adapter(qlora_ch
         assert rel_err(reloaded(input_ids=ids).logits.numpy(), ours) <= 1e-5
 
 
-
-def _train(model, params, steps=24, lr=1e-2):
-    """Adam on the adapters alone for `steps` steps of the next-token loss on IDS; the loss before each step."""
-    import optax
-
-    ids = jnp.asarray(IDS)
-    valid = jnp.ones(ids.shape, bool)
-    flat = flatten(params)
-    adapters = {k: v for k, v in flat.items() if "/lora_" in k}
-    base = {k: v for k, v in flat.items() if k not in adapters}
-    tx = optax.adam(lr)
-
-    def loss(a):
-        p = unflatten({**base, **a})
-        embeds = model.apply({"params": p}, ids, method=Llama.embed)
-        logits = model.apply({"params": p}, embeds, positions_from_mask(valid), valid)[0].astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-
-    @jax.jit
-    def step(a, state):
-        value, grads = jax.value_and_grad(loss)(a)
-        updates, state = tx.update(grads, state, a)
-        return optax.apply_updates(a, updates), state, value
-
-    state, losses = tx.init(adapters), []
-    for _ in range(steps):
-        adapters, state, value = step(adapters, state)
-        losses.append(float(value))
-    return np.asarray(losses)
-
-
-def test_short_qlora_training_tracks_bf16_lora(float_params):
-    """24 Adam steps on the adapters over an int8 / int4 base follow the bf16-LoRA run's losses step by step within
-    TRAIN_TOL, a band well inside how far the loss falls."""
-    bf16 = {k: (v if "/lora_" in k else v.astype(jnp.bfloat16)) for k, v in flatten(float_params).items()}
-    ref = _train(_model(param_dtype="bfloat16"), unflatten(bf16))
-    assert ref[-1] < (1 - 3 * TRAIN_TOL["int4"]) * ref[0]
-    for mode in ("int8", "int4"):
-        losses = _train(_model(mode), quant.quantize_params(float_params, mode))
-        gap = np.abs(losses - ref) / ref
-        print(f"{mode}: losses {np.round(losses, 4).tolist()} vs bf16 {np.round(ref, 4).tolist()}; worst step's "
-              f"relative gap {gap.max():.2e}")
-        assert gap.max() <= TRAIN_TOL[mode], mode
