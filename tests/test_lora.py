@@ -294,8 +294,8 @@ def test_targets_of_the_config_must_match_the_tensors(original_lora, tmp_path):
 @pytest.mark.parametrize("case, said", [
     ("targets", r"adapter_config\.json targets \['q_proj', 'v_proj'\] but the tensors adapt \['q_proj', 'k_proj'"),
     ("rank", r"rank 4 in the file where adapter_config\.json's r is 8"),
-    ("base", r"6 adapter\(s\) for a different base \(other layer sizes\): [^ ]*mlp\.gate_proj\.lora_B\.weight: \(64, 4\), "
-             r"this base's is \(48, 4\)"),
+    ("base", r"6 adapter\(s\) for a different base \(other layer sizes\): [^ ]*mlp\.gate_proj\.lora_B\.weight: "
+             r"\(64, 4\), this base's is \(48, 4\)"),
     ("projector", r"no non_lora_trainables\.bin.*the 28 adapter tensors would load, but onto"),
 ])
 def test_bad_lora_directories_are_one_line_and_exit_2(original_lora, tmp_path, capsys, case, said):

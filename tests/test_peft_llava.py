@@ -22,7 +22,8 @@ peft = pytest.importorskip("peft")
 
 IMAGE_TOKEN, N_IMAGE_TOKENS, RANK, ALPHA, SEED = 127, 16, 4, 12.0, 7
 # the language model's seven linear layers only: a plain list would also adapt CLIP's q/k/v_proj
-LANGUAGE_MODEL = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LANGUAGE_MODEL = (r".*language_model\.layers\.\d+\.(self_attn|mlp)\."
+                  r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
 
 
 def batch():
@@ -123,8 +124,8 @@ def test_llava_merge_equals_peft_merge_and_unload(llava_lora):
 
 def test_llava_hf_peft_directory_out_and_back_in(llava_lora, tmp_path):
     """Our llava-hf PEFT export holds peft's own tensors bit for bit and, in peft, loads onto our export of the base
-    (`export --adapters drop`) with the same logits; imported again it gives the checkpoint's adapters bit for bit; a merged export loads in transformers
-    alone with the LoRA model's logits."""
+    (`export --adapters drop`) with the same logits; imported again it gives the checkpoint's adapters bit for bit;
+    a merged export loads in transformers alone with the LoRA model's logits."""
     import transformers
 
     theirs, adapter, base, params, record = llava_lora
