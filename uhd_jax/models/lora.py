@@ -148,8 +148,8 @@ def merge_adapters(params, scaling: float):
             return node
         if _is_adapted(node):
             if "kernel_scale" in node:
-                raise ValueError("merge_adapters takes a float base; a QLoRA run's adapters merge into the float "
-                                 "checkpoint it started from")
+                raise ValueError("merge_adapters takes a float base; dequantise a QLoRA tree first "
+                                 "(quant.dequantize_params, as uhd-convert export does)")
             kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
             stacked = a.ndim + b.ndim - 2 > kernel.ndim   # scan: a leading layer axis on all three
             if stacked:
