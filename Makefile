@@ -2,13 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LMMS_EVAL := lmms-eval==0.7.3
 
 .PHONY: test demo install clean
 
-# The stamp depends on setup.py so a change of pins reinstalls.
-$(VENV)/.installed: setup.py
+# The stamp depends on setup.py so a change of pins reinstalls. lmms-eval's own requirements would replace our torch
+# and protobuf pins: its imports come from the lmms extra (setup.py, LMMS), the package itself without dependencies,
+# so tests/test_lmms_eval.py runs it offline.
+$(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lmms]'
+	$(PY) -m pip install -q --no-deps $(LMMS_EVAL)
 	touch $@
 
 install: $(VENV)/.installed
