@@ -1,16 +1,12 @@
 """The Python API (`uhd_jax.load`): a checkpoint alone loads; `generate` gives the tokens of `uhd-generate --image
 --prompt`; a second call in the same bucket compiles nothing; a chat's second prompt is the template's two turns."""
 
-import json
-import os
 import time
 
-import flax.linen as nn
-import jax
 import pytest
 from PIL import Image
 
-from tests.config_helpers import on_synthetic_data
+from tests.api_helpers import eval_images, tiny_checkpoint
 from uhd_jax.data.templates import VICUNA_SYSTEM
 from uhd_jax.eval.generate import generate_tokens
 
@@ -22,24 +18,9 @@ def checkpoint(synthetic_data, tmp_path_factory):
     """A randomly initialised tiny LLaVA-1.5 laid out as training leaves it (WORK/runs/tiny/sft/final recording its
     family and its tokenizer relative to WORK), and the model loaded from it."""
     import uhd_jax
-    from uhd_jax.models.vlm import init_fn
-    from uhd_jax.train.checkpoints import save_params
-    from uhd_jax.train.trainer import model_for_stage
 
-    config = on_synthetic_data("configs/llava15.py:tiny", synthetic_data)
-    cfg = model_for_stage(config, config.stages.sft)
-    params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(4))["params"])
-    work = tmp_path_factory.mktemp("work")
-    final = str(work / "runs" / "tiny" / "sft" / "final")
-    save_params(final, params, {"model": config.model.to_dict()})
-    os.makedirs(work / "data")
-    os.symlink(synthetic_data["tokenizer"], work / "data" / "tokenizer")
-    with open(os.path.join(final, "config.json"), "w") as f:
-        json.dump({"model": config.model.to_dict(), "family": "llava15", "stage": "sft", "steps": 1,
-                   "tokenizer": "data/tokenizer"}, f)
-    folder = synthetic_data["images"] + "/eval"
-    images = [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:2]]
-    return final, uhd_jax.load(final, batch_size=2), images
+    final = tiny_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory.mktemp("work"))
+    return final, uhd_jax.load(final, batch_size=2), eval_images(synthetic_data, 2)
 
 
 def test_generate_equals_the_offline_cli_and_reuses_compiled_programs(checkpoint, capsys):

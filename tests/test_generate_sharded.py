@@ -59,8 +59,13 @@ def test_a_single_row_shards_over_the_model_axes_only(family):
     single = uhd_jax.load(final, batch_size=1)
     sharded = uhd_jax.load(final, batch_size=1, mesh=mesh)
     q = "What does the sign say?"
-    assert sharded.generate([images[0]], [q], max_new_tokens=4) == single.generate([images[0]], [q],
-                                                                                  max_new_tokens=4)
+    (expected,) = single.generate([images[0]], [q], max_new_tokens=4)
+    assert sharded.generate([images[0]], [q], max_new_tokens=4) == [expected]
+    # the chat's path (uhd-chat --mesh): the serving engine over the sharded model streams the same answer
+    from uhd_jax.serve.engine import Engine
+
+    with Engine(sharded, slots=1, max_tokens_limit=4) as engine:
+        assert "".join(engine.stream_chat(sharded.new_chat(images[0]), q, max_tokens=4)) == expected
     # text only, on the mesh too
     assert sharded.generate([None], ["Say something."], max_new_tokens=4) == single.generate(
         [None], ["Say something."], max_new_tokens=4)

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     shape = parse_mesh(a.mesh)
     if -1 in shape.values():
         p.error("--mesh: give every size (the CPU stand-in devices are made to match)")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={shape['data'] * shape['fsdp'] * shape['tensor']}")
+    devices = shape["data"] * shape["fsdp"] * shape["tensor"]
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     from uhd_jax.cli_errors import load_config
 
     out = generation_memory(load_config(a.config, overrides), shape, batch=a.batch, length=a.length,
