@@ -46,7 +46,7 @@ def test_sharded_greedy_tokens_equal_one_device(family):
 
 
 @pytest.mark.parametrize("family", [FAMILIES[0]], indirect=True, ids=["llava15"])
-def test_a_single_row_shards_over_the_model_axes_only(family):
+def test_a_single_row_shards_over_the_model_axes_only(family, capsys):
     """A chat's batch of one cannot split over data x fsdp: it stays whole while tensor and fsdp split the weights."""
     import uhd_jax
     from uhd_jax.eval.generate import batch_axes, generation_mesh, generation_rules
@@ -61,6 +61,14 @@ def test_a_single_row_shards_over_the_model_axes_only(family):
     q = "What does the sign say?"
     (expected,) = single.generate([images[0]], [q], max_new_tokens=4)
     assert sharded.generate([images[0]], [q], max_new_tokens=4) == [expected]
+    # uhd-generate --mesh prints the same answer
+    from uhd_jax.cli import generate
+
+    assert generate.main(["--checkpoint", final, "--image", images[0], "--prompt", q, "--max-new-tokens", "4",
+                          "--batch-size", "1", "--mesh", "2,2,2"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1].strip() == expected
+    assert generate.main(["--checkpoint", final, "--image", images[0], "--prompt", q, "--mesh", "3,1,1"]) == 2
+    assert "mesh" in capsys.readouterr().err
     # the chat's path (uhd-chat --mesh): the serving engine over the sharded model streams the same answer
     from uhd_jax.serve.engine import Engine
 
