@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                                        "llava_hf needs one, hf_llama and llava_original copy it")
     p.add_argument("--adapters", choices=("merge", "drop"), default="merge",
                    help="a LoRA checkpoint: merge the adapters into the weights (default) or leave them out (the base "
-                        "for export-lora's PEFT adapter)")
+                        "for export-lora's PEFT adapter); a QLoRA checkpoint's base is dequantised either way")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import-lora", help="PEFT / original LLaVA LoRA directory + uhd-jax base -> uhd-jax checkpoint")
     p.add_argument("--src", required=True, help="adapter_config.json, adapter_model.safetensors|.bin and the "
