@@ -21,7 +21,7 @@ def setup(synthetic_data, tmp_path_factory):
     images = eval_images(synthetic_data, 2)
     before = compiled_programs()
     engine = Engine(model, slots=4, max_tokens_limit=TOKENS, max_prompt_tokens=256)
-    yield model, engine, images, before
+    yield model, engine, images, before, final
     engine.close()
 
 
@@ -39,7 +39,7 @@ def offline_tokens(model, image, question):
 def test_concurrent_requests_answer_as_offline_and_compile_once_per_bucket(setup):
     from uhd_jax.serve.engine import compiled_programs
 
-    model, engine, images, before = setup
+    model, engine, images, before, _ = setup
     # the long text prompt lands in a longer bucket than the image prompts
     cases = [(images[0], Q), (images[1], "What colour is the text?"), (None, "Say something about " + "the sign " * 30)]
     offline = model.generate([im for im, _ in cases], [q for _, q in cases], max_new_tokens=TOKENS)
@@ -67,7 +67,7 @@ def test_concurrent_requests_answer_as_offline_and_compile_once_per_bucket(setup
 
 
 def test_a_seeded_sample_does_not_depend_on_its_batch_mates(setup):
-    model, engine, images, _ = setup
+    model, engine, images, _, _ = setup
     ask = dict(max_tokens=TOKENS, temperature=1.5, top_p=0.9, seed=11)
     alone = engine.submit(user(Q), images[0], **ask)
     alone_text = alone.result(timeout=120)["text"]
@@ -82,7 +82,7 @@ def test_a_seeded_sample_does_not_depend_on_its_batch_mates(setup):
 
 
 def test_streaming_stop_strings_cancel_and_chat(setup):
-    model, engine, images, _ = setup
+    model, engine, images, _, _ = setup
     (answer,) = model.generate([images[0]], [Q], max_new_tokens=TOKENS)
     handle = engine.submit(user(Q), images[0], max_tokens=TOKENS)
     deltas = list(handle)
@@ -106,6 +106,20 @@ def test_streaming_stop_strings_cancel_and_chat(setup):
     messages = user("What is written?") + [{"role": "assistant", "content": first}] + user("And the colour?")
     assert model.chat(messages, image=images[0], max_new_tokens=TOKENS) == second
     assert not any(engine._rows)
+
+
+def test_over_a_mesh_the_answers_are_the_single_device_ones(setup):
+    import uhd_jax
+    from uhd_jax.serve.engine import Engine
+
+    model, engine, images, _, final = setup
+    cases = [(images[0], Q), (images[1], Q), (None, "Say something.")]
+    one_device = [engine.submit(user(q), im, max_tokens=TOKENS) for im, q in cases]
+    sharded_model = uhd_jax.load(final, batch_size=1, mesh="1,2,4")   # FSDP over 2, tensor parallel over 4
+    with Engine(sharded_model, slots=4, max_tokens_limit=TOKENS, max_prompt_tokens=256) as sharded:
+        assert len(sharded._cache.k.sharding.device_set) == 8
+        answers = [sharded.submit(user(q), im, max_tokens=TOKENS) for im, q in cases]
+        assert [h.result(timeout=300)["text"] for h in answers] == [h.result()["text"] for h in one_device]
 
 
 class ByteTokenizer:
@@ -138,7 +152,7 @@ def test_text_deltas_never_split_a_character_and_hold_back_stops_and_spaces():
 
 
 def test_request_mistakes_are_user_errors(setup):
-    model, engine, images, _ = setup
+    model, engine, images, _, _ = setup
     mistakes = [
         (dict(messages=[{"role": "assistant", "content": "hi"}]), "alternate user/assistant"),
         (dict(messages=[{"role": "user", "content": ["a"]}]), "content must be a string"),

@@ -17,12 +17,14 @@ half-decoded character and trailing whitespace, so the deltas always add up to t
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import queue
 import tempfile
 import threading
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,12 +203,8 @@ class Engine:
         self.cache_len = self.max_prompt_tokens + self.max_tokens_limit
         self.eos = self.generator.gen.eos_id
         self._llm_params = {"params": model.loaded.params["llm"]}
-        # committed like the parameters and every later cache, so the programs see one signature; over a mesh
-        # (`load(mesh=...)`) the cache is replicated and the parameters' shardings split the work
-        mesh = getattr(model.loaded, "mesh", None)
-        place = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
-                 else jax.local_devices()[0])
-        self._cache = jax.device_put(init_cache(cfg.llm, slots, self.cache_len), place)
+        self.mesh = getattr(model.loaded, "mesh", None)
+        self._cache = self._new_cache(cfg.llm)
         self._rows: list[_Request | None] = [None] * slots
         self._pending: list[_Request] = []
         self._lock = threading.Condition()
@@ -216,6 +214,36 @@ class Engine:
         self.finished = collections.Counter()   # requests ended, by finish reason
         self._thread = threading.Thread(target=self._loop, name="uhd-engine", daemon=True)
         self._thread.start()
+
+    def _new_cache(self, cfg: LlamaConfig) -> KVCache:
+        """The empty cache, made where the programs read it (so they see one signature from the first call): on the
+        default device, or over the mesh (`load(mesh=...)`) with its rows on the batch axes that divide them and its
+        KV heads on the tensor axis, as the generation rules lay out activations (XLA may still pick another layout
+        for the step's output: then the step and the row copy compile once more, and the cache stays in that one)."""
+        make = functools.partial(init_cache, cfg, self.slots, self.cache_len)
+        if self.mesh is None:   # committed, as the programs' outputs are
+            return jax.device_put(make(), jax.local_devices()[0])
+        from uhd_jax.eval.generate import batch_axes
+
+        spec = jax.sharding.PartitionSpec
+        heads = "tensor" if cfg.num_kv_heads % self.mesh.shape["tensor"] == 0 else None
+        kv = jax.sharding.NamedSharding(self.mesh, spec(None, batch_axes(self.mesh, self.slots) or None, None, heads))
+        rows = jax.sharding.NamedSharding(self.mesh, spec())
+        return jax.jit(make, out_shardings=KVCache(kv, kv, rows))()
+
+    def _on_mesh(self, batch: int):
+        """Where a program over `batch` rows runs: nowhere special, or on the mesh under the generation rules (the
+        model's sharding constraints then split its activations as `eval.generate` does)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from uhd_jax.eval.generate import generation_rules
+        from uhd_jax.parallel.sharding import DEFAULT_RULES
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(generation_rules(self.model.loaded.rules or DEFAULT_RULES,
+                                                                   self.mesh, batch)))
+        return stack
 
     # ---- the public interface ------------------------------------------------------------------------------
     def submit(self, messages: list[dict], image=None, *, max_tokens: int | None = None, temperature: float = 0.0,
@@ -349,10 +377,11 @@ class Engine:
         sampling = (jnp.asarray([r.temperature for r in padded], jnp.float32),
                     jnp.asarray([r.top_p for r in padded], jnp.float32), jnp.asarray(np.stack([r.key for r in padded])))
         self.buckets.add(length)
-        first, cache_rows, last_pos = prefill(self.model.loaded.params, cfg, jnp.asarray(ids), jnp.asarray(valid), pixels,
-                                        jnp.asarray(image_map), sampling, self.cache_len)
         slots = [slot for slot, _ in group] + [self.slots] * (rows - len(group))
-        self._cache = insert(self._cache, cache_rows, jnp.asarray(slots, jnp.int32))
+        with self._on_mesh(rows):
+            first, cache_rows, last_pos = prefill(self.model.loaded.params, cfg, jnp.asarray(ids), jnp.asarray(valid),
+                                                  pixels, jnp.asarray(image_map), sampling, self.cache_len)
+            self._cache = insert(self._cache, cache_rows, jnp.asarray(slots, jnp.int32))
         first, last_pos = np.asarray(first), np.asarray(last_pos)
         for i, (slot, request) in enumerate(group):
             request.position, request.prompt = int(last_pos[i]) + 1, None
@@ -373,8 +402,9 @@ class Engine:
         top_p = np.array([r.top_p if r else 1.0 for r in rows], np.float32)
         keys = np.stack([r.key if r else np.zeros(2, np.uint32) for r in rows])
         steps = np.array([r.produced if r else 0 for r in rows], np.int32)
-        new, self._cache = step(self._llm_params, self.model.loaded.cfg.llm, self._cache, tokens, positions, active,
-                                temperature, top_p, keys, steps)
+        with self._on_mesh(self.slots):
+            new, self._cache = step(self._llm_params, self.model.loaded.cfg.llm, self._cache, tokens, positions,
+                                    active, temperature, top_p, keys, steps)
         self.steps += 1
         for slot, token in enumerate(np.asarray(new)):
             if rows[slot] is not None:
