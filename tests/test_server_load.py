@@ -126,9 +126,9 @@ def test_32_concurrent_requests_answer_as_offline_faster_and_shrug_off_100_bad_o
     assert [results[("good", i)] for i in range(len(good))] == [(200, e) for e in expected]
     p50, p95 = np.percentile(list(latency.values()), [50, 95])
     ratio = one_at_a_time / together
-    print(f"\n32 requests ({TOKENS} new tokens each, {SLOTS} slots): one at a time {one_at_a_time:.2f} s (8 timed, x4); "
-          f"concurrent with 100 malformed mixed in {together:.2f} s: throughput x{ratio:.1f}; latency p50 {p50 * 1e3:.0f} ms, "
-          f"p95 {p95 * 1e3:.0f} ms")
+    print(f"\n32 requests ({TOKENS} new tokens each, {SLOTS} slots): one at a time {one_at_a_time:.2f} s (8 timed, "
+          f"x4); concurrent with 100 malformed mixed in {together:.2f} s: throughput x{ratio:.1f}; latency p50 "
+          f"{p50 * 1e3:.0f} ms, p95 {p95 * 1e3:.0f} ms")
     assert ratio >= 4.0
     deadline = time.time() + 30
     while any(server.engine._rows) or server.engine._pending:
