@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from uhd_jax.configs import common
 
+# The demo's passes over its 2000 training cards, shared with configs/uhd_v2.py:demo (equal training).
+DEMO_EPOCHS = {"pretrain": 1.0, "sft": 1.0}
+
 
 def get_config(arg: str | None = None):
     variant = arg or "7b"
@@ -73,9 +76,9 @@ def get_config(arg: str | None = None):
         for name in ("pretrain", "sft"):
             c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0,
                                   lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
-        # Reading the image is learned almost entirely from the captions (every caption names what the image shows;
-        # most answers are image-independent formats): most of the budget goes to stage 1, on the same padded images
-        # stage 2 and evaluation see (a tower trained on centre crops meets padded images as a new distribution).
-        c.stages.pretrain.update(image_aspect_ratio="pad", num_epochs=3.0, max_length=96)
-        c.stages.sft.update(num_epochs=2.0)
+        # Stage 1's captions spell out everything on the card, the small code included: it is where the random
+        # towers learn to see, on the same padded images stage 2 and evaluation see (configs/uhd_v2.py:demo trains
+        # the same epochs, batch and rates on its own image path). Lengths: the longest sample plus a few tokens.
+        c.stages.pretrain.update(image_aspect_ratio="pad", num_epochs=DEMO_EPOCHS["pretrain"], max_length=88)
+        c.stages.sft.update(num_epochs=DEMO_EPOCHS["sft"], max_length=176)
     return c

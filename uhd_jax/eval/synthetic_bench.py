@@ -1,33 +1,33 @@
-"""The project's high-resolution reading benchmark: held-out synthetic images whose answers must be read from text
-rendered at a known size, at fixed long sides from 336 to 2048 px and aspect ratios from 1:4 to 4:1.
+"""The project's high-resolution reading benchmark: held-out synthetic cards (`uhd_jax.data.synthetic_cards`, the
+demo's dataset) at fixed long sides from 336 to 2048 px, one fine-detail question each ("What is the code?": three
+digits printed at 1/7 of the card's short side).
 
-Each image comes from the synthetic generator (`uhd_jax.data.synthetic.render`, its own seed stream, so no image is
-in a training split) with its long side set to a bucket; it gets one reading question (the sign's word, a receipt's
-total or first item, a page's title or its small top-right word, the tallest bar's label). The text's size is
-proportional to the image, so a larger bucket holds the same layout at more pixels: a model that sees the image at
-336 px (LLaVA-1.5) reads it no better in larger buckets, a slicing model (LLaVA-UHD) should. This reproduces, in
-miniature, the paper's claim that UHD beats fixed-336 LLaVA-1.5 on small text at equal training budget.
+The card's layout is proportional to its size, so every bucket holds the same picture at more pixels: a model that
+pads it to one square of B px (LLaVA-1.5) sees the digits at ~B/28 px in every bucket, a slicing model (LLaVA-UHD,
+4 slices along the card) at ~B/7 px. Each bucket draws its cards from its own seed stream, none of them a training
+split's (the demo's splits are seeds 0 and 1). This reproduces, in miniature, the paper's claim that UHD reads small
+text that fixed-336 LLaVA-1.5 cannot, at equal training budget.
 
 Scores per bucket: exact match (case, spacing and a final period ignored), VQA accuracy with the reference as all
-ten human answers (= the EvalAI-normalised match) and ANLS (partial credit for near-misses).
+ten human answers (= the EvalAI-normalised match) and ANLS (partial credit for near-misses), and `wilson` gives the
+binomial interval of an exact-match rate.
 """
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from uhd_jax.data.synthetic import render
+from uhd_jax.data.synthetic_cards import FINE_QUESTIONS, render
 from uhd_jax.eval.benchmarks import SHORT
 from uhd_jax.eval.metrics.anls import anls
 from uhd_jax.eval.metrics.exact import plain_match
 from uhd_jax.eval.metrics.vqa_accuracy import soft_accuracy
 
-READING_QUESTIONS = ("What does the sign say?", "What is the total?", "What is the first item?", "What is the title?",
-                     "What is written in the top-right corner?", "Which bar is the tallest?")
+READING_QUESTIONS = FINE_QUESTIONS
 DEFAULT_SIDES = (336, 672, 1024, 1536, 2048)
 SEED = 7919   # a stream no training split uses (the demo's splits are seeds 0 and 1)
 QUESTIONS_FILE, ANNOTATIONS_FILE = "questions.jsonl", "annotations.json"
@@ -38,7 +38,7 @@ def build(out: str, per_bucket: int = 40, sides=DEFAULT_SIDES, seed: int = SEED)
     the same settings. Returns the paths."""
     paths = {"questions": os.path.join(out, QUESTIONS_FILE), "annotations": os.path.join(out, ANNOTATIONS_FILE),
              "images": os.path.join(out, "images")}
-    settings = {"per_bucket": per_bucket, "sides": list(sides), "seed": seed}
+    settings = {"per_bucket": per_bucket, "sides": list(sides), "seed": seed, "data": "cards"}
     if os.path.exists(paths["annotations"]):
         with open(paths["annotations"]) as f:
             if json.load(f).get("settings") == settings:
@@ -47,20 +47,29 @@ def build(out: str, per_bucket: int = 40, sides=DEFAULT_SIDES, seed: int = SEED)
     for side in sides:
         os.makedirs(os.path.join(paths["images"], str(side)), exist_ok=True)
         for i in range(per_bucket):
-            img, kind, _, qa = render(seed + side, i, min_side=side, max_side=side)
-            reading = [(q, a) for q, a in qa if q in READING_QUESTIONS]
-            question, answer = reading[int(np.random.default_rng([seed, side, i]).integers(len(reading)))]
+            img, _, qa = render(seed + side, i, long_side=side)
+            question, answer = next((q, a) for q, a in qa if q in READING_QUESTIONS)
             name = f"{side}/{i:04d}.png"
             img.save(os.path.join(paths["images"], name))
             qid = f"{side}-{i:04d}"
             questions.append({"question_id": qid, "image": name, "text": question + SHORT, "bucket": side,
-                              "width": img.width, "height": img.height, "kind": kind})
-            annotations.append({"question_id": qid, "answer": answer, "bucket": side, "kind": kind})
+                              "width": img.width, "height": img.height, "kind": "card"})
+            annotations.append({"question_id": qid, "answer": answer, "bucket": side, "kind": "card"})
     with open(paths["questions"], "w") as f:
         f.writelines(json.dumps(q) + "\n" for q in questions)
     with open(paths["annotations"], "w") as f:
         json.dump({"settings": settings, "annotations": annotations}, f)
     return paths
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at z = 1.96) of a rate of `hits` in `n`, as fractions."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def score(answers: list[dict], annotations_path: str) -> dict:

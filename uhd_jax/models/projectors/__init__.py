@@ -14,6 +14,8 @@ RESAMPLER_TYPES = {
     "adapt_spatial_resampler_v2": dict(grid=12, windowed=True, jbu=True),
     # the same with 8x8 windows / 64 queries per image (ours, for the CPU demo; no original checkpoint)
     "uhd_v2_query64": dict(grid=8, windowed=True, jbu=True),
+    # 2x2 windows / 4 queries per image: the demo's v2 (4 slices + overview = 20 tokens beside LLaVA-1.5's 64)
+    "uhd_v2_query4": dict(grid=2, windowed=True, jbu=True),
 }
 
 
