@@ -3,8 +3,8 @@ batch at a decode-step boundary instead of waiting for the others to finish.
 
 The cache holds `slots` rows of `max_prompt_tokens + max_tokens_limit` positions. A background thread loops: admit
 waiting requests into free rows (prefilled in groups that share a bucketed prompt length, then copied into their
-rows), run one decode step over all rows (rows without a request stay put: their token is not valid, so their cache does not advance),
-hand each request its new token. Sampling settings are per-row arrays (temperature 0 = greedy, top-p 1 = off) and each
+rows), run one decode step over all rows (rows without a request stay put: their token is not valid, so their cache
+does not advance), hand each request its new token. Sampling settings are per-row arrays (temperature 0 = greedy, top-p 1 = off) and each
 row draws from its own key folded with its own step count, as `eval.decoding` does: so one compiled step serves every
 mix, and a seeded answer does not depend on which other requests share the batch. Programs: one step, and per prompt
 bucket two prefills (a lone request's, a group's of `prefill_batch` rows) with their two row copies.
@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import os
 import queue
 import tempfile
 import threading
@@ -306,8 +307,11 @@ class Engine:
         if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
             raise UserError(f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings")
         conv = self.model.conversation(turns, question, image is not None)
-        with tempfile.TemporaryDirectory() as tmp:
-            prompt = self.model._prompt(conv, _image_path(image, tmp, 0), "prompt")
+        if image is None or isinstance(image, (str, os.PathLike)):
+            prompt = self.model._prompt(conv, _image_path(image, "", 0), "prompt")
+        else:   # a PIL image goes through a lossless file, as `api.Model` sends it
+            with tempfile.TemporaryDirectory() as tmp:
+                prompt = self.model._prompt(conv, _image_path(image, tmp, 0), "prompt")
         n = len(prompt["ids"])
         if n > self.max_prompt_tokens:
             raise UserError(f"the prompt is {n} tokens (text and image tokens), over this server's limit of "
@@ -328,10 +332,14 @@ class Engine:
                     self._lock.wait()
                 if self._closed:
                     break
+                waiting = [r for r in self._pending if not r.handle.cancelled]
+                gone, self._pending = [r for r in self._pending if r.handle.cancelled], waiting
                 admitted = []
                 for slot in range(self.slots):
                     if self._rows[slot] is None and self._pending:
                         admitted.append((slot, self._pending.pop(0)))
+            for request in gone:   # cancelled while waiting for a slot
+                self._end(None, request, "cancelled")
             try:
                 for group in self._groups(admitted):
                     try:

@@ -61,7 +61,7 @@ def chat_request(body, limits: Limits) -> ChatRequest:
     if unknown:
         raise ApiError(f"unknown field {unknown[0]!r}; this server takes {', '.join(sorted(FIELDS))}", unknown[0],
                        code="unknown_field")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError("n must be 1: one answer per request", "n")
     messages, image = _messages(body.get("messages"), limits)
     sampling = {}
