@@ -227,7 +227,7 @@ def test_generate_cli_user_mistakes(synthetic_data, tiny_checkpoint, tmp_path, c
     demo = load_config("configs/llava15.py:demo")
     bigger = fake_checkpoint(tmp_path / "demo", {"model": demo.model.to_dict()})
     assert_mistake(capsys, main, replaced("--checkpoint", bigger) + one,
-                   "model.llm.hidden_size is 192 there, 32 in the config; pass the config and variant")
+                   "model.llm.hidden_size is 128 there, 32 in the config; pass the config and variant")
     damaged = fake_checkpoint(tmp_path / "damaged", {})
     with open(os.path.join(damaged, "config.json"), "w") as f:
         f.write('{"model": {\n  "llm": }')
