@@ -8,6 +8,8 @@ measures its time and the allocator's peak.
 """
 from __future__ import annotations
 
+import math
+import re
 import statistics
 import time
 
@@ -27,6 +29,31 @@ def analysis_bytes(compiled) -> dict:
     # outputs written into donated arguments (the train state) are not held twice
     return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
             "peak_bytes": arg + out - alias + temp}
+
+
+_ENTRY_PARAM = re.compile(r"^\s*%(\S+) = bf16\[([\d,]*)\]\{[^}]*\} parameter\(")
+_ENTRY_UPCAST = re.compile(r"^\s*%\S+ = f32\[([\d,]*)\]\{[^}]*\} (?:fusion|convert)\(%(\S+?)\)[,\s]")
+
+
+def cpu_upcast_bytes(hlo_text: str) -> int:
+    """Bytes of float32 copies of whole bfloat16 arguments in a compiled CPU step (`compiled.as_text()`).
+
+    XLA:CPU has no bfloat16 dynamic-slice: its float normalisation upcasts the operand, so the scan over layers
+    slices a float32 copy of each stacked bf16 weight, and loop-invariant code motion hoists that copy out of the
+    loop, where it lives for the whole step (about 27 GB for a 7B base). A GPU slices and multiplies bf16 as is. The
+    copies are the entry computation's converts of a bf16 parameter to float32 at the same shape."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):] if "\nENTRY" in hlo_text else ""
+    bf16_params = {}
+    total = 0
+    for line in entry.splitlines()[1:]:
+        m = _ENTRY_PARAM.match(line)
+        if m:
+            bf16_params[m.group(1)] = m.group(2)
+            continue
+        m = _ENTRY_UPCAST.match(line)
+        if m and bf16_params.get(m.group(2)) == m.group(1):
+            total += 4 * math.prod(int(d) for d in m.group(1).split(",") if d)
+    return total
 
 
 def _jbu_step(config, stage_name: str, batch: int):

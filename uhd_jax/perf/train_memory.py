@@ -3,7 +3,7 @@ shards it), from XLA's buffer assignment with abstract state and batch: whether 
 answered on a CPU (see `uhd_jax.perf.memory` for what the numbers mean).
 
   python -m uhd_jax.perf.train_memory --config configs/llava15.py:7b_lora --stage sft --per-device 16 \
-      --length 2048 [--devices 8 --fsdp 8] [--config.model.remat_policy=nothing_saveable]
+      --length 2048 [--accum 4] [--devices 8 --fsdp 8] [--config.model.remat_policy=nothing_saveable]
 """
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ import os
 import sys
 
 
-def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shape: dict) -> dict:
+def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shape: dict, accum: int = 1,
+                loss_chunk: int | None = None) -> dict:
+    """XLA's memory analysis of the stage's step for `per_device` sequences of `length` tokens per device, taken in
+    `accum` micro-batches of per_device / accum (the step's accumulation scan), the loss `loss_chunk` tokens at a time
+    (None: the step's default), plus what of it is the CPU backend's
+    own (`cpu_upcast_bytes`, see `cpu_upcast_bytes`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -22,7 +27,7 @@ def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shap
 
     from uhd_jax.models.vlm import VLM, example_inputs, init_fn
     from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
-    from uhd_jax.perf.memory import analysis_bytes
+    from uhd_jax.perf.memory import analysis_bytes, cpu_upcast_bytes
     from uhd_jax.train import optimizer as opt
     from uhd_jax.train.state import TrainState
     from uhd_jax.train.step import make_train_step
@@ -47,22 +52,26 @@ def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shap
     rep = NamedSharding(mesh, P())
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_abs)
     state_sh = TrainState(step=rep, params=p_sh, opt_state=o_sh)
-    batch_size = per_device * len(devices)
+    if per_device % accum:
+        raise ValueError(f"--per-device {per_device} is not a multiple of --accum {accum}")
+    batch_size = per_device // accum * len(devices)
     ids, valid, pos, pixels, image_map = example_inputs(cfg, batch=batch_size, seq_len=length)
     if not isinstance(pixels, dict):
         pixels = {"pixel_values": pixels}
     arrays = dict(input_ids=ids, token_valid=valid, positions=pos, image_token_map=image_map, targets=ids,
                   loss_mask=valid, **pixels)
-    batch = {k: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype) for k, v in arrays.items()}
+    batch = {k: jax.ShapeDtypeStruct((accum,) + v.shape, v.dtype) for k, v in arrays.items()}
     batch_sh = {k: NamedSharding(mesh, P(None, BATCH_AXES)) for k in batch}
-    step = jax.jit(make_train_step(VLM(cfg), tx, split, 0 if cfg.stochastic_training else None),
+    step = jax.jit(make_train_step(VLM(cfg), tx, split, 0 if cfg.stochastic_training else None, loss_chunk),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = step.lower(state, batch).compile()
     count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree) if x is not None)  # noqa: E731
     trainable, frozen = split(params)
-    return dict(analysis_bytes(compiled), devices=len(devices), mesh=mesh_shape, per_device=per_device,
-                length=length, trained_parameters=count(trainable), frozen_parameters=count(frozen))
+    return dict(analysis_bytes(compiled), cpu_upcast_bytes=cpu_upcast_bytes(compiled.as_text()),
+                devices=len(devices), mesh=mesh_shape, per_device=per_device, accum=accum, length=length,
+                remat_policy=cfg.llm.remat_policy, trained_parameters=count(trainable),
+                frozen_parameters=count(frozen))
 
 
 def main(argv=None) -> int:
@@ -72,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default="sft")
     p.add_argument("--per-device", type=int, default=16)
     p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches the per-device sequences are taken in")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per loss chunk (default: the step's)")
     p.add_argument("--devices", type=int, default=1, help="CPU stand-in devices (the mesh's size)")
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--tensor", type=int, default=1)
@@ -85,8 +96,9 @@ def main(argv=None) -> int:
     from uhd_jax.cli_errors import load_config
 
     mesh = dict(data=a.devices // (a.fsdp * a.tensor), fsdp=a.fsdp, tensor=a.tensor)
-    out = step_memory(load_config(a.config, overrides), a.stage, a.per_device, a.length, mesh)
-    out.update(config=a.config, stage=a.stage, overrides=overrides, peak_gb=round(out["peak_bytes"] / 1e9, 2))
+    out = step_memory(load_config(a.config, overrides), a.stage, a.per_device, a.length, mesh, a.accum, a.loss_chunk)
+    out.update(config=a.config, stage=a.stage, overrides=overrides, peak_gb=round(out["peak_bytes"] / 1e9, 2),
+               peak_gb_without_cpu_upcast=round((out["peak_bytes"] - out["cpu_upcast_bytes"]) / 1e9, 2))
     print(json.dumps(out))
     return 0
 

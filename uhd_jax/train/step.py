@@ -4,6 +4,11 @@ non-finite update never applied.
 Loss = sum of token cross-entropies over every supervised token of the global batch (all micro-batches and devices)
 divided by their count: each supervised token weighs the same, whatever its sample's length. (HF/LLaVA average per
 device micro-batch first, which weighs tokens of short micro-batches more.)
+
+The loss never holds the (B, L, V) float32 logits: the model returns its final hidden states and `chunked_sums`
+computes logits, log-partition and argmax a chunk of tokens at a time under `jax.checkpoint`, so the backward pass
+recomputes each chunk's logits instead of keeping them (MaxText's vocabulary tiling). At 16 x 2048 tokens and a
+32000-word vocabulary the whole tensor is 4.2 GB, and autodiff kept several.
 """
 from __future__ import annotations
 
@@ -25,18 +30,65 @@ def model_inputs(batch: dict) -> tuple:
     return batch["input_ids"], batch["token_valid"], batch["positions"], images, batch["image_token_map"]
 
 
-def token_losses(model, params, micro, dropout_rng=None):
-    """Per-token cross-entropy (B, L) float32 and correctness of the argmax prediction. With `dropout_rng` the model
-    runs in training mode (dropout on)."""
-    if dropout_rng is None:
-        logits, _ = model.apply({"params": params}, *model_inputs(micro))
-    else:
-        logits, _ = model.apply({"params": params}, *model_inputs(micro), deterministic=False,
-                                rngs={"dropout": dropout_rng})
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, micro["targets"][..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == micro["targets"]
-    return logz - target_logit, correct
+# A chunk's float32 logits stay under this many bytes (2048 tokens at a 32000-word vocabulary): small beside a
+# device, large enough that each chunk's matmul stays efficient.
+LOGITS_CHUNK_BYTES = 1 << 28
+
+
+def loss_chunk_tokens(vocab_size: int, n_tokens: int, chunk: int | None = None) -> int:
+    """Tokens per loss chunk: `chunk` if given, else as many as fit LOGITS_CHUNK_BYTES; never more than n_tokens
+    (one chunk: the plain computation)."""
+    if chunk is None:
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+    return max(1, min(int(chunk), n_tokens))
+
+
+def chunked_sums(logits_fn, hidden, targets, mask, chunk: int):
+    """Summed masked cross-entropy, token count and correct-argmax count of hidden (B, L, E) under `logits_fn`
+    ((n, E) -> (n, V) float32), `chunk` tokens at a time. The tokens are flattened and padded (mask 0) to a multiple
+    of `chunk`; each chunk's logits exist only inside its (rematerialised) body."""
+    e = hidden.shape[-1]
+    h, tgt, m = hidden.reshape(-1, e), targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    pad = (-n) % chunk
+    if pad:
+        h = jnp.concatenate([h, jnp.zeros((pad, e), h.dtype)])
+        tgt = jnp.concatenate([tgt, jnp.zeros((pad,), tgt.dtype)])
+        m = jnp.concatenate([m, jnp.zeros((pad,), m.dtype)])
+
+    def sums(h_c, tgt_c, m_c):
+        logits = logits_fn(h_c)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, tgt_c[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == tgt_c).astype(jnp.float32)
+        return jnp.sum((logz - target_logit) * m_c), jnp.sum(m_c), jnp.sum(correct * m_c)
+
+    if h.shape[0] == chunk:
+        return sums(h, tgt, m)
+    body = jax.checkpoint(sums)
+
+    def step(carry, xs):
+        return tuple(a + b for a, b in zip(carry, body(*xs))), None
+
+    k = h.shape[0] // chunk
+    zero = jnp.float32(0)
+    out, _ = jax.lax.scan(step, (zero, zero, zero),
+                          (h.reshape(k, chunk, e), tgt.reshape(k, chunk), m.reshape(k, chunk)))
+    return out
+
+
+def loss_sums(model, params, micro, dropout_rng=None, chunk: int | None = None):
+    """(summed masked cross-entropy, supervised tokens, correct argmax predictions) of a micro-batch, the logits
+    computed `loss_chunk_tokens` at a time. With `dropout_rng` the model runs in training mode (dropout on)."""
+    kwargs = {} if dropout_rng is None else dict(deterministic=False, rngs={"dropout": dropout_rng})
+    hidden, _ = model.apply({"params": params}, *model_inputs(micro), return_hidden=True, **kwargs)
+    logits_fn = lambda h: model.apply({"params": params}, h[None], method=_llm_logits)[0]  # noqa: E731
+    chunk = loss_chunk_tokens(model.cfg.llm.vocab_size, hidden.shape[0] * hidden.shape[1], chunk)
+    return chunked_sums(logits_fn, hidden, micro["targets"], micro["loss_mask"], chunk)
+
+
+def _llm_logits(vlm, hidden):
+    return vlm.llm.logits(hidden)
 
 
 def apply_if_finite(state: TrainState, tx, grads, trainable, loss, full_params):
@@ -53,17 +105,15 @@ def apply_if_finite(state: TrainState, tx, grads, trainable, loss, full_params):
     return new_state, grad_norm, finite
 
 
-def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = None):
+def make_train_step(model, tx, labels_frozen_split, dropout_seed: int | None = None, loss_chunk: int | None = None):
     """labels_frozen_split(params) -> (trainable, frozen) trees (None where the other holds the leaf).
 
     `dropout_seed`: training-mode dropout with a key derived from (seed, step, micro-batch), so a resumed run draws
-    the same masks as an uninterrupted one."""
+    the same masks as an uninterrupted one. `loss_chunk`: tokens per loss chunk (None: `loss_chunk_tokens`)."""
 
     def micro_sums(trainable, frozen, micro, rng):
-        params = merge(trainable, frozen)
-        losses, correct = token_losses(model, params, micro, rng)
-        mask = micro["loss_mask"].astype(jnp.float32)
-        return jnp.sum(losses * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+        loss_sum, count, correct = loss_sums(model, merge(trainable, frozen), micro, rng, loss_chunk)
+        return loss_sum, (count, correct)
 
     grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
 

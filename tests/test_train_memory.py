@@ -1,0 +1,114 @@
+"""The train step's memory: the loss in token chunks (no (B, L, V) logits), remat by name, and what XLA's analysis
+of the compiled step says about them at tiny sizes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from uhd_jax.config_loading import load_config
+from uhd_jax.models.vlm import VLM, init_fn
+from uhd_jax.perf.memory import cpu_upcast_bytes
+from uhd_jax.perf.train_memory import step_memory
+from uhd_jax.train import optimizer as opt
+from uhd_jax.train.state import TrainState
+from uhd_jax.train.step import loss_chunk_tokens, make_train_step, model_inputs
+from uhd_jax.train.trainer import model_for_stage
+
+B, L = 3, 20
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    c = load_config("configs/llava15.py:tiny")
+    cfg = model_for_stage(c, c.stages.sft)
+    params = nn.meta.unbox(init_fn(cfg)(jax.random.PRNGKey(0))["params"])
+    labels = opt.group_labels(params, [("vision/.*", "frozen"), (".*", "rest")])
+    rng = np.random.default_rng(1)
+    batch = {"input_ids": rng.integers(3, 120, (B, L)).astype(np.int32),
+             "targets": rng.integers(0, cfg.llm.vocab_size, (B, L)).astype(np.int32),
+             "loss_mask": rng.random((B, L)) < 0.6, "token_valid": np.ones((B, L), bool),
+             "positions": np.broadcast_to(np.arange(L), (B, L)).astype(np.int32),
+             "pixel_values": rng.normal(size=(B, 1, 56, 56, 3)).astype(np.float32),
+             "image_token_map": np.tile(np.r_[np.arange(16), -np.ones(L - 16, int)], (B, 1)).astype(np.int32)}
+    return cfg, params, labels, batch
+
+
+def reference_loss(model, params, batch):
+    """Masked mean cross-entropy from the model's full (B, L, V) logits and optax's cross-entropy."""
+    logits, _ = model.apply({"params": params}, *model_inputs(batch))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+
+@pytest.mark.parametrize("chunk", [7, 60])   # padded chunks; one chunk for the whole batch
+def test_chunked_loss_and_its_update_equal_the_full_logits_loss(tiny, chunk):
+    cfg, params, labels, batch = tiny
+    model = VLM(cfg)
+    tx = optax.multi_transform({"rest": optax.sgd(1.0)}, opt.trainable_labels(labels))
+    split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
+    state = TrainState(jnp.int32(0), params, tx.init(split(params)[0]))
+    new, metrics = jax.jit(make_train_step(model, tx, split, loss_chunk=chunk))(
+        state, {k: v[None] for k, v in batch.items()})
+
+    want_loss, want_grads = jax.value_and_grad(lambda p: reference_loss(model, p, batch))(params)
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+    assert float(metrics["tokens"]) == batch["loss_mask"].sum()
+    # SGD at rate 1: every trained parameter moved by exactly minus its gradient; the frozen tower did not move.
+    moved = jax.tree_util.tree_map(lambda a, b: a - b, params, new.params)
+    for path, g in jax.tree_util.tree_flatten_with_path(want_grads)[0]:
+        name = jax.tree_util.keystr(path)
+        got = dict(jax.tree_util.tree_flatten_with_path(moved)[0])[path]
+        if "vision" in name:
+            assert not np.any(got), name
+        else:
+            np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_loss_chunk_size_follows_the_vocabulary():
+    assert loss_chunk_tokens(32000, 32768) == 2097       # 2097 x 32000 x 4 bytes <= 256 MiB
+    assert loss_chunk_tokens(1024, 4096) == 4096         # a small vocabulary: one chunk
+    assert loss_chunk_tokens(32000, 32768, chunk=512) == 512
+
+
+def tiny_memory(llm=None, **model):
+    """llava15:tiny with scanned layers, its LLM sizes updated by `llm`, its model by `model`."""
+    c = load_config("configs/llava15.py:tiny")
+    c.model.update(dict(model, scan_layers=True, llm=dict(c.model.llm.to_dict(), **(llm or {}))))
+    return c
+
+
+MESH = dict(data=1, fsdp=1, tensor=1)
+
+
+def test_chunked_loss_lowers_the_compiled_steps_temporaries():
+    one_chunk = step_memory(tiny_memory(dict(vocab_size=8192)), "sft", 4, 256, MESH, loss_chunk=1024)
+    chunked = step_memory(tiny_memory(dict(vocab_size=8192)), "sft", 4, 256, MESH, loss_chunk=128)
+    # 1024 tokens x 8192 words x 4 bytes = 32 MiB of logits, kept with their gradient; 128-token chunks hold 4 MiB.
+    assert chunked["temp_bytes"] < 0.5 * one_chunk["temp_bytes"], (chunked, one_chunk)
+
+
+def test_remat_and_micro_batches_lower_the_compiled_steps_temporaries():
+    deep = dict(num_layers=6)
+    kept = step_memory(tiny_memory(deep, remat_policy="none"), "sft", 4, 256, MESH)
+    remat = step_memory(tiny_memory(deep, remat_policy="nothing_saveable"), "sft", 4, 256, MESH)
+    assert remat["temp_bytes"] < 0.6 * kept["temp_bytes"], (remat, kept)
+    # the same sequences in 4 micro-batches of 1: a quarter of the activations live at once
+    micro = step_memory(tiny_memory(deep, remat_policy="nothing_saveable"), "sft", 4, 256, MESH, accum=4)
+    assert micro["temp_bytes"] < 0.6 * remat["temp_bytes"], (micro, remat)
+
+
+def test_cpu_upcast_counts_the_float32_copies_of_stacked_bf16_weights():
+    c = tiny_memory()
+    c.stages.sft.model = dict(llm=dict(param_dtype="bfloat16"))
+    c.model.dtype = "bfloat16"
+    out = step_memory(c, "sft", 2, 64, MESH)
+    llm = c.model.llm
+    e, m, layers, heads, kv = llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.num_heads, llm.num_kv_heads
+    d = e // heads
+    stacked = layers * (e * heads * d * 2 + e * kv * d * 2 + 3 * e * m)   # q, o, k, v, gate, up, down kernels
+    # every stacked kernel is copied to float32 once; at most every bf16 argument is
+    assert 4 * stacked <= out["cpu_upcast_bytes"] <= 2 * out["argument_bytes"], out
+    assert cpu_upcast_bytes("HloModule m\n\nENTRY %main () -> f32[] {\n}\n") == 0
