@@ -56,6 +56,14 @@ def test_a_single_row_shards_over_the_model_axes_only(family, capsys):
     mesh = generation_mesh("2,2,2")
     assert batch_axes(mesh, 1) == () and batch_axes(mesh, 2) == ("data",) and batch_axes(mesh, 4) == ("data", "fsdp")
     assert dict(generation_rules(DEFAULT_RULES, mesh, 2))["activation_batch"] == ("data",)
+    # the checkpoint is read straight into the rules' shardings: no device ever holds a whole weight
+    from uhd_jax.eval.model_vqa import read_meta, restore_sharded
+    from uhd_jax.train.param_tree import flatten
+
+    read = flatten(restore_sharded(final, read_meta(final)["model"], mesh, DEFAULT_RULES))
+    embed = read["llm/embed_tokens/embedding"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert embed.addressable_shards[0].data.shape == (embed.shape[0] // 2, embed.shape[1] // 2)
     single = uhd_jax.load(final, batch_size=1)
     sharded = uhd_jax.load(final, batch_size=1, mesh=mesh)
     q = "What does the sign say?"

@@ -69,8 +69,8 @@ def generation_rules(rules, mesh: jax.sharding.Mesh, batch: int):
 
 
 def place_params(cfg: VLMConfig, params, mesh: jax.sharding.Mesh, rules):
-    """Host or single-device parameters -> the same tree laid out on `mesh` by the logical rules, leaf by leaf (one
-    tensor on the host at a time beyond what the caller holds)."""
+    """Parameters (host, one device, or already on the mesh: then nothing moves) -> the same tree laid out on `mesh`
+    by the logical rules, leaf by leaf."""
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.parallel.sharding import logical_shardings
 
@@ -78,7 +78,7 @@ def place_params(cfg: VLMConfig, params, mesh: jax.sharding.Mesh, rules):
     xla = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
                               llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
     shardings = logical_shardings(jax.eval_shape(init_fn(xla), jax.random.PRNGKey(0))["params"], mesh, rules)
-    return jax.tree_util.tree_map(lambda x, sh: jax.device_put(np.asarray(x), sh), params, shardings)
+    return jax.tree_util.tree_map(jax.device_put, params, shardings)
 
 
 def bucket_length(n: int, smallest: int = 64) -> int:

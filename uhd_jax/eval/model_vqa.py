@@ -111,8 +111,9 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
     """Parameters of `checkpoint`, checked tensor by tensor against the model its config.json describes, whose
     family and size must be the experiment config's. `model`: that model with other run settings
     (`checkpoint_config.experiment`); a different layer layout (scan_layers) or param_dtype converts the parameters.
-    `mesh` ('data,fsdp,tensor', a dict or a Mesh; see `generate.generation_mesh`): the parameters are laid out over
-    this process's devices by the config's axis rules (the training ones)."""
+    `mesh` ('data,fsdp,tensor', a dict or a Mesh; see `generate.generation_mesh`): the parameters are read straight
+    into their shardings over this process's devices by the config's axis rules (the training ones), so a model that
+    fits no single device loads (a layer layout change stacks them on the host first)."""
     from uhd_jax.eval.checkpoint_config import checkpoint_name
 
     meta = read_meta(checkpoint)
@@ -120,11 +121,10 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
     tokenizer = tokenizer_for(config, meta)
     model = meta["model"] if model is None else model
     cfg = vlm_config(model)
-    params = load_params(checkpoint)
-    # shapes do not depend on the attention kernel, and tracing cuDNN's needs a GPU even abstractly
-    xla = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
-                              llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
-    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(xla), jax.random.PRNGKey(0))["params"]))
+    mesh = generation_mesh(mesh)
+    rules = rules_from_config(config.get("axis_rules"))
+    params = load_params(checkpoint) if mesh is None else restore_sharded(checkpoint, meta["model"], mesh, rules)
+    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(_xla(cfg)), jax.random.PRNGKey(0))["params"]))
     got = match_layer_layout(flatten(params), scanned=bool(meta["model"].get("scan_layers")),
                              want_scanned=cfg.llm.scan_layers)
     if model.get("param_dtype") != meta["model"].get("param_dtype"):   # asked for: e.g. bfloat16 weights on a GPU
@@ -139,11 +139,38 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
                         f"unexpected {unknown[:8]}, mis-shaped {misshaped[:8]}; re-export it or pass the matching "
                         f"checkpoint directory (a stage's final/ folder)")
     params = unflatten(got)
-    mesh = generation_mesh(mesh)
-    rules = rules_from_config(config.get("axis_rules"))
-    if mesh is not None:
+    if mesh is not None:   # a layer layout or dtype converted above: back onto the rules' shardings
         params = place_params(cfg, params, mesh, rules)
     return LoadedModel(config, cfg, params, tokenizer, model_id or checkpoint_name(checkpoint), mesh, rules)
+
+
+def _xla(cfg):
+    """`cfg` with XLA attention: shapes do not depend on the kernel, and tracing cuDNN's needs a GPU even
+    abstractly."""
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
+                               llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
+
+
+def restore_sharded(checkpoint: str, stored_model: dict, mesh, rules):
+    """The checkpoint's tensors read straight into the shardings the rules give its own model (`stored_model`, its
+    config.json's): no device, and not the host, holds the whole model. A tensor the model does not have, or has in
+    another shape, is read replicated, for `load_model`'s checks to name."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from uhd_jax.parallel.sharding import logical_shardings
+    from uhd_jax.train.checkpoints import PARAMS_DIR
+
+    stored = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(checkpoint), PARAMS_DIR))
+    stored = getattr(stored, "item_metadata", stored)
+    stored = flatten(getattr(stored, "tree", stored))
+    boxed = jax.eval_shape(init_fn(_xla(vlm_config(stored_model))), jax.random.PRNGKey(0))["params"]
+    shapes = flatten(nn.meta.unbox(boxed))
+    shardings = flatten(logical_shardings(boxed, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    target = {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=shardings[k] if k in shapes and tuple(
+        shapes[k].shape) == tuple(m.shape) else replicated) for k, m in stored.items()}
+    return load_params(checkpoint, unflatten(target))
 
 
 def rule_for(config, benchmark: str) -> EvalRule:
