@@ -4,7 +4,8 @@ Everything comes from the checkpoint as `uhd-generate --checkpoint` takes it (`e
 config, family, tokenizer), and answers go through the same path as `uhd-generate --image --prompt` (the 'open'
 rule's prompt and slicing, `eval.generate.Generator`), so the two give the same tokens. A `Model` keeps one
 Generator per decoding setting; compiled programs are jax.jit's, keyed by (batch, bucket length, setting), so a
-second call that lands in a bucket already seen runs without compiling.
+second call that lands in a bucket already seen runs without compiling. `load(..., mesh='data,fsdp,tensor')` shards
+the parameters, batches and KV cache over this process's devices (`eval.generate`), the tokens unchanged.
 """
 from __future__ import annotations
 
