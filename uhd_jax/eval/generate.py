@@ -68,16 +68,21 @@ def generation_rules(rules, mesh: jax.sharding.Mesh, batch: int):
     return tuple((name, (axes or None) if name == "activation_batch" else target) for name, target in rules)
 
 
+def with_xla_attention(cfg: VLMConfig) -> VLMConfig:
+    """`cfg` with XLA attention, for abstract shapes: they do not depend on the kernel, and tracing cuDNN's needs a
+    GPU even abstractly."""
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
+                               llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
+
+
 def place_params(cfg: VLMConfig, params, mesh: jax.sharding.Mesh, rules):
     """Parameters (host, one device, or already on the mesh: then nothing moves) -> the same tree laid out on `mesh`
     by the logical rules, leaf by leaf."""
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.parallel.sharding import logical_shardings
 
-    # shapes do not depend on the attention kernel, and tracing cuDNN's needs a GPU even abstractly
-    xla = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
-                              llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
-    shardings = logical_shardings(jax.eval_shape(init_fn(xla), jax.random.PRNGKey(0))["params"], mesh, rules)
+    boxed = jax.eval_shape(init_fn(with_xla_attention(cfg)), jax.random.PRNGKey(0))["params"]
+    shardings = logical_shardings(boxed, mesh, rules)
     return jax.tree_util.tree_map(jax.device_put, params, shardings)
 
 
@@ -173,7 +178,7 @@ class Generator:
                 mesh, jax.sharding.PartitionSpec(rows or None, *([None] * (ndim - 1))))
 
     def _placed(self, x):
-        """A host batch array where the program reads it: on the default device, or its rows over the mesh."""
+        """A batch array where the program reads it: on the default device, or its rows over the mesh."""
         if self.mesh is None:
             return jnp.asarray(x)
         return jax.device_put(x, self._row_sharding(np.ndim(x)))
@@ -223,12 +228,12 @@ class Generator:
             ids, valid, image_map, pixels = left_pad(chunk, length, slots, self.cfg.vision.image_size,
                                                      fixed_images=not self.cfg.packed_images)
             images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else pixels
-            images = jax.tree_util.tree_map(lambda x: self._placed(np.asarray(x)), images)
+            images = jax.tree_util.tree_map(self._placed, images)
             keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
             self.signatures.add((self.batch_size, length))
             with self._on_mesh():
                 tokens = np.asarray(generate_tokens(self.params, self.cfg, self._placed(ids), self._placed(valid),
-                                                    images, self._placed(image_map), self._placed(np.asarray(keys)),
+                                                    images, self._placed(image_map), self._placed(keys),
                                                     self.gen))
             for i, row in zip(idx, tokens):
                 out[i] = self._trim(row)

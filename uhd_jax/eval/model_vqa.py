@@ -24,7 +24,7 @@ from uhd_jax.eval.answers import AnswerFile, answer_record, chunk
 from uhd_jax.eval.benchmarks import EvalRule, eval_rule, prompt_text
 from uhd_jax.eval.checkpoint_config import field_at
 from uhd_jax.eval.decoding import GenerationConfig
-from uhd_jax.eval.generate import Generator, generation_mesh, place_params
+from uhd_jax.eval.generate import Generator, generation_mesh, place_params, with_xla_attention
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models.vlm import init_fn
 from uhd_jax.parallel.sharding import rules_from_config
@@ -124,7 +124,8 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
     mesh = generation_mesh(mesh)
     rules = rules_from_config(config.get("axis_rules"))
     params = load_params(checkpoint) if mesh is None else restore_sharded(checkpoint, meta["model"], mesh, rules)
-    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(_xla(cfg)), jax.random.PRNGKey(0))["params"]))
+    expected = flatten(nn.meta.unbox(jax.eval_shape(init_fn(with_xla_attention(cfg)), jax.random.PRNGKey(0))[
+        "params"]))
     got = match_layer_layout(flatten(params), scanned=bool(meta["model"].get("scan_layers")),
                              want_scanned=cfg.llm.scan_layers)
     if model.get("param_dtype") != meta["model"].get("param_dtype"):   # asked for: e.g. bfloat16 weights on a GPU
@@ -144,13 +145,6 @@ def load_model(config, checkpoint: str, model: dict | None = None, model_id: str
     return LoadedModel(config, cfg, params, tokenizer, model_id or checkpoint_name(checkpoint), mesh, rules)
 
 
-def _xla(cfg):
-    """`cfg` with XLA attention: shapes do not depend on the kernel, and tracing cuDNN's needs a GPU even
-    abstractly."""
-    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, attention_impl="xla"),
-                               llm=dataclasses.replace(cfg.llm, attention_impl="xla"))
-
-
 def restore_sharded(checkpoint: str, stored_model: dict, mesh, rules):
     """The checkpoint's tensors read straight into the shardings the rules give its own model (`stored_model`, its
     config.json's): no device, and not the host, holds the whole model. A tensor the model does not have, or has in
@@ -164,7 +158,7 @@ def restore_sharded(checkpoint: str, stored_model: dict, mesh, rules):
     stored = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(checkpoint), PARAMS_DIR))
     stored = getattr(stored, "item_metadata", stored)
     stored = flatten(getattr(stored, "tree", stored))
-    boxed = jax.eval_shape(init_fn(_xla(vlm_config(stored_model))), jax.random.PRNGKey(0))["params"]
+    boxed = jax.eval_shape(init_fn(with_xla_attention(vlm_config(stored_model))), jax.random.PRNGKey(0))["params"]
     shapes = flatten(nn.meta.unbox(boxed))
     shardings = flatten(logical_shardings(boxed, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
