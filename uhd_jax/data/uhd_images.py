@@ -8,6 +8,12 @@ native grid^2 = 576: the slicer makes more only from images of aspect ratio abov
 9996-pixel-wide overview of 714 patches), because the tower's attention gives each image a row of that many keys.
 A sample over either limit is skipped and counted with its sizes and the limit in the reason, never truncated. With
 one compiled shape per run, any mix of aspect ratios compiles the step once.
+
+Inference may pack a batch into a smaller budget: `budget_buckets` are eighths of the full one (for the default,
+1..8 images of 577 slots), and a batch takes the smallest that holds its rows (`bucketed`, or `fit_to_bucket` for
+arrays already packed at the full budget). The tower's per-token layers run on every slot, padding included, so a
+672x1088 image (3859 slots) counts 1.21x its per-image FLOPs at 4616 slots and 1.07x at 4039; a run compiles once
+per bucket it touches, at most `count` times. Padding slots are read by nothing, so outputs do not change.
 """
 from __future__ import annotations
 
@@ -85,6 +91,44 @@ def layout_for_model(cfg, *, patch_budget: int, max_images: int, roi_taps: int =
                         vit_grid=cfg.vision.grid, query_grid=spec["grid"], windowed=spec["windowed"],
                         roi_taps=roi_taps, jbu=spec.get("jbu", False), level_roi_taps=level_roi_taps,
                         box_dtype=box_dtype, image_patches=cfg.vision.max_image_patches)
+
+
+# The packed arrays with one entry per token slot (axis 1), and those of each JBU level's slots.
+SLOT_KEYS = ("patches", "patch_segment_ids", "patch_is_cls", "patch_pos_index", "patch_pos_weight", "key_pos_index",
+             "key_pos_weight")
+LEVEL_SLOT_KEYS = ("src_index", "src_weight", "nbr_index", "guidance", "key_pos_index", "key_pos_weight")
+
+
+def budget_buckets(full: int, count: int = 8) -> tuple[int, ...]:
+    """The static budgets a batch may use: ceil(k/count) of the full budget, k = 1..count (count <= 1: the full
+    budget only)."""
+    count = max(int(count), 1)
+    return tuple(sorted({max(-(-full * k // count), 1) for k in range(1, count + 1)}))
+
+
+def bucket_budget(need: int, full: int, count: int = 8) -> int:
+    """The smallest bucket holding `need` slots (the full budget when none does: `check_images` names the excess)."""
+    return next((b for b in budget_buckets(full, count) if b >= need), full)
+
+
+def bucketed(layout: PackedLayout, need: int, count: int = 8) -> PackedLayout:
+    """`layout` with the smallest bucket budget holding `need` slots (the JBU levels shrink with it)."""
+    return dataclasses.replace(layout, patch_budget=bucket_budget(need, layout.patch_budget, count))
+
+
+def slots_used(segment_ids: np.ndarray) -> int:
+    """The most slots any packed row fills (images sit back to back from slot 0)."""
+    seg = np.asarray(segment_ids)
+    return int((seg > 0).sum(axis=-1).max()) if seg.size else 0
+
+
+def fit_to_bucket(arrays: dict, layout: PackedLayout, count: int = 8) -> tuple[dict, PackedLayout]:
+    """Arrays packed at `layout` (batch axis first) cut to the smallest bucket that holds their rows: the slots past
+    it are padding that no index points into, so the cut changes no output."""
+    small = bucketed(layout, slots_used(arrays["patch_segment_ids"]), count)
+    cuts = {key: small.patch_budget for key in SLOT_KEYS}
+    cuts.update({f"l{lv}_{key}": small.level_budget(lv) for lv in JBU_LEVELS for key in LEVEL_SLOT_KEYS})
+    return {k: (v[:, :cuts[k]] if k in cuts else v) for k, v in arrays.items()}, small
 
 
 def patches_needed(images: list[np.ndarray], patch: int) -> int:

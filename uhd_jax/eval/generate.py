@@ -2,8 +2,10 @@
 fixed batches, images encoded and spliced, then decoded (`uhd_jax.eval.decoding`), all in one jitted program.
 
 Static shapes: a batch is `batch_size` rows (short batches repeat their last prompt) of a bucketed length, and the
-images always fill the model's fixed slots (LLaVA-1.5 / LLaVAR / SliME) or its packed patch budget (UHD). So a whole
-benchmark compiles once per bucket it touches; `Generator.compilations` counts them.
+images always fill the model's fixed slots (LLaVA-1.5 / LLaVAR / SliME) or, for UHD, the smallest patch-budget bucket
+(`uhd_images.budget_buckets`: eighths of the packed budget) that holds the batch's slices. So a whole benchmark
+compiles once per (length, patch budget) bucket it touches, at most 8 budgets per length; `Generator.compilations`
+counts them. Padding slots are read by nothing, so the answers equal those at the full budget.
 
 On a mesh (`generation_mesh`, this process's devices only: several processes still answer their own chunks) the
 parameters carry the training rules' shardings (tensor parallel and FSDP, `uhd_jax.parallel.sharding`), a batch's rows
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uhd_jax.cli_errors import UserError
-from uhd_jax.data.uhd_images import fill_row
+from uhd_jax.data.uhd_images import bucketed, fill_row, patches_needed
 from uhd_jax.eval.decoding import GenerationConfig, decode
 from uhd_jax.models.vlm import VLM, VLMConfig
 from uhd_jax.parallel.mesh import MESH_AXES, make_mesh
@@ -136,14 +138,16 @@ class Generator:
     """Answers for lists of prompts with one model and one `GenerationConfig`.
 
     `stop_strings` end a row as soon as their tokens appear and are cut from the text (with what follows);
-    `packed_layout` is required for UHD models (`trainer.packed_layout(config, cfg)`); `max_prompt_length` bounds the
+    `packed_layout` is required for UHD models (`trainer.packed_layout(config, cfg)`), its budget the largest a batch
+    uses; `patch_buckets` (1: always that budget) how many budgets a batch may pick from; `max_prompt_length` bounds the
     buckets (a longer prompt is an error naming it). It defaults to what the model can take: its positions
     (`llm.max_position_embeddings`) less the new tokens, since RoPE past the trained positions answers with garbage;
     a larger one is an error."""
 
     def __init__(self, cfg: VLMConfig, params, tokenizer, gen: GenerationConfig, *, batch_size: int = 8,
                  packed_layout=None, max_images: int = 1, stop_strings: tuple[str, ...] = (),
-                 max_prompt_length: int | None = None, smallest_bucket: int = 64, mesh=None, rules=None):
+                 max_prompt_length: int | None = None, smallest_bucket: int = 64, mesh=None, rules=None,
+                 patch_buckets: int = 8):
         if cfg.packed_images and packed_layout is None:
             raise ValueError("this model reads packed UHD slices: pass "
                              "packed_layout=trainer.packed_layout(config, cfg)")
@@ -153,6 +157,7 @@ class Generator:
                                        stop_sequences=gen.stop_sequences + tuple(s for s in stops if s))
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.batch_size, self.layout, self.max_images = batch_size, packed_layout, max_images
+        self.patch_buckets = patch_buckets
         context = cfg.llm.max_position_embeddings
         room = context - self.gen.max_new_tokens
         if room < 1:
@@ -166,7 +171,8 @@ class Generator:
                            if max_prompt_length is None else "the --max-prompt-length given")
         self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length or room, \
             smallest_bucket
-        self.signatures: set[tuple[int, int]] = set()
+        self.signatures: set[tuple[int, int]] = set()          # (batch, length) of the batches run
+        self.programs: set[tuple[int, int, int]] = set()       # ... and their patch budget (0: fixed-size images)
         # `params` are already laid out on `mesh` (`place_params`); a batch is placed there per call
         self.mesh = mesh
         if mesh is not None:
@@ -193,8 +199,8 @@ class Generator:
 
     @property
     def compilations(self) -> int:
-        """Distinct (batch, length) programs run so far (each compiled once)."""
-        return len(self.signatures)
+        """Distinct (batch, length, patch budget) programs run so far (each compiled once)."""
+        return len(self.programs)
 
     def bucket(self, prompt: dict, name: str = "prompt") -> int:
         n = len(prompt["ids"])
@@ -227,10 +233,11 @@ class Generator:
             slots = self.max_images * self.cfg.views_per_image
             ids, valid, image_map, pixels = left_pad(chunk, length, slots, self.cfg.vision.image_size,
                                                      fixed_images=not self.cfg.packed_images)
-            images = packed_pixels(chunk, self.layout) if self.cfg.packed_images else pixels
+            images, budget = self.packed(chunk) if self.cfg.packed_images else (pixels, 0)
             images = jax.tree_util.tree_map(self._placed, images)
             keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
             self.signatures.add((self.batch_size, length))
+            self.programs.add((self.batch_size, length, budget))
             with self._on_mesh():
                 tokens = np.asarray(generate_tokens(self.params, self.cfg, self._placed(ids), self._placed(valid),
                                                     images, self._placed(image_map), self._placed(keys),
@@ -238,6 +245,12 @@ class Generator:
             for i, row in zip(idx, tokens):
                 out[i] = self._trim(row)
         return out
+
+    def packed(self, chunk: list[dict]) -> tuple[dict, int]:
+        """UHD prompts packed into the smallest budget bucket that holds the largest, and that budget."""
+        need = max(patches_needed(list(p["pixels"]), self.layout.patch_size) for p in chunk)
+        layout = bucketed(self.layout, need, self.patch_buckets)
+        return packed_pixels(chunk, layout), layout.patch_budget
 
     def _trim(self, row: np.ndarray) -> np.ndarray:
         if self.gen.eos_id is not None and (row == self.gen.eos_id).any():
