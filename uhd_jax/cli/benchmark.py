@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from uhd_jax.cli_errors import UserError, load_config, reports_user_errors, split_overrides  # noqa: E402
 from uhd_jax.data.batch import BatchShape  # noqa: E402
 from uhd_jax.data.dataset import load_tokenizer  # noqa: E402
+from uhd_jax.data.uhd_images import fit_to_bucket  # noqa: E402
 from uhd_jax.data.pipeline import Source, make_iterator  # noqa: E402
 from uhd_jax.eval.decoding import GenerationConfig  # noqa: E402
 from uhd_jax.eval.generate import Generator  # noqa: E402
@@ -367,6 +368,8 @@ def compare_compute(a) -> dict:
         (batch,), _ = prepared_batches(config, stage, cfg, paths, 1, 1)
         n = int(batch["token_valid"].sum())
         batch = {k: (v[:, :n] if v.ndim >= 2 and v.shape[1] == 4096 else v) for k, v in batch.items()}
+        if cfg.packed_images:   # the patch budget generation packs this image into (--patch-buckets 1: training's)
+            batch, _ = fit_to_bucket(batch, packed_layout(config, cfg, stage), a.patch_buckets)
         model = VLM(cfg)
         params = jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
@@ -380,7 +383,9 @@ def compare_compute(a) -> dict:
         vit, llm_f = flops.vit_forward_flops(cfg.vision, per_image), flops.llm_forward_flops(cfg.llm, n)
         out[name] = {"tokens": n, "vision_inputs": len(per_image), "vision_tokens": sum(per_image),
                      "forward_tflop_xla": total / 1e12, "vision_tflop_formula": vit / 1e12,
-                     "llm_tflop_formula": llm_f / 1e12, "rest_tflop": (total - vit - llm_f) / 1e12}
+                     "llm_tflop_formula": llm_f / 1e12, "rest_tflop": (total - vit - llm_f) / 1e12,
+                     "vision_slots": int(batch["patch_segment_ids"].shape[1]) if cfg.packed_images else len(per_image),
+                     "vision_xla_over_formula": flops.vision_xla_flops(cfg, batch) / vit}
     base = out[f"llava15:{llm}"]["forward_tflop_xla"]
     for name in list(out):
         if isinstance(out[name], dict) and name.startswith("uhd_v1"):
@@ -437,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare", choices=("torch",), default=None,
                    help="train mode: also time transformers' LLaVA (same towers, MLP projector) in PyTorch")
     p.add_argument("--compare-compute", action="store_true")
+    p.add_argument("--patch-buckets", type=int, default=8,
+                   help="--compare-compute: UHD patch-budget buckets as generation uses them (1: the full budget)")
     p.add_argument("--compute-llm", default="13b", help="LLM size for --compare-compute (13b: the paper's)")
     p.add_argument("--compute-size", default="672x1088")
     p.add_argument("--workdir", default=None, help="workload cache (default: a temp folder)")
