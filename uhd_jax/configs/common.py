@@ -114,16 +114,25 @@ def lora_recipe(get_config, variant: str, lr: float, quant: str | None = None) -
     trained through LoRA r 128 / alpha 256 (adapters at `lr`)."""
     c = get_config(variant.rsplit("_", 1)[0])
     c.variant = variant
-    lora_stage(c.stages.sft, LORA_R128, lr=lr, quant=quant)
+    lora_stage(c.stages.sft, LORA_R128, lr=lr, quant=quant, grad_accum=LORA_GRAD_ACCUM)
     return c
 
 
+# The LoRA recipes' 16 sequences of 2048 tokens per device (batch 128 on 8 devices) are taken one sequence at a time
+# (16 accumulation steps, same global batch and update): with whole-layer remat this is what fits the 7B QLoRA step
+# in 24 GB (benchmarks/README.md, "LoRA memory").
+LORA_GRAD_ACCUM = 16
+
+
 def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
-               base_dtype: str | None = "bfloat16", quant: str | None = None) -> ml_collections.ConfigDict:
+               base_dtype: str | None = "bfloat16", quant: str | None = None,
+               grad_accum: int | None = None) -> ml_collections.ConfigDict:
     """Stage `st` with the LLM trained through adapters instead: the rule that trained `llm/...` now trains only its
     adapters (group 'lora' at `lr`, fp32 master weights) and freezes the base, stored in `base_dtype` (None: the
     model's param_dtype); every other group keeps its rule and rate. `quant` ("int8" / "int4", QLoRA): the adapted
-    base kernels are stored quantised (uhd_jax.models.quant), quantised as the float checkpoint loads."""
+    base kernels are stored quantised (uhd_jax.models.quant), quantised as the float checkpoint loads. The LLM's
+    layers are rematerialised whole (`nothing_saveable`: only each layer's input is kept for the backward pass);
+    `grad_accum` replaces the stage's accumulation steps."""
     rules = []
     for pattern, group in st.trainable:
         if group == "llm":
@@ -136,5 +145,8 @@ def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
         model = st.get("model")
         model = dict(model.to_dict() if hasattr(model, "to_dict") else model or {})
         st.model = dict(model, llm=dict(model.get("llm") or {}, param_dtype=base_dtype))
+    st.model = dict(st.get("model") or {}, remat_policy="nothing_saveable")
+    if grad_accum:
+        st.grad_accum = grad_accum
     st.lrs = dict(lrs, lora=lr)
     return st
