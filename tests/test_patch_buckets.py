@@ -1,9 +1,8 @@
 """Patch-budget buckets: a batch packs its slices into the smallest of a few static budgets that holds them, so the
-tower's per-token layers stop running over the padding of the full budget, with the same outputs and a bounded
-number of compiles."""
+tower's per-token layers stop running over the padding of the full budget, with the same outputs (tests/test_uhd_v1.py's
+batch-invariance test: greedy tokens at the full budget equal those in buckets) and a bounded number of compiles."""
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,30 +107,3 @@ def test_batches_pick_from_at_most_eight_budgets(tiny_generation):
         assert need <= budget < need + layout.patch_budget / 8 and images["patches"].shape[1] == budget
         budgets.add(budget)
     assert 1 < len(budgets) <= 8 and budgets <= set(budget_buckets(layout.patch_budget))
-
-
-def test_generation_with_buckets_equals_the_full_budget(tiny_generation):
-    """Tiny UHD v1: greedy answers with a bucket equal those at the full budget; the batch used a budget below the
-    full one and compiled once."""
-    from uhd_jax.eval.decoding import GenerationConfig
-    from uhd_jax.eval.generate import Generator
-
-    cfg, prompts, tok, layout, init = tiny_generation
-    params = nn.meta.unbox(jax.jit(init)(jax.random.PRNGKey(1))["params"])
-    needs = [patches_needed(list(p["pixels"]), layout.patch_size) for p in prompts]
-    pair = [prompts[i] for i in np.argsort(needs, kind="stable")[:2]]     # the two that the smallest buckets hold
-    gen = GenerationConfig(max_new_tokens=4)
-    length = max(len(p["ids"]) for p in pair)         # one length bucket: only the patch budget varies
-
-    def answers(buckets):
-        g = Generator(cfg, params, tok, gen, batch_size=2, packed_layout=layout, smallest_bucket=length,
-                      patch_buckets=buckets)
-        return g.token_ids(pair), g
-
-    full, g_full = answers(1)
-    bucketed_answers, g = answers(8)
-    assert g_full.programs == {(2, length, layout.patch_budget)}
-    assert g.compilations == 1 and next(iter(g.programs))[2] < layout.patch_budget
-    assert any(len(t) for t in full)
-    for a, b in zip(full, bucketed_answers):
-        np.testing.assert_array_equal(a, b)

@@ -396,11 +396,15 @@ def test_uhd_generation_is_batch_invariant(synthetic_data):
     gen = GenerationConfig(max_new_tokens=4)
     # one bucket for all three prompts, so they really share a batch
     length = max(len(p["ids"]) for p in prompts)
-    batched = Generator(cfg, params, tok, gen, batch_size=3, packed_layout=layout, smallest_bucket=length)
+    # together at the full patch budget, alone each in its patch-budget bucket: the buckets change no answer
+    batched = Generator(cfg, params, tok, gen, batch_size=3, packed_layout=layout, smallest_bucket=length,
+                        patch_buckets=1)
     together = batched.token_ids(prompts)
     assert batched.compilations == 1
-    alone = [Generator(cfg, params, tok, gen, batch_size=1, packed_layout=layout, smallest_bucket=length
-                       ).token_ids([p])[0] for p in prompts]
+    singles = [Generator(cfg, params, tok, gen, batch_size=1, packed_layout=layout, smallest_bucket=length)
+               for _ in prompts]
+    alone = [g.token_ids([p])[0] for g, p in zip(singles, prompts)]
+    assert min(b for g in singles for _, _, b in g.programs) < layout.patch_budget
     for a, b in zip(together, alone):
         np.testing.assert_array_equal(a, b)
     assert any(len(t) for t in together)
