@@ -1,4 +1,5 @@
-"""A tiny LLaVA-1.5 checkpoint laid out as training leaves it, for the engine and server tests."""
+"""Tiny models with random weights saved as training leaves them, and request pieces, for the serving tests (the
+API, chat, engine, server, page and sharded generation)."""
 import json
 import os
 
@@ -7,28 +8,60 @@ import jax
 
 from tests.config_helpers import on_synthetic_data
 
+_SHARED: dict = {}
 
-def tiny_checkpoint(synthetic_data, folder, seed: int = 4) -> str:
-    """A randomly initialised tiny LLaVA-1.5 in FOLDER/runs/tiny/sft/final, recording its family and its tokenizer
-    (FOLDER/data/tokenizer, relative to FOLDER) as `uhd-train` does."""
+
+def tiny_checkpoint(spec: str, family: str, synthetic_data, work, seed: int = 4) -> str:
+    """`spec`'s sft model with random weights at WORK/runs/tiny/sft/final, its config.json recording the family and
+    the tokenizer relative to WORK (WORK/data/tokenizer links the synthetic one), as `uhd-train` writes it."""
+    from uhd_jax.models.config import vlm_config
     from uhd_jax.models.vlm import init_fn
     from uhd_jax.train.checkpoints import save_params
-    from uhd_jax.train.trainer import model_for_stage
+    from uhd_jax.train.trainer import stage_model
 
-    config = on_synthetic_data("configs/llava15.py:tiny", synthetic_data)
-    cfg = model_for_stage(config, config.stages.sft)
+    work = str(work)
+    config = on_synthetic_data(spec, synthetic_data)
+    model = stage_model(config, config.stages.sft)   # what the sft stage records (SliME: its ',' separator id)
+    cfg = vlm_config(model)
     params = nn.meta.unbox(jax.jit(init_fn(cfg))(jax.random.PRNGKey(seed))["params"])
-    final = os.path.join(folder, "runs", "tiny", "sft", "final")
-    save_params(final, params, {"model": config.model.to_dict()})
-    os.makedirs(os.path.join(folder, "data"))
-    os.symlink(synthetic_data["tokenizer"], os.path.join(folder, "data", "tokenizer"))
+    final = os.path.join(work, "runs", "tiny", "sft", "final")
+    save_params(final, params, {"model": model})
+    os.makedirs(os.path.join(work, "data"), exist_ok=True)
+    if not os.path.exists(os.path.join(work, "data", "tokenizer")):
+        os.symlink(synthetic_data["tokenizer"], os.path.join(work, "data", "tokenizer"))
     with open(os.path.join(final, "config.json"), "w") as f:
-        json.dump({"model": config.model.to_dict(), "family": "llava15", "stage": "sft", "steps": 1,
-                   "tokenizer": "data/tokenizer"}, f)
+        json.dump({"model": model, "family": family, "stage": "sft", "steps": 1, "tokenizer": "data/tokenizer"}, f)
     return final
 
 
-def eval_images(synthetic_data, count: int) -> list[str]:
+def shared_checkpoint(spec: str, family: str, synthetic_data, tmp_path_factory) -> str:
+    """`tiny_checkpoint` made once per test session and reused by every test file: the tests only read it. Under
+    xdist the first worker to ask builds it in the session's shared folder (initialising a model is a compile, 10-25 s
+    on 2 cores) and each worker copies the parameters next to a link to its own synthetic tokenizer (the same bytes:
+    the dataset and tokenizer are built from fixed seeds)."""
+    import fcntl
+    import re
+    import shutil
+
+    key = (spec, family, synthetic_data["root"])
+    if key not in _SHARED:
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base   # the parent is this session's
+        name = "tiny-" + re.sub(r"[^A-Za-z0-9]+", "-", spec)
+        with open(root / (name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            built = root / name / "runs" / "tiny" / "sft" / "final"
+            if not (built / "config.json").exists():
+                tiny_checkpoint(spec, family, synthetic_data, root / name)
+        work = tmp_path_factory.mktemp(family)
+        shutil.copytree(root / name / "runs", work / "runs")
+        os.makedirs(work / "data")
+        os.symlink(synthetic_data["tokenizer"], work / "data" / "tokenizer")
+        _SHARED[key] = str(work / "runs" / "tiny" / "sft" / "final")
+    return _SHARED[key]
+
+
+def eval_images(synthetic_data, count: int = 2) -> list[str]:
     folder = synthetic_data["images"] + "/eval"
     return [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:count]]
 

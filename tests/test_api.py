@@ -6,7 +6,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.api_helpers import eval_images, tiny_checkpoint
+from tests.serve_helpers import eval_images, shared_checkpoint
 from uhd_jax.data.templates import VICUNA_SYSTEM
 from uhd_jax.eval.generate import generate_tokens
 
@@ -19,7 +19,7 @@ def checkpoint(synthetic_data, tmp_path_factory):
     family and its tokenizer relative to WORK), and the model loaded from it."""
     import uhd_jax
 
-    final = tiny_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory.mktemp("work"))
+    final = shared_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory)
     return final, uhd_jax.load(final, batch_size=2), eval_images(synthetic_data, 2)
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.api_helpers import eval_images, tiny_checkpoint
+from tests.serve_helpers import eval_images, shared_checkpoint
 from uhd_jax.config_loading import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ class Terminal:
 
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_data, tmp_path_factory):
-    return tiny_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory.mktemp("work")), \
+    return shared_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory), \
         eval_images(synthetic_data, 2)
 
 

@@ -4,7 +4,7 @@ one step, one row copy and one prefill per bucket, and streamed deltas add up to
 
 import pytest
 
-from tests.serve_helpers import eval_images, tiny_checkpoint
+from tests.serve_helpers import eval_images, shared_checkpoint
 from uhd_jax.cli_errors import UserError
 
 Q = "What does the sign say?"
@@ -16,7 +16,7 @@ def setup(synthetic_data, tmp_path_factory):
     import uhd_jax
     from uhd_jax.serve.engine import Engine, compiled_programs
 
-    final = tiny_checkpoint(synthetic_data, str(tmp_path_factory.mktemp("work")))
+    final = shared_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory)
     model = uhd_jax.load(final, batch_size=1)
     images = eval_images(synthetic_data, 2)
     before = compiled_programs()

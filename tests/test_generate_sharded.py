@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.api_helpers import eval_images, tiny_checkpoint
+from tests.serve_helpers import eval_images, shared_checkpoint
 
 QUESTIONS = ["What does the sign say?", "What is the total?"]
 FAMILIES = [("configs/llava15.py:tiny", "llava15", "2,2,2"), ("configs/uhd_v2.py:tiny", "uhd_v2", "1,2,4"),
@@ -15,7 +15,7 @@ FAMILIES = [("configs/llava15.py:tiny", "llava15", "2,2,2"), ("configs/uhd_v2.py
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f for _, f, _ in FAMILIES])
 def family(request, synthetic_data, tmp_path_factory):
     spec, name, mesh = request.param
-    return tiny_checkpoint(spec, name, synthetic_data, tmp_path_factory.mktemp(name)), mesh, \
+    return shared_checkpoint(spec, name, synthetic_data, tmp_path_factory), mesh, \
         eval_images(synthetic_data, 16)
 
 

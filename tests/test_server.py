@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.serve_helpers import data_url, eval_images, png_header, tiny_checkpoint, user_message
+from tests.serve_helpers import data_url, eval_images, png_header, shared_checkpoint, user_message
 
 Q = "What does the sign say?"
 TOKENS = 16
@@ -22,7 +22,7 @@ def served(synthetic_data, tmp_path_factory):
     from uhd_jax.serve.openai_schema import Limits
     from uhd_jax.serve.server import Server
 
-    final = tiny_checkpoint(synthetic_data, str(tmp_path_factory.mktemp("work")))
+    final = shared_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory)
     model = uhd_jax.load(final, batch_size=1)
     engine = Engine(model, slots=4, max_tokens_limit=TOKENS, max_prompt_tokens=256)
     server = Server(("127.0.0.1", 0), engine, model_id="tiny", limits=Limits(max_image_bytes=2 ** 20,

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.api_helpers import eval_images, tiny_checkpoint
+from tests.serve_helpers import eval_images, shared_checkpoint
 
 TOKENS = 16
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"   # the W3C key of an element reference
@@ -110,7 +110,7 @@ def served(synthetic_data, tmp_path_factory):
     from uhd_jax.serve.server import Server
 
     # SliME: a slice grid to draw (over the letterboxed picture its tiles cut) and the fastest of the slicing models
-    final = tiny_checkpoint("configs/slime.py:tiny", "slime", synthetic_data, tmp_path_factory.mktemp("work"))
+    final = shared_checkpoint("configs/slime.py:tiny", "slime", synthetic_data, tmp_path_factory)
     model = uhd_jax.load(final, batch_size=1)
     engine = Engine(model, slots=2, max_tokens_limit=TOKENS)
     server = Server(("127.0.0.1", 0), engine, model_id="tiny")
