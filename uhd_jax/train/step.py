@@ -30,7 +30,7 @@ def model_inputs(batch: dict) -> tuple:
     return batch["input_ids"], batch["token_valid"], batch["positions"], images, batch["image_token_map"]
 
 
-# A chunk's float32 logits stay under this many bytes (2048 tokens at a 32000-word vocabulary): small beside a
+# A chunk's float32 logits stay under this many bytes (2097 tokens at a 32000-word vocabulary): small beside a
 # device, large enough that each chunk's matmul stays efficient.
 LOGITS_CHUNK_BYTES = 1 << 28
 
