@@ -457,11 +457,13 @@ def test_lora_recipes_carry_the_spec_numbers(spec, lora_lr, others):
     assert dict(sft.lora) == dict(rank=128, alpha=256.0, dropout=0.05, targets=lora_lib.TARGETS)
     assert dict(sft.lrs) == dict(others, lora=lora_lr)
     assert (sft.batch_size, sft.num_epochs, sft.warmup_ratio) == (128, 1.0, 0.03)
+    assert sft.grad_accum == common.LORA_GRAD_ACCUM   # one sequence per micro-batch: the step that fits (README)
     assert ("llm/.*lora_.*", "lora") in [tuple(r) for r in sft.trainable]
     assert tuple(sft.trainable[-1]) == ("llm/.*", "frozen")
     if "70b" in spec:
         assert (c.model.llm.hidden_size, c.model.llm.num_layers, c.model.llm.num_kv_heads) == (8192, 80, 8)
     small = common.tiny_recipe(load_config(spec), "lora_tiny", max_length=160)
+    assert small.stages.sft.grad_accum == 1
     if small.model.get("slime"):   # as slime.py:7b_tiny; the separator is looked up in a tokenizer otherwise
         grid = small.model.vision.image_size // small.model.vision.patch_size
         small.model.slime.update(separator_id=0, global_grid=grid, local_grid=grid // 2)

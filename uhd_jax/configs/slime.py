@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
             c.tokenizer = "checkpoints/Meta-Llama-3-70B-Instruct"
             for st in c.stages.values():
                 st.init_checkpoints = [p.replace("-8b-init", "-70b-init") for p in st.init_checkpoints]
-        sft = common.lora_stage(c.stages.sft, common.LORA_R128, lr=1e-4)
+        sft = common.lora_stage(c.stages.sft, common.LORA_R128, lr=1e-4, grad_accum=common.LORA_GRAD_ACCUM)
         sft.lrs = dict(sft.lrs, projector=2e-5)   # projector and sampler (both under projector/) fully, at 2e-5
         return c
     small = variant in ("tiny", "demo")
