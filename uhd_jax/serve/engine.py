@@ -7,7 +7,8 @@ rows), run one decode step over all rows (rows without a request stay put: their
 does not advance), hand each request its new token. Sampling settings are per-row arrays (temperature 0 = greedy, top-p 1 = off) and each
 row draws from its own key folded with its own step count, as `eval.decoding` does: so one compiled step serves every
 mix, and a seeded answer does not depend on which other requests share the batch. Programs: one step, and per prompt
-bucket two prefills (a lone request's, a group's of `prefill_batch` rows) with their two row copies.
+bucket two prefills (a lone request's, a group's of `prefill_batch` rows) with their two row copies; UHD prefills
+pack their slices into the offline generator's patch-budget bucket, so also one per budget they touch.
 
 Prompts are built exactly as `api.Model.generate`/`chat` build them (the family's template, the preparer's slicing),
 so a greedy answer here is the offline answer token for token. Stop strings are matched in the decoded text (that is
@@ -32,7 +33,7 @@ import numpy as np
 
 from uhd_jax.cli_errors import UserError
 from uhd_jax.eval.decoding import _prefill, top_p_filter
-from uhd_jax.eval.generate import bucket_length, left_pad, packed_pixels
+from uhd_jax.eval.generate import bucket_length, left_pad
 from uhd_jax.models.llama import KVCache, Llama, LlamaConfig, init_cache
 from uhd_jax.models.vlm import VLM, VLMConfig
 
@@ -381,7 +382,7 @@ class Engine:
         prompts, length = [r.prompt for r in padded], requests[0].length
         ids, valid, image_map, pixels = left_pad(prompts, length, self.generator.max_images * cfg.views_per_image,
                                                  cfg.vision.image_size, fixed_images=not cfg.packed_images)
-        pixels = packed_pixels(prompts, self.generator.layout) if cfg.packed_images else jnp.asarray(pixels)
+        pixels = self.generator.packed(prompts)[0] if cfg.packed_images else jnp.asarray(pixels)
         sampling = (jnp.asarray([r.temperature for r in padded], jnp.float32),
                     jnp.asarray([r.top_p for r in padded], jnp.float32), jnp.asarray(np.stack([r.key for r in padded])))
         self.buckets.add(length)
