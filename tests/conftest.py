@@ -20,10 +20,17 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 # Tests that train a stage twice (resume, comparisons) compile the same step again in a new jit: a persistent
 # compilation cache for this session turns the second compile into a load (2-core CI: ~50 s each for a v2 step).
+# Both xdist workers of one run share it (the serving files compile the same tiny generators), and so do the
+# commands tests start as subprocesses (uhd-chat, uhd-generate...), through the environment.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     import tempfile
 
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="uhd-jax-test-xla-cache-"))
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    cache = os.path.join(tempfile.gettempdir(), f"uhd-jax-test-xla-cache-{run}") if run else \
+        tempfile.mkdtemp(prefix="uhd-jax-test-xla-cache-")
+    os.makedirs(cache, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import pytest  # noqa: E402
