@@ -1,7 +1,7 @@
 """Score answers with a benchmark's official rule, or run the synthetic high-resolution reading benchmark.
 
   uhd-evaluate --benchmark textvqa --answers answers/textvqa.jsonl --annotations TextVQA_0.5.1_val.json
-  uhd-evaluate --benchmark synthetic_reading --checkpoint runs/demo/run/uhd_v2/sft/final \
+  uhd-evaluate --benchmark synthetic_reading --checkpoint runs/demo/run/uhd_v2/seed0/sft/final \
       --workdir runs/reading
   # several models on the same images, one chart: repeat --checkpoint (and --name), or --config/--checkpoint in pairs;
   # --config.KEY=VALUE overrides apply to every model (of the model, only its run settings: uhd-generate)
