@@ -17,6 +17,18 @@ from uhd_jax.train.step import loss_chunk_tokens, make_train_step, model_inputs
 from uhd_jax.train.trainer import model_for_stage
 
 B, L = 3, 20
+# XLA options for the compiles that are only analysed: without LLVM's optimisation a tiny step compiles in about half
+# the time on a CPU, and buffer assignment (what the memory tests read) does not depend on it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def tiny_config(llm=None, **model):
+    """llava15:tiny with a one-layer vision tower (frozen in SFT: no memory test depends on its depth), its LLM sizes
+    updated by `llm`, its model by `model`."""
+    c = load_config("configs/llava15.py:tiny")
+    c.model.update(dict(model, llm=dict(c.model.llm.to_dict(), **(llm or {})),
+                        vision=dict(c.model.vision.to_dict(), num_layers=1)))
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,10 @@ def tiny():
              "positions": np.broadcast_to(np.arange(L), (B, L)).astype(np.int32),
              "pixel_values": rng.normal(size=(B, 1, 56, 56, 3)).astype(np.float32),
              "image_token_map": np.tile(np.r_[np.arange(16), -np.ones(L - 16, int)], (B, 1)).astype(np.int32)}
-    return cfg, params, labels, batch
+    model = VLM(cfg)
+    # eager, op by op: no fusion shared with the jitted step under test
+    want = jax.value_and_grad(lambda p: reference_loss(model, p, batch))(params)
+    return model, params, labels, batch, want
 
 
 def reference_loss(model, params, batch):
@@ -45,15 +60,13 @@ def reference_loss(model, params, batch):
 
 @pytest.mark.parametrize("chunk", [7, 60])   # padded chunks; one chunk for the whole batch
 def test_chunked_loss_and_its_update_equal_the_full_logits_loss(tiny, chunk):
-    cfg, params, labels, batch = tiny
-    model = VLM(cfg)
+    model, params, labels, batch, (want_loss, want_grads) = tiny
     tx = optax.multi_transform({"rest": optax.sgd(1.0)}, opt.trainable_labels(labels))
     split = lambda ps: opt.split_trainable(ps, labels)  # noqa: E731
     state = TrainState(jnp.int32(0), params, tx.init(split(params)[0]))
-    new, metrics = jax.jit(make_train_step(model, tx, split, loss_chunk=chunk))(
-        state, {k: v[None] for k, v in batch.items()})
+    stacked = {k: v[None] for k, v in batch.items()}
+    new, metrics = jax.jit(make_train_step(model, tx, split, loss_chunk=chunk))(state, stacked)
 
-    want_loss, want_grads = jax.value_and_grad(lambda p: reference_loss(model, p, batch))(params)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
     assert float(metrics["tokens"]) == batch["loss_mask"].sum()
     # SGD at rate 1: every trained parameter moved by exactly minus its gradient; the frozen tower did not move.
@@ -73,38 +86,44 @@ def test_loss_chunk_size_follows_the_vocabulary():
     assert loss_chunk_tokens(32000, 32768, chunk=512) == 512
 
 
-def tiny_memory(llm=None, **model):
-    """llava15:tiny with scanned layers, its LLM sizes updated by `llm`, its model by `model`."""
-    c = load_config("configs/llava15.py:tiny")
-    c.model.update(dict(model, scan_layers=True, llm=dict(c.model.llm.to_dict(), **(llm or {}))))
-    return c
-
-
 MESH = dict(data=1, fsdp=1, tensor=1)
+PER_DEVICE, LENGTH, CHUNK = 4, 256, 32
 
 
-def test_chunked_loss_lowers_the_compiled_steps_temporaries():
-    one_chunk = step_memory(tiny_memory(dict(vocab_size=8192)), "sft", 4, 256, MESH, loss_chunk=1024)
-    chunked = step_memory(tiny_memory(dict(vocab_size=8192)), "sft", 4, 256, MESH, loss_chunk=128)
-    # 1024 tokens x 8192 words x 4 bytes = 32 MiB of logits, kept with their gradient; 128-token chunks hold 4 MiB.
-    assert chunked["temp_bytes"] < 0.5 * one_chunk["temp_bytes"], (chunked, one_chunk)
+def step_temporaries(remat: str, accum: int = 1, chunk: int = CHUNK) -> dict:
+    """The memory analysis of llava15:tiny's SFT step with 4 scanned LLM layers and an 8192-word vocabulary, for 4
+    sequences of 256 tokens."""
+    c = tiny_config(dict(vocab_size=8192, num_layers=4), scan_layers=True, remat_policy=remat)
+    return step_memory(c, "sft", PER_DEVICE, LENGTH, MESH, accum=accum, loss_chunk=chunk,
+                       compiler_options=FAST_COMPILE)
 
 
-def test_remat_and_micro_batches_lower_the_compiled_steps_temporaries():
-    deep = dict(num_layers=6)
-    kept = step_memory(tiny_memory(deep, remat_policy="none"), "sft", 4, 256, MESH)
-    remat = step_memory(tiny_memory(deep, remat_policy="nothing_saveable"), "sft", 4, 256, MESH)
-    assert remat["temp_bytes"] < 0.6 * kept["temp_bytes"], (remat, kept)
+@pytest.fixture(scope="module")
+def chunked_remat():
+    """The reference point of each memory test: whole-layer remat, 32-token loss chunks, no accumulation."""
+    return step_temporaries("nothing_saveable")
+
+
+def test_chunked_loss_lowers_the_compiled_steps_temporaries(chunked_remat):
+    one_chunk = step_temporaries("nothing_saveable", chunk=PER_DEVICE * LENGTH)
+    # 1024 tokens x 8192 words x 4 bytes = 32 MiB of logits, kept with their gradient; 32-token chunks hold 1 MiB.
+    assert chunked_remat["temp_bytes"] < 0.5 * one_chunk["temp_bytes"], (chunked_remat, one_chunk)
+
+
+def test_remat_and_micro_batches_lower_the_compiled_steps_temporaries(chunked_remat):
+    kept = step_temporaries("none")
+    # kept: every layer's attention scores (4 x 4 heads x 256 x 256 x 4 bytes = 4 MiB) and MLP activations
+    assert chunked_remat["temp_bytes"] < 0.6 * kept["temp_bytes"], (chunked_remat, kept)
     # the same sequences in 4 micro-batches of 1: a quarter of the activations live at once
-    micro = step_memory(tiny_memory(deep, remat_policy="nothing_saveable"), "sft", 4, 256, MESH, accum=4)
-    assert micro["temp_bytes"] < 0.6 * remat["temp_bytes"], (micro, remat)
+    micro = step_temporaries("nothing_saveable", accum=PER_DEVICE)
+    assert micro["temp_bytes"] < 0.6 * chunked_remat["temp_bytes"], (micro, chunked_remat)
 
 
 def test_cpu_upcast_counts_the_float32_copies_of_stacked_bf16_weights():
-    c = tiny_memory()
+    c = tiny_config(scan_layers=True)
     c.stages.sft.model = dict(llm=dict(param_dtype="bfloat16"))
     c.model.dtype = "bfloat16"
-    out = step_memory(c, "sft", 2, 64, MESH)
+    out = step_memory(c, "sft", 2, 64, MESH, compiler_options=FAST_COMPILE)
     llm = c.model.llm
     e, m, layers, heads, kv = llm.hidden_size, llm.intermediate_size, llm.num_layers, llm.num_heads, llm.num_kv_heads
     d = e // heads

@@ -14,11 +14,12 @@ import sys
 
 
 def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shape: dict, accum: int = 1,
-                loss_chunk: int | None = None) -> dict:
+                loss_chunk: int | None = None, compiler_options: dict | None = None) -> dict:
     """XLA's memory analysis of the stage's step for `per_device` sequences of `length` tokens per device, taken in
     `accum` micro-batches of per_device / accum (the step's accumulation scan), the loss `loss_chunk` tokens at a time
     (None: the step's default), plus what of it is the CPU backend's
-    own (`cpu_upcast_bytes`, see `cpu_upcast_bytes`)."""
+    own (`cpu_upcast_bytes`, see `cpu_upcast_bytes`). `compiler_options`: XLA options for the compile (the tests
+    lower LLVM's optimisation, which buffer assignment does not depend on)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -65,7 +66,7 @@ def step_memory(config, stage_name: str, per_device: int, length: int, mesh_shap
     step = jax.jit(make_train_step(VLM(cfg), tx, split, 0 if cfg.stochastic_training else None, loss_chunk),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step.lower(state, batch).compile()
+        compiled = step.lower(state, batch).compile(compiler_options)
     count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree) if x is not None)  # noqa: E731
     trainable, frozen = split(params)
     return dict(analysis_bytes(compiled), cpu_upcast_bytes=cpu_upcast_bytes(compiled.as_text()),
