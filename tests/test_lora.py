@@ -618,3 +618,23 @@ def test_lora_stage_resumes_exactly_and_compiles_once(synthetic_data, tmp_path):
     for k, v in final.items():
         moved = not np.array_equal(np.asarray(v), np.asarray(init[k]))
         assert moved == (k in adapters or k.startswith("projector/")), k
+
+
+def test_stage_from_a_lora_checkpoint_of_another_rank_stops_in_one_line(synthetic_data, tmp_path):
+    """The trainer's init overlay checks a LoRA checkpoint's adapters against the stage's before loading anything:
+    rank-8 adapters into a rank-4 stage are one UserError line (uhd-train's exit 2), not a shape error."""
+    from tests.config_helpers import on_synthetic_data
+    from uhd_jax.cli_errors import UserError
+    from uhd_jax.configs import common
+    from uhd_jax.train.checkpoints import save_params
+    from uhd_jax.train.trainer import run_stage
+
+    init = str(tmp_path / "rank8")
+    save_params(init, {"llm": {"layers_0": {"attn": {"q": {"lora_a": np.zeros((32, 8), np.float32)}}}}},
+                {"model": {"scan_layers": False}})
+    c = on_synthetic_data("configs/llava15.py:tiny", synthetic_data, batch_size=8, max_length=112, num_steps=1,
+                          init_from_stage="", init_checkpoints=[init])
+    common.lora_stage(c.stages.sft, dict(rank=4, alpha=8.0, dropout=0.0), lr=1e-2, base_dtype=None)
+    with pytest.raises(UserError, match=rf"^init checkpoint {init} holds rank-8 LoRA adapters on \['q'\]; the "
+                                        r"stage's lora.rank is 4: set it to 8, or start from a checkpoint without"):
+        run_stage(c, "sft", str(tmp_path / "run"))

@@ -32,6 +32,7 @@ from uhd_jax.data.pipeline import (DataExhausted, PreparerFactory, Source, make_
                                    source_epoch_samples)
 from uhd_jax.models.config import vlm_config
 from uhd_jax.models import quant
+from uhd_jax.models.lora import check_init_adapters
 from uhd_jax.models.vlm import VLM, init_fn
 from uhd_jax.parallel.mesh import make_mesh
 from uhd_jax.parallel.sharding import BATCH_AXES, logical_shardings, rules_from_config
@@ -279,6 +280,7 @@ def overlay_checkpoints(params, shardings, sources: list[str], scan_layers: bool
         loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(src))).items()}
         loaded = match_layer_layout(loaded, scanned=bool(meta["model"].get("scan_layers")), want_scanned=scan_layers)
         loaded = quant.quantize_loaded(loaded, flat)   # a QLoRA model: float base kernels quantised on load
+        check_init_adapters(loaded, flat, src)   # a LoRA checkpoint's adapters must be the stage's
         if grow_vocab:
             grow_vocabulary(loaded, flat, src)
         dropped = [k for k in loaded if k.startswith(DROPPED_ON_LOAD) and k not in flat]
