@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.convert_helpers import llama_style
+from tests.test_llava import IMAGE_TOKEN, prompt_batch
 from tests.torch_helpers import random_pixels, rel_err, tiny_llava, to_nchw
 from uhd_jax.convert import peft as peft_io
 from uhd_jax.convert.cli import main as convert_cli
@@ -20,24 +21,15 @@ from uhd_jax.train.param_tree import flatten, unflatten
 
 peft = pytest.importorskip("peft")
 
-IMAGE_TOKEN, N_IMAGE_TOKENS, RANK, ALPHA, SEED = 127, 16, 4, 12.0, 7
+RANK, ALPHA, SEED = 4, 12.0, 7
 # the language model's seven linear layers only: a plain list would also adapt CLIP's q/k/v_proj
 LANGUAGE_MODEL = (r".*language_model\.layers\.\d+\.(self_attn|mlp)\."
                   r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
 
 
 def batch():
-    """Two samples: BOS, text, 16 image slots, text; the second right-padded by 3."""
-    rng = np.random.default_rng(11)
-    ids = np.concatenate([[1], rng.integers(3, 120, 5), [IMAGE_TOKEN] * N_IMAGE_TOKENS, rng.integers(3, 120, 7)])
-    ids = np.stack([ids, np.concatenate([ids[:-3], [0, 0, 0]])]).astype(np.int64)
-    valid = np.ones(ids.shape, bool)
-    valid[1, -3:] = False
-    image_map = np.full(ids.shape, -1, np.int32)
-    for b in range(2):
-        slots = np.flatnonzero(ids[b] == IMAGE_TOKEN)
-        image_map[b, slots] = np.arange(len(slots))
-    return ids, valid, image_map, random_pixels(2, 56, 56, seed=12)
+    """test_llava's two prompts (the second right-padded) and two random images."""
+    return (*prompt_batch(), random_pixels(2, 56, 56, seed=12))
 
 
 IDS, VALID, IMAGE_MAP, PIXELS = batch()
