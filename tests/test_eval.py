@@ -431,7 +431,7 @@ def test_checkpoint_alone_user_mistakes(synthetic_data, tiny_checkpoint, trained
     assert_mistake(capsys, main, ok + ["--config.model.dtype=float64"], "unknown dtype 'float64'")
     assert_mistake(capsys, main, ok + ["--config.model.atention_impl=xla"], "unknown config key 'atention_impl'")
     assert_mistake(capsys, main, ok + ["--config", "configs/llava15.py:demo"],
-                   "model.llm.hidden_size is 32 there, 192 in the config")
+                   "model.llm.hidden_size is 32 there, 128 in the config")
     model = config.model.to_dict()
     no_family = fake_checkpoint(tmp_path / "hf", {"model": model})
     assert_mistake(capsys, main, ["--checkpoint", no_family] + one,

@@ -63,8 +63,8 @@ def test_pip_install_gives_every_command_outside_the_checkout(installed, tmp_pat
     scripts = configparser.ConfigParser()
     scripts.read(glob.glob(str(installed / "uhd_jax-*.dist-info" / "entry_points.txt")))
     names = sorted(scripts["console_scripts"])
-    assert names == ["uhd-benchmark", "uhd-check-data", "uhd-convert", "uhd-demo", "uhd-evaluate", "uhd-generate",
-                     "uhd-show-slices", "uhd-train"]
+    assert names == ["uhd-benchmark", "uhd-chat", "uhd-check-data", "uhd-convert", "uhd-demo", "uhd-evaluate",
+                     "uhd-generate", "uhd-serve", "uhd-show-slices", "uhd-train"]
     # Every script's target resolves in the install (one process: each import of jax costs seconds) ...
     check = ("import importlib, sys, uhd_jax\n"
              "for target in sys.argv[1:]:\n"
