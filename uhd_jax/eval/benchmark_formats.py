@@ -202,6 +202,15 @@ def mmmu_options(record: dict) -> list[str]:
     return [str(o) for o in options]
 
 
+def mmmu_choice_letter(record: dict, text: str, rng) -> str:
+    """A multiple-choice record's answer parsed to its letter as MMMU's script does (`rng`: its seeded `random`)."""
+    from uhd_jax.eval.metrics.choice import mmmu_choice
+
+    options = mmmu_options(record)
+    letters = [chr(65 + i) for i in range(len(options))]
+    return mmmu_choice(text, letters, dict(zip(letters, options)), rng)
+
+
 def _write_questions(path: str, questions: list[dict]) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -25,9 +25,9 @@ import os
 import random
 
 from uhd_jax.cli_errors import UserError
-from uhd_jax.eval.benchmark_formats import (CIRCULAR, _read_json_or_lines, mmbench_records, mmb_options, mmmu_options,
-                                            read_tsv)
-from uhd_jax.eval.metrics.choice import infer_option, mmmu_choice, mmmu_open_correct, mmmu_open_parse, sqa_choice
+from uhd_jax.eval.benchmark_formats import (CIRCULAR, _read_json_or_lines, mmbench_records, mmb_options,
+                                            mmmu_choice_letter, read_tsv)
+from uhd_jax.eval.metrics.choice import infer_option, mmmu_open_correct, mmmu_open_parse, sqa_choice
 from uhd_jax.eval.metrics.normalize import normalize_answer
 from uhd_jax.eval.metrics.ocr import ocrbench_correct
 from uhd_jax.eval.metrics.vqa_accuracy import soft_accuracy
@@ -126,9 +126,7 @@ def score_mmmu(answers, path):
         if a is None:
             continue
         if r["question_type"] == "multiple-choice":
-            options = mmmu_options(r)
-            letters = [chr(65 + i) for i in range(len(options))]
-            ok = mmmu_choice(a["text"], letters, dict(zip(letters, options)), rng) == r["answer"]
+            ok = mmmu_choice_letter(r, a["text"], rng) == r["answer"]
         else:
             gold = r["answer"]
             if isinstance(gold, str) and gold.startswith("["):   # a list of accepted answers, as its repr

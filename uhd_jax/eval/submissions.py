@@ -53,8 +53,7 @@ def write_mmbench(answers: list[dict], table: str, path: str) -> str:
 
 
 def mmmu_submission(answers: list[dict], path: str) -> dict:
-    from uhd_jax.eval.benchmark_formats import _read_json_or_lines, mmmu_options
-    from uhd_jax.eval.metrics.choice import mmmu_choice
+    from uhd_jax.eval.benchmark_formats import _read_json_or_lines, mmmu_choice_letter
 
     preds = {str(a["question_id"]): a["text"] for a in answers}
     rng = random.Random(42)
@@ -63,12 +62,7 @@ def mmmu_submission(answers: list[dict], path: str) -> dict:
         text = preds.get(str(r["id"]))
         if text is None:
             continue
-        if r["question_type"] == "multiple-choice":
-            options = mmmu_options(r)
-            letters = [chr(65 + i) for i in range(len(options))]
-            out[r["id"]] = mmmu_choice(text, letters, dict(zip(letters, options)), rng)
-        else:
-            out[r["id"]] = text
+        out[r["id"]] = mmmu_choice_letter(r, text, rng) if r["question_type"] == "multiple-choice" else text
     return out
 
 
