@@ -1,5 +1,6 @@
 """Tiny models with random weights saved as training leaves them, and request pieces, for the serving tests (the
 API, chat, engine, server, page and sharded generation)."""
+import contextlib
 import json
 import os
 
@@ -89,3 +90,20 @@ def png_header(width: int, height: int) -> bytes:
 def user_message(text: str, url: str | None = None) -> list[dict]:
     parts = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": url}}] if url else [])
     return [{"role": "user", "content": parts}]
+
+
+@contextlib.contextmanager
+def serving(model, limits=None, **engine_args):
+    """`uhd-serve` over `model` on an ephemeral local port, in this process: the Server, stopped (and its engine
+    closed) on exit. `limits`: an openai_schema.Limits (default: the server's)."""
+    from uhd_jax.serve.engine import Engine
+    from uhd_jax.serve.server import Server
+
+    with Engine(model, **engine_args) as engine:
+        server = Server(("127.0.0.1", 0), engine, model_id="tiny", **({"limits": limits} if limits else {}))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.serve_helpers import data_url, eval_images, png_header, shared_checkpoint, user_message
+from tests.serve_helpers import data_url, eval_images, png_header, serving, shared_checkpoint, user_message
 
 Q = "What does the sign say?"
 TOKENS = 16
@@ -18,20 +18,13 @@ TOKENS = 16
 @pytest.fixture(scope="module")
 def served(synthetic_data, tmp_path_factory):
     import uhd_jax
-    from uhd_jax.serve.engine import Engine
     from uhd_jax.serve.openai_schema import Limits
-    from uhd_jax.serve.server import Server
 
     final = shared_checkpoint("configs/llava15.py:tiny", "llava15", synthetic_data, tmp_path_factory)
     model = uhd_jax.load(final, batch_size=1)
-    engine = Engine(model, slots=4, max_tokens_limit=TOKENS, max_prompt_tokens=256)
-    server = Server(("127.0.0.1", 0), engine, model_id="tiny", limits=Limits(max_image_bytes=2 ** 20,
-                                                                              max_image_pixels=2 ** 20))
-    server.start()
-    yield server, model, eval_images(synthetic_data, 2)
-    server.shutdown()
-    server.server_close()
-    engine.close()
+    limits = Limits(max_image_bytes=2 ** 20, max_image_pixels=2 ** 20)
+    with serving(model, limits, slots=4, max_tokens_limit=TOKENS, max_prompt_tokens=256) as server:
+        yield server, model, eval_images(synthetic_data, 2)
 
 
 def client(server):

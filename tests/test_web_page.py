@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.serve_helpers import eval_images, shared_checkpoint
+from tests.serve_helpers import eval_images, serving, shared_checkpoint
 
 TOKENS = 16
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"   # the W3C key of an element reference
@@ -106,19 +106,12 @@ def served(synthetic_data, tmp_path_factory):
     if not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser"))):
         pytest.skip("no chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
     import uhd_jax
-    from uhd_jax.serve.engine import Engine
-    from uhd_jax.serve.server import Server
 
     # SliME: a slice grid to draw (over the letterboxed picture its tiles cut) and the fastest of the slicing models
     final = shared_checkpoint("configs/slime.py:tiny", "slime", synthetic_data, tmp_path_factory)
     model = uhd_jax.load(final, batch_size=1)
-    engine = Engine(model, slots=2, max_tokens_limit=TOKENS)
-    server = Server(("127.0.0.1", 0), engine, model_id="tiny")
-    server.start()
-    yield server, model, eval_images(synthetic_data, 16)
-    server.shutdown()
-    server.server_close()
-    engine.close()
+    with serving(model, slots=2, max_tokens_limit=TOKENS) as server:
+        yield server, model, eval_images(synthetic_data, 16)
 
 
 ANSWERS = "return [...document.querySelectorAll('#turns .answer')].map(a => [a.dataset.state, a.textContent, " \
