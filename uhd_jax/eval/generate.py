@@ -171,8 +171,7 @@ class Generator:
                            if max_prompt_length is None else "the --max-prompt-length given")
         self.stop_strings, self.max_prompt_length, self.smallest_bucket = stop_strings, max_prompt_length or room, \
             smallest_bucket
-        self.signatures: set[tuple[int, int]] = set()          # (batch, length) of the batches run
-        self.programs: set[tuple[int, int, int]] = set()       # ... and their patch budget (0: fixed-size images)
+        self.programs: set[tuple[int, int, int]] = set()       # (batch, length, patch budget; 0: fixed-size images)
         # `params` are already laid out on `mesh` (`place_params`); a batch is placed there per call
         self.mesh = mesh
         if mesh is not None:
@@ -196,6 +195,11 @@ class Generator:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
+
+    @property
+    def signatures(self) -> set[tuple[int, int]]:
+        """(batch, length) of the batches run so far."""
+        return {(batch, length) for batch, length, _ in self.programs}
 
     @property
     def compilations(self) -> int:
@@ -236,7 +240,6 @@ class Generator:
             images, budget = self.packed(chunk) if self.cfg.packed_images else (pixels, 0)
             images = jax.tree_util.tree_map(self._placed, images)
             keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seeds[i] for i in rows], jnp.uint32))
-            self.signatures.add((self.batch_size, length))
             self.programs.add((self.batch_size, length, budget))
             with self._on_mesh():
                 tokens = np.asarray(generate_tokens(self.params, self.cfg, self._placed(ids), self._placed(valid),
