@@ -141,11 +141,11 @@ def lora_stage(st: ml_collections.ConfigDict, lora: dict, lr: float,
             rules.append((pattern, group))
     lrs = {g: v for g, v in dict(st.lrs).items() if g != "llm"}
     st.update(trainable=rules, lora=dict(lora, quant=quant) if quant else dict(lora))
+    model = st.get("model")
+    model = dict(model.to_dict() if hasattr(model, "to_dict") else model or {})
     if base_dtype:
-        model = st.get("model")
-        model = dict(model.to_dict() if hasattr(model, "to_dict") else model or {})
-        st.model = dict(model, llm=dict(model.get("llm") or {}, param_dtype=base_dtype))
-    st.model = dict(st.get("model") or {}, remat_policy="nothing_saveable")
+        model["llm"] = dict(model.get("llm") or {}, param_dtype=base_dtype)
+    st.model = dict(model, remat_policy="nothing_saveable")
     if grad_accum:
         st.grad_accum = grad_accum
     st.lrs = dict(lrs, lora=lr)
