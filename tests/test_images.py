@@ -47,3 +47,15 @@ def test_truncated_file_is_a_sample_error(tmp_path):
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(SampleError, match="cannot decode image .*t.png"):
         load_image(str(tmp_path / "t.png"))
+
+
+def test_truncated_file_is_an_error_where_pil_was_told_to_load_truncated_images(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)   # lmms-eval's task module sets it on import
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SampleError, match="cannot decode image .*t.png"):
+        load_image(str(tmp_path / "t.png"))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True   # the process's setting is left as it was

@@ -9,7 +9,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
 DEFAULT_MIN_AREA = 16
@@ -49,19 +49,23 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_area: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit below, from the header
+            # Our own pixel limit below, from the header; and a truncated file is an error even in a process where
+            # another library (lmms-eval's task module) has set PIL to load truncated images.
+            saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
             try:
                 img = Image.open(path)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise SampleError(f"image {path} is {w}x{h} = {w * h} pixels, above the decompression-bomb limit "
+                                      f"of {max_pixels} (raise data.max_image_pixels if it is genuine)",
+                                      "image too large")
+                if w * h < min_area:
+                    raise SampleError(f"image {path} is {w}x{h}, below data.min_image_area={min_area} pixels: too "
+                                      f"small to carry content", "image too small")
+                img.load()
             finally:
-                Image.MAX_IMAGE_PIXELS = saved
-            w, h = img.size
-            if w * h > max_pixels:
-                raise SampleError(f"image {path} is {w}x{h} = {w * h} pixels, above the decompression-bomb limit of "
-                                  f"{max_pixels} (raise data.max_image_pixels if it is genuine)", "image too large")
-            if w * h < min_area:
-                raise SampleError(f"image {path} is {w}x{h}, below data.min_image_area={min_area} pixels: too small "
-                                  f"to carry content", "image too small")
-            img.load()
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img, alpha)
     except SampleError:
