@@ -50,6 +50,7 @@ from uhd_jax.data.uhd_images import fit_to_bucket  # noqa: E402
 from uhd_jax.data.pipeline import Source, make_iterator  # noqa: E402
 from uhd_jax.eval.decoding import GenerationConfig  # noqa: E402
 from uhd_jax.eval.generate import Generator  # noqa: E402
+from uhd_jax.models.layers import resolve_attention_impl  # noqa: E402
 from uhd_jax.models.vlm import VLM, init_fn  # noqa: E402
 from uhd_jax.parallel.mesh import make_mesh  # noqa: E402
 from uhd_jax.parallel.sharding import rules_from_config  # noqa: E402
@@ -196,6 +197,10 @@ def train_mode(a) -> dict:
         "components_forward_tflop": {"vision": model_flops.vision / 1e12, "projector": model_flops.projector / 1e12,
                                      "llm": model_flops.llm / 1e12},
         "xla_tflop_per_step": xla_step_flops / 1e12, "xla_counts_scanned_layers_once": cfg.llm.scan_layers,
+        # XLA counts a loop's body once: the CPU's attention maps over batch rows (and skips the causal upper half)
+        "xla_counts_llm_attention_rows_once": resolve_attention_impl(
+            cfg.llm.attention_impl, dtype=cfg.dtype, head_dim=cfg.llm.dim_per_head, q_len=shape.max_length,
+            kv_len=shape.max_length, is_causal=True, has_mask=False) == "chunked",
         "model_tflops_per_s": tflops,
         "mfu": tflops / (peak * n_devices) if peak else None, "peak_tflops_per_device": peak,
         "first_step_s": first, "compile_s_estimate": first - median, "compilations": compilations,

@@ -142,36 +142,46 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, q_leng
                                         key_value_seq_lengths=kv_lengths, implementation=impl)
 
 
-def _attention_block(q, k, v, keep, scale):
-    """q (B, t, K, G, D), k/v (B, s, K, D), keep (B, t, s) bool -> (B, t, K, G, D); softmax in float32."""
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(keep[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
-
-
 def chunked_attention(q, k, v, *, is_causal: bool, kv_lengths=None, block: int = 64):
-    """Causal attention in query blocks: block i reads only keys [0, end of block i), so the keys a causal mask
-    would zero out are never multiplied (about half the work at long T). Each block's small mask comes from iotas
-    and the lengths, inside. Same inputs and outputs as `dot_product_attention`."""
+    """The CPU's attention: one batch row at a time (`lax.map`), causal queries in blocks of `block`, block i reading
+    only keys [0, end of block i), so the keys a causal mask would zero out are never multiplied (about half the work
+    at long T). Each row's body is rematerialised: its scores and probabilities live only inside it, small enough
+    for the CPU's caches, where XLA's dense kernel (and this function over the whole batch at once) streams the
+    (B, N, T, S) scores through memory several times in the forward and backward passes. Forward + backward at B=8,
+    T=512, 4 query / 2 KV heads of 32, float32, 2 cores (2026-12-02): XLA's dense kernel 114-138 ms, the whole batch
+    in query blocks 56-72 ms, this 29-39 ms, torch's scaled_dot_product_attention(is_causal=True) 42 ms. (A
+    FlashAttention-style custom gradient from the saved log-sum-exp measured 36-42 ms: slower here.) Masks come from
+    iotas and the lengths, inside. Same inputs and outputs as `dot_product_attention`. A scan over the batch axis serialises a batch that
+    a mesh shards: 'auto' picks this kernel only on the CPU."""
     b, t, n, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
     scale = 1.0 / float(d) ** 0.5
-    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths
+    lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
     if not is_causal or t <= block:
         ends = [(0, t, s)]
     else:
         ends = [(start, min(start + block, t), min(start + block, t)) for start in range(0, t, block)]
-    outs = []
-    for start, stop, keys in ends:
-        key_slot = jnp.arange(keys)
-        keep = key_slot[None, None, :] < lengths[:, None, None]
-        if is_causal:
-            keep = keep & (key_slot[None, :] <= jnp.arange(start, stop)[:, None])[None]
-        outs.append(_attention_block(qg[:, start:stop], k[:, :keys], v[:, :keys], keep, scale))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.reshape(b, t, n, d)
+    # heads before positions, once, so each block's products are plain batched matmuls
+    qt = q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)    # (B, K, G, T, D)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                      # (B, K, S, D)
+
+    def row(xs):
+        q1, k1, v1, length = xs
+        outs = []
+        for start, stop, keys in ends:
+            key_slot = jnp.arange(keys)
+            keep = key_slot[None, :] < length
+            if is_causal:
+                keep = keep & (key_slot[None, :] <= jnp.arange(start, stop)[:, None])
+            logits = jnp.einsum("kgtd,ksd->kgts", q1[:, :, start:stop], k1[:, :keys],
+                                preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            outs.append(jnp.einsum("kgts,ksd->kgtd", probs, v1[:, :keys]))
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+    out = jax.lax.map(jax.checkpoint(row), (qt, kt, vt, lengths))                  # (B, K, G, T, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 # Remat policies by name, chosen in config. The named policy keeps the tensors tagged with `checkpoint_name` in the
