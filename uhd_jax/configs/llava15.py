@@ -13,8 +13,9 @@ through LoRA r 128 / alpha 256 / dropout 0.05 on every LLM linear layer at 2e-4,
       --config configs/llava15.py:7b --out data/checkpoints/llava15-7b-init
   uhd-train --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
-The demo (`make demo`, issue #19; configs/uhd_v2.py:demo is its other half): at DEMO_EPOCHS 1 + 1 (2026-12-02) both
-models stayed at the image-blind level (held-out fine 0.0%, coarse 32.0%): the random towers need more steps (README).
+The demo (`make demo`, issue #19; configs/uhd_v2.py:demo is its other half): at DEMO_EPOCHS 1 + 1 (2026-12-02, clean
+clone, 19.5 min) neither model read the code (held-out fine 0.0-0.5%, image-blind 0.5%; coarse 32-48.5% against 30%
+over two seeds): the random towers need more steps (README).
 """
 from __future__ import annotations
 
