@@ -151,8 +151,8 @@ def chunked_attention(q, k, v, *, is_causal: bool, kv_lengths=None, block: int =
     T=512, 4 query / 2 KV heads of 32, float32, 2 cores (2026-12-02): XLA's dense kernel 114-138 ms, the whole batch
     in query blocks 56-72 ms, this 29-39 ms, torch's scaled_dot_product_attention(is_causal=True) 42 ms. (A
     FlashAttention-style custom gradient from the saved log-sum-exp measured 36-42 ms: slower here.) Masks come from
-    iotas and the lengths, inside. Same inputs and outputs as `dot_product_attention`. A scan over the batch axis serialises a batch that
-    a mesh shards: 'auto' picks this kernel only on the CPU."""
+    iotas and the lengths, inside. Same inputs and outputs as `dot_product_attention`. A scan over the batch axis
+    serialises a batch that a mesh shards: 'auto' picks this kernel only on the CPU."""
     b, t, n, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     scale = 1.0 / float(d) ** 0.5
