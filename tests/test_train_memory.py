@@ -92,8 +92,9 @@ PER_DEVICE, LENGTH, CHUNK = 4, 256, 32
 
 def step_temporaries(remat: str, accum: int = 1, chunk: int = CHUNK) -> dict:
     """The memory analysis of llava15:tiny's SFT step with 4 scanned LLM layers and an 8192-word vocabulary, for 4
-    sequences of 256 tokens."""
-    c = tiny_config(dict(vocab_size=8192, num_layers=4), scan_layers=True, remat_policy=remat)
+    sequences of 256 tokens. Attention through XLA's kernel, whose (B, H, T, T) scores the remat and micro-batch
+    savings below are sized by: the CPU's own attention (`auto`) already keeps one batch row's scores at a time."""
+    c = tiny_config(dict(vocab_size=8192, num_layers=4), scan_layers=True, remat_policy=remat, attention_impl="xla")
     return step_memory(c, "sft", PER_DEVICE, LENGTH, MESH, accum=accum, loss_chunk=chunk,
                        compiler_options=FAST_COMPILE)
 
