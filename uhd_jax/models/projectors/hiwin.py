@@ -40,8 +40,7 @@ def kept_levels(mask: int) -> tuple[int, ...]:
 def packed_neighbourhood(index) -> Neighbourhood:
     """JBUStage's neighbourhood on packed rows: `index` (B, N, 49) holds the reflect-neighbour rows of every slot."""
     return Neighbourhood(
-        views=lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1, mode="clip")
-                         for p in range(index.shape[-1])],
+        views=lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1) for p in range(index.shape[-1])],
         weighted_sum=lambda x, kernel: gather_taps(x, index, kernel))
 
 
