@@ -59,7 +59,8 @@ setup(
     description="JAX/Flax LLaVA-UHD v1/v2, SliME, LLaVA-1.5 and LLaVAR: training, evaluation, torch conversion",
     python_requires=">=3.11",
     packages=find_packages(include=["uhd_jax", "uhd_jax.*"]),
-    package_data={"uhd_jax.serve": ["web/*"]},   # the page uhd-serve gives at /
+    # the page uhd-serve gives at /; the demo's pretrained glyph ViT
+    package_data={"uhd_jax.serve": ["web/*"], "uhd_jax.configs": ["*.npz"]},
     install_requires=CORE,
     entry_points={"console_scripts": [f"{name}={target}" for name, target in COMMANDS.items()],
                   # lmms-eval 0.7 builds its model registry from this group: `lmms-eval --model uhd_jax`

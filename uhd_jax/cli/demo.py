@@ -6,8 +6,9 @@ FLOPs; then run the reading benchmark on both models and chart it.
            [--per-bucket 100]        # reading benchmark questions per image size (0: skip the benchmark)
   uhd-demo --models slime            # SliME's four stages on the same data (not in the default)
 
-Steps: (1) render train/eval cards (`uhd_jax.data.synthetic_cards`) and build a tokenizer (once; cached in
-<workdir>/data); (2) per seed and model: train its stages with `configs/<model>.py:demo` (seed overridden), count
+Steps: (1) render train/eval cards (`uhd_jax.data.synthetic_cards`), install the shipped glyph-reading ViT both
+models start from (`uhd_jax.train.glyph_vit`) and build a tokenizer (once; cached in <workdir>/data); (2) per
+seed and model: train its stages with `configs/<model>.py:demo` (seed overridden), count
 the run's model FLOPs (`uhd_jax.perf.run_flops`), score the held-out questions per group (fine: the small printed
 code; coarse: the card's colour, the shapes' kind, colour and count); (3) the summary beside the best image-blind
 answers (the most frequent training answer of each question); (4) the reading benchmark (`uhd-evaluate --benchmark
@@ -40,12 +41,14 @@ from uhd_jax.eval.decoding import GenerationConfig  # noqa: E402
 from uhd_jax.eval.generate import Generator  # noqa: E402
 from uhd_jax.eval.metrics.exact import plain_match, plain_normalize  # noqa: E402
 from uhd_jax.perf import run_flops  # noqa: E402
+from uhd_jax.train import glyph_vit  # noqa: E402
 from uhd_jax.train.checkpoints import load_params  # noqa: E402
 from uhd_jax.train.trainer import Preempted, model_for_stage, packed_layout, preparer_factory, run  # noqa: E402
 
 MODELS = {"llava15": ("LLaVA-1.5", "configs/llava15.py:demo"), "uhd_v2": ("LLaVA-UHD v2", "configs/uhd_v2.py:demo"),
           "slime": ("SliME", "configs/slime.py:demo")}
-DATA_FILES = ("tokenizer/tokenizer.json", "train_pretrain.json", "train_sft.json", "eval_sft.json", "images")
+DATA_FILES = ("tokenizer/tokenizer.json", "train_pretrain.json", "train_sft.json", "eval_sft.json", "images",
+              "glyph_vit/config.json")
 GROUPS = ("fine", "coarse")
 FLOPS: dict = {}   # model key -> run_flops.training_flops of its demo config
 READING_SIDES = (336, 1024, 2048)   # the reading benchmark's long sides: its smallest, and two at >= 1024 px
@@ -61,6 +64,9 @@ def make_data(root: str, n_train: int, n_eval: int):
     t0 = time.perf_counter()
     train = synthetic_cards.write_dataset(out, "train", n_train, seed=0, turns=3)
     synthetic_cards.write_dataset(out, "eval", n_eval, seed=1)
+    # Both models' ViT: pretrained to read digits (uhd_jax.train.glyph_vit), as CLIP is pretrained to see.
+    glyph_vit.install(glyph_vit.DEMO_WEIGHTS, os.path.join(out, "glyph_vit"),
+                      load_config(os.path.join(PACKAGE, MODELS["llava15"][1])).model.to_dict())
     synthetic.build_tokenizer(synthetic.corpus_texts([train["pretrain"], train["sft"]]),
                               os.path.join(out, "tokenizer"), vocab_size=1024)
     print(f"[1] synthetic cards: {n_train} train + {n_eval} held-out images in {time.perf_counter() - t0:.0f}s "

@@ -21,8 +21,28 @@ from __future__ import annotations
 
 from uhd_jax.configs import common
 
-# The demo's passes over its 2000 training cards, shared with configs/uhd_v2.py:demo (equal training).
-DEMO_EPOCHS = {"pretrain": 1.0, "sft": 1.0}
+# The demo's passes over its 2000 training cards and rates, shared with configs/uhd_v2.py:demo (equal training).
+DEMO_EPOCHS = {"pretrain": 3.0, "sft": 1.0}
+DEMO_LRS = {"pretrain": 3e-3, "sft": 1e-3}
+# Both demo ViTs start from the glyph reader `make demo` installs (uhd_jax.train.glyph_vit), under data_root.
+DEMO_VIT = "synthetic/glyph_vit"
+
+
+def demo_stages(c, frozen_in_projector=()):
+    """Both demo models' training, so that only the image path differs: the ViT starts from the pretrained glyph
+    reader and stays frozen, as CLIP does in LLaVA-1.5's and LLaVA-UHD's recipes. Stage 1 trains the projector and
+    the random LLM on the captions (the real stage 1 aligns a projector to a pretrained LLM; here the LLM has to
+    learn the language too); stage 2 trains the LLM alone (training the projector as well lost what stage 1 had
+    learned of the image, README "The demo"). `frozen_in_projector`: projector parameters that stay as initialised."""
+    frozen = [(p, "frozen") for p in frozen_in_projector] + [("vision/.*", "frozen")]
+    pre, sft = c.stages.pretrain, c.stages.sft
+    pre.update(init_checkpoints=[DEMO_VIT], init_from_stage="", num_epochs=DEMO_EPOCHS["pretrain"],
+               trainable=frozen + [("projector/.*", "projector"), ("llm/.*", "llm")])
+    pre.lrs = {"projector": DEMO_LRS["pretrain"], "llm": DEMO_LRS["pretrain"]}
+    sft.update(num_epochs=DEMO_EPOCHS["sft"], trainable=frozen + [("projector/.*", "frozen"), ("llm/.*", "llm")])
+    sft.lrs = {"llm": DEMO_LRS["sft"]}
+    for stage in (pre, sft):
+        stage.update(vision_trainable=False, grad_clip_norm=1.0, batch_size=16)
 
 
 def get_config(arg: str | None = None):
@@ -71,15 +91,9 @@ def get_config(arg: str | None = None):
         c.stages.pretrain.update(lrs={"projector": 2e-3}, num_epochs=1.0)
         c.stages.sft.update(lrs={"projector": 1e-3, "llm": 1e-3}, num_epochs=4.0, grad_clip_norm=1.0)
     if variant == "demo":
-        # With no pretrained CLIP or LLM to start from, the demo trains every tower in both stages (stage 1 of the
-        # real recipe aligns a projector between two pretrained towers; here there is nothing to align to yet).
-        everything = [("vision/.*", "vision"), ("projector/.*", "projector"), ("llm/.*", "llm")]
-        for name in ("pretrain", "sft"):
-            c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0,
-                                  lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
-        # Stage 1's captions spell out everything on the card, the small code included: it is where the random
-        # towers learn to see, on the same padded images stage 2 and evaluation see (configs/uhd_v2.py:demo trains
-        # the same epochs, batch and rates on its own image path). Lengths: the longest sample plus a few tokens.
-        c.stages.pretrain.update(image_aspect_ratio="pad", num_epochs=DEMO_EPOCHS["pretrain"], max_length=88)
-        c.stages.sft.update(num_epochs=DEMO_EPOCHS["sft"], max_length=176)
+        demo_stages(c)
+        # Stage 1's captions spell out everything on the card, the small code included, on the same padded images
+        # stage 2 and evaluation see. Lengths: the longest sample plus a few tokens.
+        c.stages.pretrain.update(image_aspect_ratio="pad", max_length=88)
+        c.stages.sft.max_length = 176
     return c

@@ -27,7 +27,7 @@ Expected (spec §8): +3.7% average over 14 benchmarks vs LLaVA-UHD; TextVQA 70.6
 from __future__ import annotations
 
 from uhd_jax.configs import common, uhd_v1
-from uhd_jax.configs.llava15 import DEMO_EPOCHS
+from uhd_jax.configs.llava15 import demo_stages
 
 QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                 num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True,
@@ -80,24 +80,19 @@ def get_config(arg: str | None = None):
 
 
 def demo_recipe(c):
-    """`make demo`: the LLaVA-1.5 demo's budget and rules (configs/llava15.py:demo) so the two compare at equal
-    training: the same towers, data, stages, epochs, batch and rates, every tower trained in both stages. What differs
-    is the image path: the card at its native aspect ratio in up to 4 slices of ~112^2 plus the overview, each through
-    the JBU pyramid (1x and 2x levels) and HiWin windows into a few tokens, instead of one padded 112 px square of 64
-    tokens. With random towers there are no pretrained ViT features for a `jbu` stage to learn to upsample, so the
-    JBU trains end to end with the rest (and its FLOPs count with them)."""
+    """`make demo`: the LLaVA-1.5 demo's towers, data, stages, epochs, batch, rates and rules
+    (configs/llava15.py:demo_stages), so the two compare at equal training. What differs is the image path: the card
+    at its native aspect ratio in up to 4 slices of ~112^2 plus the overview, each through the JBU pyramid (1x and 2x
+    levels) and HiWin windows into a few tokens, instead of one padded 112 px square of 64 tokens. The ViT the JBU
+    upsamples is the pretrained glyph reader, frozen; with no `jbu` stage the JBU trains in stage 1 with the rest of
+    the projector (its FLOPs count with it)."""
     c.model.projector_type = "uhd_v2_query4"
     c.model.feature_scale_mask = 3
     c.data.level_roi_taps = 64   # a 2x2 window grid pools bins of up to 7 x 7 pixels of the 4x map
     c.stage_order = ("pretrain", "sft")
-    c.stages.pretrain.init_from_stage = ""
-    everything = [("projector/pos_embed", "frozen"), ("vision/.*", "vision"), ("projector/.*", "projector"),
-                  ("llm/.*", "llm")]
-    for name, epochs in DEMO_EPOCHS.items():
-        c.stages[name].update(trainable=everything, vision_trainable=True, grad_clip_norm=1.0, num_epochs=epochs,
-                              batch_size=16, lrs={"projector": 1e-3, "llm": 1e-3, "vision": 1e-3})
-    # Stage 1 is where the random towers learn to read (its captions spell the code), so it sees the slices too:
-    # the real recipe's overview-only pretraining aligns a projector between towers that can already see.
+    demo_stages(c, frozen_in_projector=("projector/pos_embed",))
+    # Stage 1 sees the slices too: the real recipe's overview-only pretraining aligns a projector to a ViT and an
+    # LLM that can already read; here stage 1 is where the LLM learns to read the slices' glyph features.
     c.stages.pretrain.slicing = dict(overview_only=False, augment_prob=0.0)
     c.data.slicing.update(max_slices=4, augment_prob=0.0)
     c.stages.pretrain.max_length = 48   # the longest sample plus a few tokens, as llava15's

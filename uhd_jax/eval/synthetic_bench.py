@@ -1,9 +1,9 @@
 """The project's high-resolution reading benchmark: held-out synthetic cards (`uhd_jax.data.synthetic_cards`, the
-demo's dataset) at fixed long sides from 336 to 2048 px, one fine-detail question each ("What is the code?": three
-digits printed at 1/7 of the card's short side).
+demo's dataset) at fixed long sides from 336 to 2048 px, one fine-detail question each ("What is the code?": a
+digit printed at 1/7 of the card's short side).
 
 The card's layout is proportional to its size, so every bucket holds the same picture at more pixels: a model that
-pads it to one square of B px (LLaVA-1.5) sees the digits at ~B/28 px in every bucket, a slicing model (LLaVA-UHD,
+pads it to one square of B px (LLaVA-1.5) sees the digit at ~B/28 px in every bucket, a slicing model (LLaVA-UHD,
 4 slices along the card) at ~B/7 px. Each bucket draws its cards from its own seed stream, none of them a training
 split's (the demo's splits are seeds 0 and 1). This reproduces, in miniature, the paper's claim that UHD reads small
 text that fixed-336 LLaVA-1.5 cannot, at equal training budget.
