@@ -126,3 +126,24 @@ def test_demo_stopped_by_a_signal_exits_128_plus_the_signal(tmp_path, capsys, mo
     assert demo.main(["--workdir", str(tmp_path / "demo"), "--train", "4", "--eval", "2"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "demo.py: stage pretrain: stopped by SIGTERM after step 3" in err and "Traceback" not in err
+
+
+def test_demo_models_train_alike_except_the_image_path():
+    """#19: whatever makes LLaVA-1.5 fail must be resolution, so its demo recipe is UHD v2's but for the image path:
+    the same towers, the same glyph-reading ViT frozen in both stages, the same epochs, batch, rates and groups."""
+    from uhd_jax.cli_errors import load_config
+    from uhd_jax.configs.llava15 import DEMO_VIT
+
+    llava, uhd = load_config("configs/llava15.py:demo"), load_config("configs/uhd_v2.py:demo")
+    assert llava.model.vision.to_dict() == uhd.model.vision.to_dict()
+    assert llava.model.llm.to_dict() == uhd.model.llm.to_dict()
+    assert llava.stage_order == uhd.stage_order == ("pretrain", "sft")
+    for name in llava.stage_order:
+        a, b = llava.stages[name], uhd.stages[name]
+        for key in ("num_epochs", "batch_size", "grad_clip_norm", "vision_trainable"):
+            assert a[key] == b[key], (name, key)
+        assert a.lrs.to_dict() == b.lrs.to_dict()
+        assert not a.vision_trainable and ("vision/.*", "frozen") in [tuple(r) for r in a.trainable]
+        groups = {tuple(r)[1] for r in a.trainable} - {"frozen"}
+        assert groups == {tuple(r)[1] for r in b.trainable} - {"frozen"} == set(a.lrs)
+    assert llava.stages.pretrain.init_checkpoints == uhd.stages.pretrain.init_checkpoints == [DEMO_VIT]

@@ -13,9 +13,9 @@ through LoRA r 128 / alpha 256 / dropout 0.05 on every LLM linear layer at 2e-4,
       --config configs/llava15.py:7b --out data/checkpoints/llava15-7b-init
   uhd-train --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
-The demo (`make demo`, issue #19; configs/uhd_v2.py:demo is its other half): at DEMO_EPOCHS 1 + 1 (2026-12-02, clean
-clone, 19.5 min) neither model read the code (held-out fine 0.0-0.5%, image-blind 0.5%; coarse 32-48.5% against 30%
-over two seeds): the random towers need more steps (README).
+The demo (`make demo`, issue #19; configs/uhd_v2.py:demo is its other half; `demo_stages` below), 2026-12-02, commit
+05125ca, 36 min: held-out code (fine) 8.0% on both seeds against UHD v2's 16.5 / 25.5% (image-blind 9.5%); coarse
+67.5 / 59.0% against UHD v2's 32.5 / 28.5% (image-blind 30%) (README, Quick start).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def demo_stages(c, frozen_in_projector=()):
     reader and stays frozen, as CLIP does in LLaVA-1.5's and LLaVA-UHD's recipes. Stage 1 trains the projector and
     the random LLM on the captions (the real stage 1 aligns a projector to a pretrained LLM; here the LLM has to
     learn the language too); stage 2 trains the LLM alone (training the projector as well lost what stage 1 had
-    learned of the image, README "The demo"). `frozen_in_projector`: projector parameters that stay as initialised."""
+    learned of the image, README Quick start). `frozen_in_projector`: projector parameters that stay as initialised."""
     frozen = [(p, "frozen") for p in frozen_in_projector] + [("vision/.*", "frozen")]
     pre, sft = c.stages.pretrain, c.stages.sft
     pre.update(init_checkpoints=[DEMO_VIT], init_from_stage="", num_epochs=DEMO_EPOCHS["pretrain"],

@@ -1,19 +1,21 @@
 """Pretrain the demo's ViT to read digits: the demo's stand-in for CLIP's pretraining (issue #19).
 
-The papers' models start from a CLIP that can already see; the demo's towers are random. Without this stage
-neither demo model learns to read its one-digit code in the CPU budget (2026-12-02: no setting of depth, rate or
-epochs took held-out code accuracy off the 9.5% image-blind floor; README, "The demo"). Here the ViT alone learns,
-on single card cells (`synthetic_cards.glyph_cell`, drawn at 112-512 px and resized to the ViT's input as a slice
-is), to name the digit under each patch, and the cell's digit from the mean of its patches, through linear heads on
-its selected layer (`select_layer`, the features the projector reads). The heads are dropped; both demo models start from the same ViT and keep it frozen, as
-LLaVA-1.5 and LLaVA-UHD keep CLIP. Whether a model then reads a card's code depends on how large its image path
-shows the digit: ~16 px in a UHD slice of a 448 x 112 card, ~4 px in LLaVA-1.5's padded 112 px square.
+The papers' models start from a CLIP that can already see; the demo's towers are random. Without this stage neither
+demo model learns to read its one-digit code in the CPU budget (2026-12-02: no setting of depth, rate or epochs took
+held-out code accuracy off the 9.5% image-blind floor; README, Quick start). Here the ViT alone learns, on single
+card cells (`synthetic_cards.glyph_cell`, drawn at 112-512 px and resized to the ViT's input as a slice is), to name
+the digit under each patch, and the cell's digit from the mean of its patches, through linear heads on its selected
+layer (`select_layer`, the features the projector reads). The heads are dropped; both demo models start from the
+same ViT and keep it frozen, as LLaVA-1.5 and LLaVA-UHD keep CLIP. Whether a model then reads a card's code depends
+on how large its image path shows the digit: ~16 px in a UHD slice of a 448 x 112 card, ~4 px in LLaVA-1.5's padded
+112 px square.
 
 The demo installs the shipped weights (`DEMO_WEIGHTS`, 0.8 MB) instead of spending its budget here; they are this
 command's output (2026-12-02, 476 s on 2 idle cores; on 256 held-out cells it printed: digits read per patch 74.4%,
 per cell 68.6%):
 
-  python -m uhd_jax.train.glyph_vit --config configs/llava15.py:demo --steps 2500 --out uhd_jax/configs/demo_glyph_vit.npz
+  python -m uhd_jax.train.glyph_vit --config configs/llava15.py:demo --steps 2500 \
+      --out uhd_jax/configs/demo_glyph_vit.npz
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def digit_accuracy(predicted, labels) -> tuple[float, float]:
     patches, cells_ = predicted
     digit = labels < NO_DIGIT
     cell = cell_labels(labels)
-    return float((patches[digit] == labels[digit]).mean()), float((cells_[cell < NO_DIGIT] == cell[cell < NO_DIGIT]).mean())
+    has = cell < NO_DIGIT
+    return float((patches[digit] == labels[digit]).mean()), float((cells_[has] == cell[has]).mean())
 
 
 def _argmax(outputs):
