@@ -54,13 +54,12 @@ def _shape(d: ImageDraw.ImageDraw, kind: str, box, fill):
 
 
 def _code(d: ImageDraw.ImageDraw, rng, code: str, ox: float, oy: float, short: int):
-    """Print `code` at a random place of the cell at (ox, oy) of side `short`; returns its ink box."""
+    """Print `code` at a random place of the cell at (ox, oy) of side `short`."""
     font = ImageFont.load_default(size=max(4, round(CODE_FRACTION * short)))
     left, top, right, bottom = d.textbbox((0, 0), code, font=font)
     tx = ox + rng.uniform(0.05, 0.95) * (short - (right - left)) - left
     ty = oy + rng.uniform(0.05, 0.95) * (short - (bottom - top)) - top
     d.text((tx, ty), code, fill=(0, 0, 0), font=font)
-    return tx + left, ty + top, tx + right, ty + bottom
 
 
 def render(seed: int, index: int, long_side: int = 448):
