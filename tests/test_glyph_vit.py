@@ -92,7 +92,7 @@ def test_pretrain_install_and_load_into_the_demo_model(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in acc) and logs and logs[-1].startswith("step 2/2: loss")
     assert set(reader) == {"vision", "head", "cell_head"}
     path = str(tmp_path / "reader.npz")
-    np.savez(path, **glyph_vit.flat_names(reader))
+    np.savez(path, **flatten(reader))
     out = glyph_vit.install(path, str(tmp_path / "vit"), model)
     loaded = {k: np.asarray(v) for k, v in flatten(jax.device_get(load_params(out))).items()}
     vlm = flatten(nn.meta.unbox(jax.eval_shape(init_fn(vlm_config(model)), jax.random.PRNGKey(0))["params"]))
@@ -125,3 +125,13 @@ def test_shipped_reader_reads_held_out_digits_at_slice_size_not_at_llava_size():
         small.append(normalize(frame))
     _, per_cell = glyph_vit.digit_accuracy(glyph_vit.read_digits(model, reader, np.stack(small)), labels)
     assert per_cell < 0.3
+
+
+def test_glyph_vit_cli_user_mistakes(tmp_path, capsys):
+    from tests.cli_mistakes import assert_mistake
+    from uhd_jax.train.glyph_vit import main
+
+    out = ["--out", str(tmp_path / "reader.npz")]
+    assert_mistake(capsys, main, out + ["--steps", "0"], "--steps 0 --batch 64: give positive numbers")
+    assert_mistake(capsys, main, out + ["--config", "configs/nope.py:demo"], "configs/nope.py")
+    assert not (tmp_path / "reader.npz").exists()

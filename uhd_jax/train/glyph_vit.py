@@ -30,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uhd_jax.cli_errors import load_config, reports_user_errors
 from uhd_jax.data.image_processing import normalize
 from uhd_jax.data.synthetic_cards import glyph_cell
 from uhd_jax.models.config import vit_config
 from uhd_jax.models.vit import VisionTransformer
+from uhd_jax.train.param_tree import flatten, unflatten
 
 DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo_glyph_vit.npz")
 NO_DIGIT = 10
@@ -87,8 +89,9 @@ def digit_accuracy(predicted, labels) -> tuple[float, float]:
     return float((patches[digit] == labels[digit]).mean()), float((cells_[has] == cell[has]).mean())
 
 
-def _argmax(outputs):
-    return tuple(o.argmax(-1) for o in outputs)
+def _predictor(model: GlyphReader):
+    """Jitted (params, pixels) -> (per-patch, per-cell) argmaxes."""
+    return jax.jit(lambda p, x: tuple(o.argmax(-1) for o in model.apply({"params": p}, x)))
 
 
 def pretrain(model_config, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0, n_eval: int = 256,
@@ -108,7 +111,7 @@ def pretrain(model_config, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    predict = jax.jit(lambda p, x: _argmax(model.apply({"params": p}, x)))
+    predict = _predictor(model)
     held_x, held_y = cells(HELD_OUT_SEED, range(n_eval), size, patch)
     order = np.random.default_rng([seed, 3]).permutation(steps * batch)   # every training cell is new
     t0 = time.perf_counter()
@@ -125,32 +128,13 @@ def pretrain(model_config, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
 
 def read_digits(model_config, weights: dict, pixels):
     """(per-patch (N, patches), per-cell (N,)) predictions of a reader `weights` on CLIP-normalised `pixels`."""
-    model = GlyphReader(vit_config(model_config))
-    return jax.device_get(jax.jit(lambda p, x: _argmax(model.apply({"params": p}, x)))(weights, pixels))
-
-
-def flat_names(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(flat_names(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": np.asarray(v)})
-    return out
-
-
-def nested(flat: dict) -> dict:
-    tree: dict = {}
-    for name, v in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
+    return jax.device_get(_predictor(GlyphReader(vit_config(model_config)))(weights, pixels))
 
 
 def load_reader(weights: str) -> dict:
-    """The reader's parameters ({'vision': ..., 'head': ...}) from this module's .npz."""
+    """The reader's parameters ({'vision', 'head', 'cell_head'}) from this module's .npz."""
     with np.load(weights) as f:
-        return nested({k: f[k] for k in f.files})
+        return unflatten({k: f[k] for k in f.files})
 
 
 def install(weights: str, out: str, model_config: dict) -> str:
@@ -158,24 +142,24 @@ def install(weights: str, out: str, model_config: dict) -> str:
     holding only `vision/...`, for a stage's `init_checkpoints`; its shapes are checked against `model_config`'s."""
     from uhd_jax.train.checkpoints import save_params
 
-    flat = flat_names(load_reader(weights)["vision"])
+    vision_params = load_reader(weights)["vision"]
     vision = vit_config(model_config)
     size = vision.image_size
-    want = flat_names(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(jax.eval_shape(
-        VisionTransformer(vision).init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])))
-    got = {k: v.shape for k, v in flat.items()}
-    if got != {k: v.shape for k, v in want.items()}:
-        wrong = sorted(set(got.items()) ^ {(k, v.shape) for k, v in want.items()})[:4]
+    abstract = nn.meta.unbox(jax.eval_shape(VisionTransformer(vision).init, jax.random.PRNGKey(0),
+                                            jnp.zeros((1, size, size, 3)))["params"])
+    got = {k: v.shape for k, v in flatten(vision_params).items()}
+    want = {k: v.shape for k, v in flatten(abstract).items()}
+    if got != want:
+        wrong = sorted(set(got.items()) ^ set(want.items()))[:4]
         raise ValueError(f"{weights} does not hold this config's ViT (differences: {wrong}); regenerate it with "
                          f"`python -m uhd_jax.train.glyph_vit --config ... --out {weights}`")
-    save_params(out, {"vision": nested(flat)}, {"model": dict(model_config), "stage": "glyph_vit",
+    save_params(out, {"vision": vision_params}, {"model": dict(model_config), "stage": "glyph_vit",
                                                 "source": os.path.abspath(weights)})
     return out
 
 
+@reports_user_errors
 def main(argv=None) -> int:
-    from uhd_jax.cli_errors import load_config
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/llava15.py:demo", help="the config whose ViT is pretrained")
     p.add_argument("--steps", type=int, default=2500)
@@ -186,13 +170,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch < 1:
         p.error(f"--steps {a.steps} --batch {a.batch}: give positive numbers")
-    from uhd_jax.config_loading import PACKAGE
-
-    spec = a.config if os.path.exists(a.config.split(":")[0]) else os.path.join(PACKAGE, a.config)
-    config = load_config(spec)
+    config = load_config(a.config)   # a path, or a config shipped with the package
     reader, acc = pretrain(config.model.to_dict(), a.steps, a.batch, a.lr, a.seed)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    np.savez(a.out, **flat_names(reader))
+    np.savez(a.out, **flatten(reader))
     print(f"wrote {a.out}: held-out digits read per patch {100 * acc[0]:.1f}%, per cell {100 * acc[1]:.1f}%")
     return 0
 
