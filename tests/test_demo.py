@@ -147,3 +147,25 @@ def test_demo_models_train_alike_except_the_image_path():
         groups = {tuple(r)[1] for r in a.trainable} - {"frozen"}
         assert groups == {tuple(r)[1] for r in b.trainable} - {"frozen"} == set(a.lrs)
     assert llava.stages.pretrain.init_checkpoints == uhd.stages.pretrain.init_checkpoints == [DEMO_VIT]
+
+
+def test_demo_uhd_v2_keeps_its_jbu_frozen_and_trains_the_rest_of_its_projector():
+    """The real recipe freezes the JBU after its own stage; the demo (no `jbu` stage) keeps it as initialised, and
+    trains the HiWin part of the projector in stage 1 only."""
+    import jax
+
+    from uhd_jax.cli_errors import load_config
+    from uhd_jax.models.vlm import init_fn
+    from uhd_jax.train import optimizer as opt
+    from uhd_jax.train.trainer import model_for_stage
+
+    config = load_config("configs/uhd_v2.py:demo")
+    for name, projector_trains in (("pretrain", True), ("sft", False)):
+        stage = config.stages[name]
+        params = jax.eval_shape(init_fn(model_for_stage(config, stage)), jax.random.PRNGKey(0))["params"]
+        labels = {opt.path_str(p): g for p, g in
+                  jax.tree_util.tree_flatten_with_path(opt.group_labels(params, stage.trainable))[0]}
+        upsampler = [g for p, g in labels.items() if p.startswith("projector/upsampler/")]
+        assert upsampler and set(upsampler) == {opt.FROZEN}, name
+        hiwin = {g for p, g in labels.items() if p.startswith("projector/query_")}
+        assert hiwin == ({"projector"} if projector_trains else {opt.FROZEN}), name

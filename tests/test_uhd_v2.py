@@ -172,14 +172,14 @@ class TorchHiWin(torch.nn.Module):
         return self.ln_post(self.cat_proj(torch.cat(outs, -1))) @ self.proj
 
 
-def hiwin_rows(samples, c, seed=0):
-    """Packed rows (one per sample) of random 1x feature maps and random guidance images."""
+def hiwin_rows(samples, c, seed=0, jbu_top=4):
+    """Packed rows (one per sample) of random 1x feature maps and random guidance images; levels up to `jbu_top`."""
     from uhd_jax.data.uhd_images import PackedLayout, fill_row
 
     rng = np.random.default_rng(seed)
     n_img = max(len(s) for s in samples)
     budget = max(sum(1 + h * w for h, w in s) for s in samples) + 3
-    layout = PackedLayout(patch_budget=budget, max_images=n_img, jbu=True)
+    layout = PackedLayout(patch_budget=budget, max_images=n_img, jbu=True, jbu_top=jbu_top)
     arrays = layout.zeros(len(samples))
     feats = np.zeros((len(samples), budget, c), np.float32)
     per_image = []
@@ -197,9 +197,10 @@ def hiwin_rows(samples, c, seed=0):
     return {k: jnp.asarray(v) for k, v in arrays.items()}, jnp.asarray(feats), per_image
 
 
-@pytest.mark.parametrize("mask", [5, 7])
+@pytest.mark.parametrize("mask", [3, 5, 7])
 def test_hiwin_matches_torch_reference(mask):
-    """A 2-slice sample (two slices + overview of different sizes) and a global-only sample in one batch."""
+    """A 2-slice sample (two slices + overview of different sizes) and a global-only sample in one batch. Mask 3
+    (the demo's 1x and 2x levels) reads data that holds no 4x rows."""
     from uhd_jax.models.projectors.hiwin import HiWinResampler
 
     d, heads, c = 64, 4, 16
@@ -212,7 +213,8 @@ def test_hiwin_matches_torch_reference(mask):
         for name, p in ref.upsampler.upsampler.named_parameters():
             p.normal_(0.0, 0.3) if p.ndim else p.fill_(0.5 if "temp" in name else 1.2)
     ref.eval()
-    images, feats, per_image = hiwin_rows([[(4, 4), (3, 5), (2, 6)], [(5, 3)]], c)
+    images, feats, per_image = hiwin_rows([[(4, 4), (3, 5), (2, 6)], [(5, 3)]], c, jbu_top=4 if mask & 4 else 2)
+    assert any(k.startswith("l4_") for k in images) == (mask & 4 > 0)
     model = HiWinResampler(embed_dim=d, num_heads=heads, feature_scale_mask=mask)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), feats, images)["params"]
     params, skipped = convert_state(ref.state_dict(), shapes, tables.HIWIN_ORIGINAL, tables.HIWIN_SKIPPED,
@@ -239,6 +241,7 @@ def test_v2_configs_build_abstractly(variant):
     c = load_config(f"configs/uhd_v2.py:{variant}")
     cfg = model_for_stage(c, c.stages.sft)
     shapes = flatten(nn.meta.unbox(jax.eval_shape(init_fn(cfg), jax.random.PRNGKey(0))["params"]))
+    # the 4x stage's parameters exist even where no 4x level is kept (the demo keeps 1x and 2x): the original's layout
     assert "projector/upsampler/up2/fixup_proj_3/kernel" in shapes and "projector/query_4" in shapes
     assert ("projector/features_2x_projector/kernel" in shapes) == (c.model.feature_scale_mask & 2 > 0)
     if variant == "qwen2_7b":

@@ -84,13 +84,15 @@ def demo_recipe(c):
     (configs/llava15.py:demo_stages), so the two compare at equal training. What differs is the image path: the card
     at its native aspect ratio in up to 4 slices of ~112^2 plus the overview, each through the JBU pyramid (1x and 2x
     levels) and HiWin windows into a few tokens, instead of one padded 112 px square of 64 tokens. The ViT the JBU
-    upsamples is the pretrained glyph reader, frozen; with no `jbu` stage the JBU trains in stage 1 with the rest of
-    the projector (its FLOPs count with it)."""
+    upsamples is the pretrained glyph reader, frozen. The JBU is frozen too, as the real recipe freezes it after its
+    `jbu` stage; the demo runs no `jbu` stage, so it stays as initialised: a smoothing, image-guided 2x upsampler (its
+    range kernel from random guidance projections). Training it in stage 1 doubled the step's time (its gathers'
+    gradients) and did not read better (README, Quick start). Its FLOPs still count as trained ones (3x forward)."""
     c.model.projector_type = "uhd_v2_query4"
     c.model.feature_scale_mask = 3
     c.data.level_roi_taps = 64   # a 2x2 window grid pools bins of up to 7 x 7 pixels of the 4x map
     c.stage_order = ("pretrain", "sft")
-    demo_stages(c, frozen_in_projector=("projector/pos_embed",))
+    demo_stages(c, frozen_in_projector=("projector/pos_embed", "projector/upsampler/.*"))
     # Stage 1 sees the slices too: the real recipe's overview-only pretraining aligns a projector to a ViT and an
     # LLM that can already read; here stage 1 is where the LLM learns to read the slices' glyph features.
     c.stages.pretrain.slicing = dict(overview_only=False, augment_prob=0.0)

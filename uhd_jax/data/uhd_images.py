@@ -46,12 +46,18 @@ class PackedLayout:
     roi_taps: int = 16
     box_dtype: str | None = None     # round window boxes to this dtype first ('bfloat16' like bf16 training)
     jbu: bool = False                # v2: also the 2x and 4x levels (JBU gathers, pooled guidance, windows)
+    jbu_top: int = 4                 # the highest level built: 2 for a model that keeps no 4x level (saves 16x rows)
     level_roi_taps: int = 36
     image_patches: int = 0           # most patches of one image (0: vit_grid^2), `ViTConfig.max_image_patches`
 
     @property
     def max_image_patches(self) -> int:
         return self.image_patches or self.vit_grid ** 2
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The JBU levels this layout holds arrays for."""
+        return tuple(lv for lv in JBU_LEVELS if self.jbu and lv <= self.jbu_top)
 
     def level_budget(self, level: int) -> int:
         return level * level * self.patch_budget
@@ -60,7 +66,7 @@ class PackedLayout:
         b, n, i, p, q = batch, self.patch_budget, self.max_images, self.patch_size, self.query_grid ** 2
         t = self.roi_taps if self.windowed else 1
         levels = {}
-        for lv in JBU_LEVELS if self.jbu else ():
+        for lv in self.levels:
             m = self.level_budget(lv)
             levels.update({
                 f"l{lv}_src_index": np.zeros((b, m, 16), np.int32), f"l{lv}_src_weight": np.zeros((b, m, 16), np.float32),
@@ -89,7 +95,8 @@ def layout_for_model(cfg, *, patch_budget: int, max_images: int, roi_taps: int =
     spec = RESAMPLER_TYPES[cfg.projector_type]
     return PackedLayout(patch_budget=patch_budget, max_images=max_images, patch_size=cfg.vision.patch_size,
                         vit_grid=cfg.vision.grid, query_grid=spec["grid"], windowed=spec["windowed"],
-                        roi_taps=roi_taps, jbu=spec.get("jbu", False), level_roi_taps=level_roi_taps,
+                        roi_taps=roi_taps, jbu=spec.get("jbu", False), jbu_top=4 if cfg.feature_scale_mask & 4 else 2,
+                        level_roi_taps=level_roi_taps,
                         box_dtype=box_dtype, image_patches=cfg.vision.max_image_patches)
 
 
@@ -127,7 +134,7 @@ def fit_to_bucket(arrays: dict, layout: PackedLayout, count: int = 8) -> tuple[d
     it are padding that no index points into, so the cut changes no output."""
     small = bucketed(layout, slots_used(arrays["patch_segment_ids"]), count)
     cuts = {key: small.patch_budget for key in SLOT_KEYS}
-    cuts.update({f"l{lv}_{key}": small.level_budget(lv) for lv in JBU_LEVELS for key in LEVEL_SLOT_KEYS})
+    cuts.update({f"l{lv}_{key}": small.level_budget(lv) for lv in layout.levels for key in LEVEL_SLOT_KEYS})
     return {k: (v[:, :cuts[k]] if k in cuts else v) for k, v in arrays.items()}, small
 
 
@@ -156,7 +163,7 @@ def check_images(images: list[np.ndarray], layout: PackedLayout) -> None:
         h, w = img.shape[0] // p, img.shape[1] // p
         if layout.windowed:
             roi_taps(h, w, layout.query_grid, layout.roi_taps, layout.box_dtype)
-        for lv in JBU_LEVELS if layout.jbu else ():
+        for lv in layout.levels:
             if min(lv * h, lv * w) <= RADIUS:
                 raise ValueError(f"image {k} of {w}x{h} patches: its {lv}x map is too small for the JBU's reflect "
                                  f"padding by {RADIUS} (needs more than {RADIUS} pixels per side)")
@@ -174,7 +181,7 @@ def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout
     p = layout.patch_size
     check_images(images, layout)
     offset = 0
-    level_offsets = {lv: 0 for lv in JBU_LEVELS}
+    level_offsets = {lv: 0 for lv in layout.levels}
     for k, img in enumerate(images):
         h, w = img.shape[0] // p, img.shape[1] // p
         cells = slice(offset + 1, offset + 1 + h * w)
@@ -198,11 +205,12 @@ def fill_row(out: dict, row: int, images: list[np.ndarray], layout: PackedLayout
 
 def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int], first_patch: int,
                 offsets: dict, layout: PackedLayout) -> None:
-    """The 2x and 4x maps of image k: bicubic taps into the previous level's row, the 7x7 reflect neighbourhood,
-    the guidance image pooled to the level (torch adaptive_avg_pool), key positions and RoIAlign windows."""
+    """The 2x and (where the layout holds it) 4x maps of image k: bicubic taps into the previous level's row, the 7x7
+    reflect neighbourhood, the guidance image pooled to the level (torch adaptive_avg_pool), key positions and RoIAlign
+    windows."""
     h, w = hw
     src_offset, src_hw = first_patch, (h, w)
-    for lv in JBU_LEVELS:
+    for lv in layout.levels:
         lh, lw = lv * h, lv * w
         start = offsets[lv]
         cells = slice(start, start + lh * lw)  # fits: level budgets are lv^2 x the patch budget

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from uhd_jax.models import layers
-from uhd_jax.models.projectors.jbu import JBUStage, Neighbourhood, conv1x1
+from uhd_jax.models.projectors.jbu import DIAMETER, JBUStage, Neighbourhood, conv1x1
 from uhd_jax.models.projectors.resampler import PackedInProjection, gather_taps, sincos_2d
 
 LEVELS = (1, 2, 4)
@@ -52,8 +52,10 @@ class PackedJBU4x(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, feats, images: dict, deterministic: bool = True):
-        """feats (B, N, C) packed 1x features -> (2x rows (B, 4N, C), 4x rows (B, 16N, C)), float32."""
+    def __call__(self, feats, images: dict, deterministic: bool = True, up_to: int = 4):
+        """feats (B, N, C) packed 1x features -> (2x rows (B, 4N, C), 4x rows (B, 16N, C)), float32. `up_to` 2
+        stops after the first stage (4x rows None): a model that keeps no 4x level neither computes nor counts it (nor
+        does its data hold the 4x rows), yet holds the 4x parameters, so its checkpoints keep the original's layout."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         def stage(name, source, lv):
             up = gather_taps(source, images[f"l{lv}_src_index"], images[f"l{lv}_src_weight"])  # torch bicubic
@@ -61,6 +63,14 @@ class PackedJBU4x(nn.Module):
                 up, images[f"l{lv}_guidance"], packed_neighbourhood(images[f"l{lv}_nbr_index"]), deterministic)
 
         s2 = stage("up1", feats, 2)
+        if up_to == 2:
+            if self.is_initializing():   # the 4x parameters, from one dummy row (their shapes depend on C only)
+                row, taps = jnp.zeros((1, 1, feats.shape[-1]), jnp.float32), DIAMETER ** 2
+                JBUStage(spatial_axes=(1,), name="up2", **kw)(
+                    row, jnp.zeros((1, 1, 3), jnp.float32),
+                    Neighbourhood(views=lambda x: [x] * taps, weighted_sum=lambda x, kernel: x), True)
+                conv1x1(row.shape[-1], "fixup_proj_1", **kw)(row)
+            return s2, None
         s4 = stage("up2", s2, 4)
         # Dropout2d over one image's channels; on packed rows it drops per row (all images of the sample).
         fix = nn.Dropout(self.dropout, broadcast_dims=(1,), name="fixup_proj_0")(s4, deterministic=deterministic)
@@ -87,11 +97,12 @@ class HiWinResampler(nn.Module):
             lambda *_: jnp.asarray(table, self.param_dtype), (None, "embed")), table.shape)
         pos = jax.lax.stop_gradient(jnp.asarray(pos_embed, jnp.float32))
         ln_kv = layers.layer_norm(eps=self.eps, name="ln_kv", **kw)
-        s2, s4 = PackedJBU4x(name="upsampler", **kw)(feats, images, deterministic)
+        levels = kept_levels(self.feature_scale_mask)
+        s2, s4 = PackedJBU4x(name="upsampler", **kw)(feats, images, deterministic, up_to=max(levels + (2,)))
         maps = {1: feats, 2: s2, 4: s4}
         geometry = {1: ("key_pos", "roi"), 2: ("l2_key_pos", "l2_roi"), 4: ("l4_key_pos", "l4_roi")}
         keys, values = [], []
-        for lv in kept_levels(self.feature_scale_mask):
+        for lv in levels:
             x = layers.dense(d, axes=("embed", "mlp"), name=f"features_{lv}x_projector", **kw)(maps[lv])
             x = ln_kv(x)
             emb = self.param(f"feature_{lv}x_embedding", nn.with_logical_partitioning(
