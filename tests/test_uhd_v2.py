@@ -201,7 +201,7 @@ def hiwin_rows(samples, c, seed=0, jbu_top=4):
 def test_hiwin_matches_torch_reference(mask):
     """A 2-slice sample (two slices + overview of different sizes) and a global-only sample in one batch. Mask 3
     (the demo's 1x and 2x levels) reads data that holds no 4x rows."""
-    from uhd_jax.models.projectors.hiwin import HiWinResampler
+    from uhd_jax.models.projectors.hiwin import HiWinResampler, top_jbu_level
 
     d, heads, c = 64, 4, 16
     torch.manual_seed(mask)
@@ -213,7 +213,7 @@ def test_hiwin_matches_torch_reference(mask):
         for name, p in ref.upsampler.upsampler.named_parameters():
             p.normal_(0.0, 0.3) if p.ndim else p.fill_(0.5 if "temp" in name else 1.2)
     ref.eval()
-    images, feats, per_image = hiwin_rows([[(4, 4), (3, 5), (2, 6)], [(5, 3)]], c, jbu_top=4 if mask & 4 else 2)
+    images, feats, per_image = hiwin_rows([[(4, 4), (3, 5), (2, 6)], [(5, 3)]], c, jbu_top=top_jbu_level(mask))
     assert any(k.startswith("l4_") for k in images) == (mask & 4 > 0)
     model = HiWinResampler(embed_dim=d, num_heads=heads, feature_scale_mask=mask)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), feats, images)["params"]

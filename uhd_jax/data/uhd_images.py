@@ -91,12 +91,13 @@ def layout_for_model(cfg, *, patch_budget: int, max_images: int, roi_taps: int =
                      box_dtype: str | None = None) -> PackedLayout:
     """The packed layout a UHD `VLMConfig` reads: its vision tower's patch/grid and its projector's windows."""
     from uhd_jax.models.projectors import RESAMPLER_TYPES
+    from uhd_jax.models.projectors.hiwin import top_jbu_level
 
     spec = RESAMPLER_TYPES[cfg.projector_type]
     return PackedLayout(patch_budget=patch_budget, max_images=max_images, patch_size=cfg.vision.patch_size,
                         vit_grid=cfg.vision.grid, query_grid=spec["grid"], windowed=spec["windowed"],
-                        roi_taps=roi_taps, jbu=spec.get("jbu", False), jbu_top=4 if cfg.feature_scale_mask & 4 else 2,
-                        level_roi_taps=level_roi_taps,
+                        roi_taps=roi_taps, jbu=spec.get("jbu", False), level_roi_taps=level_roi_taps,
+                        jbu_top=top_jbu_level(cfg.feature_scale_mask) if spec.get("jbu") else 4,
                         box_dtype=box_dtype, image_patches=cfg.vision.max_image_patches)
 
 

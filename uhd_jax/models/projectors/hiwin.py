@@ -37,6 +37,12 @@ def kept_levels(mask: int) -> tuple[int, ...]:
     return levels
 
 
+def top_jbu_level(mask: int) -> int:
+    """The highest JBU level a model keeping `mask` computes, and its packed data holds: 4 if it keeps the 4x level,
+    else 2 (the first JBU stage always runs)."""
+    return max(kept_levels(mask) + (2,))
+
+
 def packed_neighbourhood(index) -> Neighbourhood:
     """JBUStage's neighbourhood on packed rows: `index` (B, N, 49) holds the reflect-neighbour rows of every slot."""
     return Neighbourhood(
@@ -98,7 +104,8 @@ class HiWinResampler(nn.Module):
         pos = jax.lax.stop_gradient(jnp.asarray(pos_embed, jnp.float32))
         ln_kv = layers.layer_norm(eps=self.eps, name="ln_kv", **kw)
         levels = kept_levels(self.feature_scale_mask)
-        s2, s4 = PackedJBU4x(name="upsampler", **kw)(feats, images, deterministic, up_to=max(levels + (2,)))
+        s2, s4 = PackedJBU4x(name="upsampler", **kw)(feats, images, deterministic,
+                                                     up_to=top_jbu_level(self.feature_scale_mask))
         maps = {1: feats, 2: s2, 4: s4}
         geometry = {1: ("key_pos", "roi"), 2: ("l2_key_pos", "l2_roi"), 4: ("l4_key_pos", "l4_roi")}
         keys, values = [], []
