@@ -18,11 +18,13 @@ def plain_gather_taps(x, index, weight):
     return out.reshape(b, *shape, x.shape[-1])
 
 
-@pytest.mark.parametrize("x_batch", [3, 1])   # per-sample rows, or one table shared by the batch (position tables)
-def test_gather_taps_values_and_gradients(x_batch):
+# per-sample rows; one table shared by the batch (position tables); a shared table with fewer rows than taps (HiWin's
+# 2x2 position grid), which gather_taps computes as one product with the taps' weights summed per row
+@pytest.mark.parametrize("x_batch,rows", [(3, 11), (1, 11), (1, 4)])
+def test_gather_taps_values_and_gradients(x_batch, rows):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(x_batch, 11, 5)), jnp.float32)
-    index = jnp.asarray(rng.integers(0, 11, size=(3, 4, 2, 7)), jnp.int32)   # repeated rows: gradients accumulate
+    x = jnp.asarray(rng.normal(size=(x_batch, rows, 5)), jnp.float32)
+    index = jnp.asarray(rng.integers(0, rows, size=(3, 4, 2, 7)), jnp.int32)   # repeated rows: gradients accumulate
     weight = jnp.asarray(rng.normal(size=(3, 4, 2, 7)), jnp.float32)
     cot = jnp.asarray(rng.normal(size=(3, 4, 2, 5)), jnp.float32)
     np.testing.assert_allclose(gather_taps(x, index, weight), plain_gather_taps(x, index, weight), rtol=1e-6,

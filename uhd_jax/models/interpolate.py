@@ -50,10 +50,11 @@ def reflect_index(i: np.ndarray, n: int) -> np.ndarray:
     return np.where(i >= n, 2 * (n - 1) - i, i)
 
 
+@functools.lru_cache(maxsize=1024)   # a function of sizes only; the packer asks for it for every view it packs
 def resize_taps(in_hw: tuple[int, int], out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Per output cell of an (out_h, out_w) torch-bicubic resize of an (in_h, in_w) map: flat source indices and
     weights, shapes (out_h * out_w, taps * taps), row-major over output cells; the flat index addresses the source
-    in row-major order. Unused taps (clamped duplicates merged) carry weight 0."""
+    in row-major order. Unused taps (clamped duplicates merged) carry weight 0. The arrays are shared: read-only."""
     per_axis = []
     for n_in, size in zip(in_hw, out_hw):
         m = torch_bicubic_matrix(n_in, size)
@@ -68,7 +69,10 @@ def resize_taps(in_hw: tuple[int, int], out_hw: tuple[int, int], taps: int = 4) 
     index = ri[:, None, :, None] * in_hw[1] + ci[None, :, None, :]  # (h, w, taps, taps)
     weight = rw[:, None, :, None] * cw[None, :, None, :]
     n = out_hw[0] * out_hw[1]
-    return index.reshape(n, taps * taps).astype(np.int32), weight.reshape(n, taps * taps).astype(np.float32)
+    index, weight = index.reshape(n, taps * taps).astype(np.int32), weight.reshape(n, taps * taps).astype(np.float32)
+    index.setflags(write=False)
+    weight.setflags(write=False)
+    return index, weight
 
 
 def position_taps(grid: int, out_hw: tuple[int, int], taps: int = 4) -> tuple[np.ndarray, np.ndarray]:

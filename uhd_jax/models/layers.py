@@ -15,6 +15,19 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def dot_trailing(x, kernel, n: int = 1, preferred_element_type=None):
+    """x (..., K1..Kn) . kernel (K1..Kn, F...) -> (..., F...), with x's leading dims folded into one first.
+
+    With (batch, length, ...) kept apart, XLA's CPU backend writes the backward's (tokens, features) gradient
+    transposed before the kernel's gradient product: a strided copy that made the demo LLM's MLP backward 2.1x slower
+    (benchmarks/README.md). Folded, the product is the same and so are the values."""
+    lead = x.shape[:x.ndim - n]
+    y = jax.lax.dot_general(x.reshape((-1,) + x.shape[x.ndim - n:]), kernel,
+                            ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())),
+                            preferred_element_type=preferred_element_type)
+    return y.reshape(lead + kernel.shape[n:])
+
+
 class DenseGeneral(nn.Module):
     """y = x . kernel over the trailing `axis` dims, kernel created at its full shape with logical axis names.
 
@@ -39,8 +52,7 @@ class DenseGeneral(nn.Module):
         shape = tuple(x.shape[a] for a in axis) + features
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)), shape,
                             self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
-                                ((axis, tuple(range(len(axis)))), ((), ())))
+        y = dot_trailing(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), len(axis))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    tuple(self.axes[len(axis):])),

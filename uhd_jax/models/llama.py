@@ -238,8 +238,8 @@ class Llama(nn.Module):
         return self.logits(x), new_cache
 
     def logits(self, hidden):
-        return jnp.einsum("bte,ev->btv", hidden, jnp.asarray(self.lm_head, self.cfg.dtype),
-                          preferred_element_type=jnp.float32)
+        return layers.dot_trailing(hidden, jnp.asarray(self.lm_head, self.cfg.dtype),
+                                   preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(token_valid):

@@ -94,8 +94,7 @@ class LoraDenseGeneral(layers.DenseGeneral):
             raise ValueError(f"{self.name}: quantised kernel {q.shape} / scale {s.shape}, expected {q_shape} / "
                              f"{s_shape} for {self.quant}")
         w = quant.dequantize(q, s, n_in, self.quant, self.dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), w,
-                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        y = layers.dot_trailing(x.astype(self.dtype), w, n_in)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    tuple(self.axes[n_in:])),
@@ -118,9 +117,8 @@ class LoraDenseGeneral(layers.DenseGeneral):
         h = x.astype(self.dtype)
         if self.dropout > 0.0 and self.has_rng("dropout"):
             h = nn.Dropout(self.dropout, deterministic=False)(h)
-        contract = tuple(range(x.ndim - n_in, x.ndim))
-        h = jax.lax.dot_general(h, jnp.asarray(a, self.dtype), ((contract, tuple(range(n_in))), ((), ())))
-        h = jax.lax.dot_general(h, jnp.asarray(b, self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        h = layers.dot_trailing(h, jnp.asarray(a, self.dtype), n_in)
+        h = layers.dot_trailing(h, jnp.asarray(b, self.dtype))
         return y + (h * self.scaling).astype(y.dtype)
 
 

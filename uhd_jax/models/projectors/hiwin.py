@@ -46,7 +46,8 @@ def top_jbu_level(mask: int) -> int:
 def packed_neighbourhood(index) -> Neighbourhood:
     """JBUStage's neighbourhood on packed rows: `index` (B, N, 49) holds the reflect-neighbour rows of every slot."""
     return Neighbourhood(
-        views=lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1) for p in range(index.shape[-1])],
+        views=lambda x: [jnp.take_along_axis(x, index[:, :, p, None], axis=1, mode="clip")   # in range: host-built
+                         for p in range(index.shape[-1])],
         weighted_sum=lambda x, kernel: gather_taps(x, index, kernel))
 
 
@@ -147,4 +148,4 @@ class HiWinResampler(nn.Module):
         y = layers.layer_norm(eps=self.eps, name="ln_post", **kw)(y)
         proj = self.param("proj", nn.with_logical_partitioning(
             lambda key, s, dt: jax.random.normal(key, s, dt) * d ** -0.5, ("embed", "mlp")), (d, d), self.param_dtype)
-        return jnp.einsum("...d,de->...e", y, jnp.asarray(proj, self.dtype))
+        return layers.dot_trailing(y, jnp.asarray(proj, self.dtype))
