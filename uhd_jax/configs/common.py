@@ -27,7 +27,7 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads
 # random init, 8 layers of 128 did not learn to use the image in the demo's budget, 2 did (README, Quick start).
 DEMO_VISION = dict(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, patch_size=14, image_size=112,
                    layer_norm_eps=1e-5, hidden_act="quick_gelu", select_layer=-2, select_feature="patch")
-DEMO_LLM = dict(vocab_size=1024, hidden_size=128, intermediate_size=2048, num_layers=2, num_heads=4, num_kv_heads=2,
+DEMO_LLM = dict(vocab_size=1024, hidden_size=128, intermediate_size=1024, num_layers=2, num_heads=4, num_kv_heads=2,
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024)
 TINY_LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
