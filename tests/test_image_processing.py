@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from uhd_jax.data.image_processing import LLAVA_PAD_COLOR, clip_preprocess, expand_to_square, llava15_image
+from uhd_jax.data.image_processing import (CLIP_MEAN, CLIP_STD, LLAVA_PAD_COLOR, clip_preprocess, expand_to_square,
+                                           llava15_image, normalize)
 
 
 def random_image(w, h, seed=0):
@@ -23,6 +24,20 @@ def test_clip_preprocess_equals_clip_image_processor(w, h):
     img = random_image(w, h)
     ref = proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     np.testing.assert_allclose(clip_preprocess(img), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_normalize_is_the_processors_float32_arithmetic_bit_for_bit(mode):
+    # every byte value in every channel, then the per-pixel float32 rescale and normalise of CLIPImageProcessor
+    ramp = np.stack([np.arange(256), np.arange(256)[::-1], (np.arange(256) * 7) % 256], -1).astype(np.uint8)
+    img = Image.fromarray(np.tile(ramp[None], (3, 1, 1))).convert(mode)
+    mean, std = [0.5, 0.25, 0.125], [0.2, 0.3, 0.4]
+    rgb = np.asarray(img.convert("RGB"), np.float32) * np.float32(1 / 255)
+    for m, s in ((CLIP_MEAN, CLIP_STD), (mean, std)):
+        want = (rgb - np.asarray(m, np.float32)) / np.asarray(s, np.float32)
+        got = normalize(img, m, s)
+        assert got.dtype == np.float32 and got.shape == (3, 256, 3)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_expand_to_square_centres_the_image():

@@ -73,18 +73,29 @@ def gather_taps(x, index, weight):
     return out.reshape(b, *shape, x.shape[-1])
 
 
+def flat_rows(x, index):
+    """(x as one (Bx * N, D) table, `index` (B, ...) into it): every sample's rows in one table (a broadcast x of
+    batch 1 is one table for all samples). XLA's CPU gather of whole rows from a 2-D table runs ~1.5x faster than
+    the batched gather `take_along_axis` lowers to (the demo's 49-tap JBU neighbourhood: 101 -> 66 ms)."""
+    bx, n, d = x.shape
+    if bx > 1:
+        index = index + (jnp.arange(bx, dtype=index.dtype) * n).reshape(bx, *(1,) * (index.ndim - 1))
+    return x.reshape(bx * n, d), index
+
+
+def take_rows(table, index):
+    """table[index] for host-built indices, in [0, rows): "clip" is XLA's own gather, where the default "fill" adds
+    a bounds test and select over every gathered value (a third of the demo's JBU time on the CPU)."""
+    return jnp.take(table, index, axis=0, mode="clip").astype(jnp.float32)
+
+
 @jax.custom_vjp
 def _tap_sum(x, index, weight):
+    table, flat = flat_rows(x, index)
     out = jnp.zeros((index.shape[0], index.shape[1], x.shape[-1]), jnp.float32)
     for t in range(index.shape[-1]):
-        out = out + weight[:, :, t, None] * _tap_rows(x, index, t)
+        out = out + weight[:, :, t, None] * take_rows(table, flat[:, :, t])
     return out
-
-
-def _tap_rows(x, index, t):
-    # The indices are built on the host inside [0, N): "clip" is XLA's own gather, where the default "fill" adds a
-    # bounds test and select over every gathered value (a third of the demo's JBU time on the CPU).
-    return jnp.take_along_axis(x, index[:, :, t, None], axis=1, mode="clip").astype(jnp.float32)
 
 
 def _tap_sum_fwd(x, index, weight):
@@ -93,9 +104,8 @@ def _tap_sum_fwd(x, index, weight):
 
 def _tap_sum_bwd(res, g):
     x, index, weight = res
-    (bx, n, d), (b, _, taps) = x.shape, index.shape
-    # rows of every sample in one flat table (a broadcast x of batch 1 gathers all samples' taps into one table)
-    flat = index + (jnp.arange(b, dtype=index.dtype) * n)[:, None, None] if bx == b else index
+    (bx, n, d), taps = x.shape, index.shape[-1]
+    table, flat = flat_rows(x, index)
 
     def scatter_tap(t, dx):
         rows = jax.lax.dynamic_index_in_dim(flat, t, axis=2, keepdims=False).reshape(-1)
@@ -103,7 +113,7 @@ def _tap_sum_bwd(res, g):
         return dx.at[rows].add((g * w[..., None]).reshape(-1, d))
 
     dx = jax.lax.fori_loop(0, taps, scatter_tap, jnp.zeros((bx * n, d), jnp.float32))
-    dw = jnp.stack([jnp.sum(g * _tap_rows(x, index, t), axis=-1) for t in range(taps)], axis=-1)
+    dw = jnp.stack([jnp.sum(g * take_rows(table, flat[:, :, t]), axis=-1) for t in range(taps)], axis=-1)
     return dx.reshape(bx, n, d).astype(x.dtype), None, dw
 
 
