@@ -55,6 +55,13 @@ def test_loss_decreases_and_frozen_parameters_stay_bit_identical(synthetic_data,
     assert os.path.isabs(meta["tokenizer"]) and os.path.samefile(meta["tokenizer"], synthetic_data["tokenizer"])
     curve = [r["loss"] for r in res.history]
     assert np.mean(curve[-4:]) < np.mean(curve[:4]) - 0.5, curve
+    # Each row logs the rate its update used: optax's warmup-cosine at the optimizer's count before the step.
+    warmup = int(round(24 * c.stages.sft.warmup_ratio))
+    for group, lr in (("projector", 3e-3), ("llm", 3e-3)):
+        reference = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, 24, 0.0)
+        logged = [r[f"lr_{group}"] for r in res.history]
+        np.testing.assert_allclose(logged, [float(reference(s - 1)) for s in range(1, 25)], rtol=1e-6, atol=1e-12)
+        assert logged[-1] < logged[len(logged) // 2] and max(logged) > 0
     # The vision tower is frozen: bit-identical to the stage's random initialisation; the rest moved. (The trainer
     # initialised on a 2x2x2 mesh; a jitted init without any mesh gives the same numbers: init depends on the seed
     # alone.)

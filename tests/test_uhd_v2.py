@@ -87,6 +87,19 @@ def test_adaptive_pool_matches_torch(h, w):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("h, w", [(1, 1), (3, 3), (2, 5), (8, 32)])
+def test_host_guidance_pooling_is_torchs_adaptive_pool_in_float64(h, w):
+    """The data path pools each level's guidance image on the host (tiled windows at 2x, overlapping ones at 4x:
+    14 / 4 pixels per cell), summing in float64 as torch does for a float64 input."""
+    from uhd_jax.data.uhd_images import area_pool
+
+    img = np.random.default_rng(h * w).normal(size=(14 * h, 14 * w, 3)).astype(np.float32)
+    for out in ((2 * h, 2 * w), (4 * h, 4 * w), (5 * h, 3 * w), (14 * h, 14 * w)):
+        want = F.adaptive_avg_pool2d(torch.from_numpy(img).double().permute(2, 0, 1)[None], out)[0].permute(1, 2, 0)
+        got = area_pool(area_pool(img, out[0], axis=0), out[1], axis=1)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-13)
+
 @pytest.mark.parametrize("h, w", [(4, 4), (3, 6), (5, 2)])
 def test_jbu_4x_stack_matches_torch(h, w):
     c = 16

@@ -748,6 +748,14 @@ def final_meta(config, stage, name: str, steps: int) -> dict:
             "variant": config.get("variant"), "tokenizer": os.path.abspath(_resolve(config.tokenizer, config))}
 
 
+def schedule_tables(schedules: dict, total: int) -> dict:
+    """Every step's learning rate per group, computed once on the host's side of the stage. Evaluating a schedule
+    per step dispatched a small computation that waited for the step just queued, so the host could not prepare the
+    next batch while the device trained on this one."""
+    steps = jnp.arange(max(total, 1), dtype=jnp.int32)
+    return {g: np.asarray(jax.device_get(jax.jit(jax.vmap(s))(steps))) for g, s in schedules.items()}
+
+
 def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, accum, start, total, stop_after,
           schedules, stop=None):
     from tqdm import tqdm
@@ -767,6 +775,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
     last_loss = [float(restored.get("loss", float("nan")))]
     last_time = time.perf_counter()
     window = {"tokens": 0, "images": 0}
+    rates = schedule_tables(schedules, total)
 
     def finish(pending_item):
         nonlocal bad_streak, last_time
@@ -786,7 +795,7 @@ def _loop(config, stage, name, stage_dir, state, step_fn, iterator, ckpt, mesh, 
         last_loss[0] = m["loss"]
         now = time.perf_counter()
         dt, last_time = now - last_time, now
-        lr = {f"lr_{g}": float(s(int(step) - 1)) for g, s in schedules.items()}  # the rate this update used
+        lr = {f"lr_{g}": float(t[step - 1]) for g, t in rates.items()}  # the rate this update used
         row = {**m, **lr, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
                "images_per_s": window["images"] / max(dt, 1e-9), "skipped_total": len(skipped),
                "pad_fraction": pad}
