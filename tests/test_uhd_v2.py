@@ -100,6 +100,7 @@ def test_host_guidance_pooling_is_torchs_adaptive_pool_in_float64(h, w):
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-13)
 
+
 @pytest.mark.parametrize("h, w", [(4, 4), (3, 6), (5, 2)])
 def test_jbu_4x_stack_matches_torch(h, w):
     c = 16
