@@ -27,7 +27,7 @@ from PIL import Image
 from uhd_jax.data.image_processing import normalize  # CLIP processor with do_resize/do_center_crop off
 from uhd_jax.data.slicing import SlicedImage, SlicingOptions, modularize
 from uhd_jax.models.interpolate import position_taps, reflect_index, resize_taps
-from uhd_jax.models.projectors.jbu import DIAMETER, RADIUS
+from uhd_jax.models.projectors.jbu import DIAMETER, RADIUS, pool_windows
 from uhd_jax.models.projectors.windows import MAX_KEYS, roi_taps
 
 JBU_LEVELS = (2, 4)  # the inverse pyramid's upsampled levels, each from the previous (1x -> 2x -> 4x)
@@ -228,21 +228,15 @@ def fill_levels(out: dict, row: int, k: int, img: np.ndarray, hw: tuple[int, int
         src_offset, src_hw = start, (lh, lw)
 
 
-@functools.lru_cache(maxsize=256)
-def _pool_windows(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    i = np.arange(out_size)
-    start, end = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
-    return start, end, (end - start).astype(np.float64), bool(np.array_equal(start[1:], end[:-1]))
-
-
 def area_pool(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """torch's adaptive_avg_pool along one axis, summed in float64: output i averages [floor(i * n / out),
-    ceil((i + 1) * n / out)). Windows that tile the axis are summed in one pass, overlapping ones (n / out not
-    whole) as differences of a running sum. Not a BLAS product: the data path's small multithreaded GEMMs fought
-    the train step's threads for the same cores and made batch preparation 4x slower."""
-    start, end, count, tiled = _pool_windows(x.shape[axis], out_size)
+    """torch's adaptive_avg_pool along one axis (the windows of `jbu.pool_windows`), summed in float64. Windows that
+    tile the axis are summed in one pass, overlapping ones (n / out not whole) as differences of a running sum. Not
+    a BLAS product: the data path's small multithreaded GEMMs fought the train step's threads for the same cores
+    and made batch preparation 4x slower."""
+    start, end, tiled = pool_windows(x.shape[axis], out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
+    count = (end - start).astype(np.float64)
     if tiled:
         return np.add.reduceat(x, start, axis=axis, dtype=np.float64) / count.reshape(shape)
     csum = np.cumsum(x, axis=axis, dtype=np.float64)

@@ -26,14 +26,21 @@ DIAMETER = 2 * RADIUS + 1
 
 
 @functools.lru_cache(maxsize=256)
+def pool_windows(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """torch adaptive_avg_pool's windows along one axis: output i averages [start[i], end[i]) = [floor(i * in / out),
+    ceil((i + 1) * in / out)); `tiled`: the windows cover the axis without overlapping (in / out whole)."""
+    i = np.arange(out_size)
+    start, end = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+    return start, end, bool(np.array_equal(start[1:], end[:-1]))
+
+
+@functools.lru_cache(maxsize=256)
 def adaptive_avg_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) averaging matrix of torch's adaptive_avg_pool along one axis: output i averages
-    [floor(i * in / out), ceil((i + 1) * in / out))."""
+    """(out, in) averaging matrix of torch's adaptive_avg_pool along one axis (`pool_windows`)."""
+    start, end, _ = pool_windows(in_size, out_size)
     m = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        start = (i * in_size) // out_size
-        end = -((-(i + 1) * in_size) // out_size)
-        m[i, start:end] = 1.0 / (end - start)
+    for i, (a, b) in enumerate(zip(start, end)):
+        m[i, a:b] = 1.0 / (b - a)
     m.setflags(write=False)
     return m
 
