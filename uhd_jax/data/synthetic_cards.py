@@ -95,10 +95,11 @@ def render(seed: int, index: int, long_side: int = 448):
 def glyph_cell(seed: int, index: int, side: int, size: int = 112, patch: int = 14):
     """One cell of a card as a slice shows it, for pretraining a ViT to read: drawn at `side` px (the cell of a card
     with long side 4 x `side`), resized to `size` (PIL bicubic, as slices are), with a digit on 80% of cells and part
-    of a shape on half. Returns (image, labels): per patch (row-major, (size // patch)^2) the digit if the patch
-    holds at least a fifth of its ink, else 10 (no digit)."""
+    of a shape on half. Returns (image, labels, background): per patch (row-major, (size // patch)^2) the digit if
+    the patch holds at least a fifth of its ink, else 10 (no digit); the background's index in `BACKGROUNDS`."""
     rng = np.random.default_rng([seed, index])
-    img = Image.new("RGB", (side, side), BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))])
+    background = str(rng.choice(list(BACKGROUNDS)))
+    img = Image.new("RGB", (side, side), BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
     if rng.random() < 0.5:   # shapes may spill in from the next cell
         extent = SHAPE_FRACTION * side
@@ -115,7 +116,7 @@ def glyph_cell(seed: int, index: int, side: int, size: int = 112, patch: int = 1
         ink = np.asarray(img, np.int32).max(axis=-1) < 90
         per_patch = ink[:grid * patch, :grid * patch].reshape(grid, patch, grid, patch).sum(axis=(1, 3)).ravel()
         labels[per_patch >= 0.2 * max(per_patch.sum(), 1)] = digit
-    return img, labels
+    return img, labels, list(BACKGROUNDS).index(background)
 
 
 def write_dataset(out: str, split: str, n: int, seed: int, long_side: int = 448, turns: int = 0) -> dict:
