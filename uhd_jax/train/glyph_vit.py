@@ -128,15 +128,15 @@ def pretrain(model_config, steps: int, batch: int = 64, lr: float = 2e-3, seed: 
     for t in range(steps):
         x, y = cells(seed, order[t * batch:(t + 1) * batch], size, patch)
         params, opt_state, loss = step(params, opt_state, x, y)
-        if (t + 1) % 250 == 0 or t + 1 == steps:
+        if (t + 1) % 250 == 0 or t + 1 == steps:   # the last step's accuracies are the ones returned
             acc = reader_accuracy(jax.device_get(predict(params, held_x)), held_y)
             log(f"step {t + 1}/{steps}: loss {float(loss):.3f}, held-out {describe(acc)} "
                 f"({time.perf_counter() - t0:.0f}s)")
-    acc = reader_accuracy(jax.device_get(predict(params, held_x)), held_y)
     return jax.tree.map(np.asarray, params), acc
 
 
 def describe(acc) -> str:
+    """`reader_accuracy`'s three shares, as the log and the CLI print them."""
     return (f"digits read per patch {100 * acc[0]:.1f}%, per cell {100 * acc[1]:.1f}%, background colours "
             f"{100 * acc[2]:.1f}%")
 
