@@ -13,7 +13,7 @@ from uhd_jax.perf.memory import cpu_upcast_bytes
 from uhd_jax.perf.train_memory import step_memory
 from uhd_jax.train import optimizer as opt
 from uhd_jax.train.state import TrainState
-from uhd_jax.train.step import loss_chunk_tokens, make_train_step, model_inputs
+from uhd_jax.train.step import argmax_hits, loss_chunk_tokens, make_train_step, model_inputs
 from uhd_jax.train.trainer import model_for_stage
 
 B, L = 3, 20
@@ -69,6 +69,9 @@ def test_chunked_loss_and_its_update_equal_the_full_logits_loss(tiny, chunk):
 
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
     assert float(metrics["tokens"]) == batch["loss_mask"].sum()
+    logits, _ = model.apply({"params": params}, *model_inputs(batch))
+    hits = (np.argmax(np.asarray(logits), -1) == batch["targets"]) & batch["loss_mask"]
+    np.testing.assert_allclose(metrics["accuracy"], hits.sum() / batch["loss_mask"].sum(), rtol=1e-6)
     # SGD at rate 1: every trained parameter moved by exactly minus its gradient; the frozen tower did not move.
     moved = jax.tree_util.tree_map(lambda a, b: a - b, params, new.params)
     for path, g in jax.tree_util.tree_flatten_with_path(want_grads)[0]:
@@ -78,6 +81,17 @@ def test_chunked_loss_and_its_update_equal_the_full_logits_loss(tiny, chunk):
             assert not np.any(got), name
         else:
             np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_argmax_hits_follow_argmax_and_its_tie_rule():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (256, 9)).astype(np.float32)    # few values: most rows hold ties for their max
+    logits[0] = 1.5
+    targets = rng.integers(0, 9, 256).astype(np.int32)
+    targets[:64] = np.argmax(logits[:64], -1)                      # hits, many of them tied with later indices
+    want = np.argmax(logits, -1) == targets
+    assert 64 <= want.sum() < 256
+    assert (np.asarray(jax.jit(argmax_hits)(logits, targets)) == want).all()
 
 
 def test_loss_chunk_size_follows_the_vocabulary():

@@ -60,7 +60,7 @@ def chunked_sums(logits_fn, hidden, targets, mask, chunk: int):
         logits = logits_fn(h_c)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tgt_c[:, None], axis=-1)[:, 0]
-        correct = (jnp.argmax(logits, axis=-1) == tgt_c).astype(jnp.float32)
+        correct = argmax_hits(logits, tgt_c).astype(jnp.float32)
         return jnp.sum((logz - target_logit) * m_c), jnp.sum(m_c), jnp.sum(correct * m_c)
 
     if h.shape[0] == chunk:
@@ -75,6 +75,18 @@ def chunked_sums(logits_fn, hidden, targets, mask, chunk: int):
     out, _ = jax.lax.scan(step, (zero, zero, zero),
                           (h.reshape(k, chunk, e), tgt.reshape(k, chunk), m.reshape(k, chunk)))
     return out
+
+
+def argmax_hits(logits, targets):
+    """`jnp.argmax(logits, axis=-1) == targets` for finite rows: the target holds the row's max and no earlier index
+    does (argmax's tie rule), as one fused compare-and-count. XLA's CPU backend runs argmax's (value, index)
+    reduction element by element: 9.7 ms of the llava15:demo SFT step at B8 L512 (4096 x 1024 logits); this form
+    costs 2-3 ms there."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    earlier = jnp.arange(logits.shape[-1], dtype=targets.dtype) < targets[:, None]
+    ties_before = jnp.sum(((logits == top) & earlier).astype(jnp.float32), axis=-1)
+    return (target_logit[:, 0] == top[:, 0]) & (ties_before == 0)
 
 
 def loss_sums(model, params, micro, dropout_rng=None, chunk: int | None = None):
