@@ -41,16 +41,16 @@ ACCELERATORS = {"cuda12": ["jax[cuda12]==0.10.2"], "tpu": ["jax[tpu]==0.10.2"]}
 
 # The commands `pip install .` puts on PATH; in a checkout `python launch/<name>.py` runs the same programs.
 COMMANDS = {
-    "uhd-train": "uhd_jax.cli.train:main",
-    "uhd-generate": "uhd_jax.cli.generate:main",
-    "uhd-evaluate": "uhd_jax.cli.evaluate:main",
-    "uhd-convert": "uhd_jax.convert.cli:main",
-    "uhd-check-data": "uhd_jax.cli.check_data:main",
-    "uhd-show-slices": "uhd_jax.cli.show_slices:main",
-    "uhd-benchmark": "uhd_jax.cli.benchmark:main",
-    "uhd-demo": "uhd_jax.cli.demo:main",
-    "uhd-serve": "uhd_jax.cli.serve:main",
-    "uhd-chat": "uhd_jax.cli.chat:main",
+    "uhd-train": "uhd_jax.cli.commands:train",
+    "uhd-generate": "uhd_jax.cli.commands:generate",
+    "uhd-evaluate": "uhd_jax.cli.commands:evaluate",
+    "uhd-convert": "uhd_jax.cli.commands:convert",
+    "uhd-check-data": "uhd_jax.cli.commands:check_data",
+    "uhd-show-slices": "uhd_jax.cli.commands:show_slices",
+    "uhd-benchmark": "uhd_jax.cli.commands:benchmark",
+    "uhd-demo": "uhd_jax.cli.commands:demo",
+    "uhd-serve": "uhd_jax.cli.commands:serve",
+    "uhd-chat": "uhd_jax.cli.commands:chat",
 }
 
 setup(

@@ -4,7 +4,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout, without installing
 
-from uhd_jax.cli.chat import main  # noqa: E402
+# imports nothing heavy: the command restarts itself with huge pages (uhd_jax/cli/host_memory.py) first
+from uhd_jax.cli.commands import chat  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(chat())

@@ -58,7 +58,9 @@ def versions() -> dict:
 
 def provenance() -> dict:
     return {"utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "commit": commit(), "versions": versions(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "commit": commit(), "versions": versions(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # uhd_jax.cli.host_memory: huge pages for the CPU step's buffers (`glibc.malloc.hugetlb=1`) or not
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def field(line: dict, path: str):
