@@ -14,8 +14,8 @@ through LoRA r 128 / alpha 256 / dropout 0.05 on every LLM linear layer at 2e-4,
   uhd-train --config configs/llava15.py:7b --workdir runs/llava15-7b
 Expected (MODEL_ZOO): the released 7B scores TextVQA 58.2, GQA 62.0, POPE 85.9; 3.5 h + 10 h on 8xA100-80G.
 The demo (`make demo`, issue #19; configs/uhd_v2.py:demo is its other half; `demo_stages` below), 2026-12-03, commit
-b94c1e0, 14.5 min: held-out code (fine) 9.5 / 8.0% against UHD v2's 81.0 / 78.5% (image-blind 9.5%); coarse
-74.5 / 84.0% against UHD v2's 82.5 / 82.0% (image-blind 30%) (README, Quick start).
+7c586e8, 12.5 min: held-out code (fine) 9.5 / 9.0% against UHD v2's 74.0 / 78.0% (image-blind 9.5%); coarse
+70.5 / 85.0% against UHD v2's 80.0 / 84.5% (image-blind 30%) (README, Quick start).
 """
 from __future__ import annotations
 
