@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from uhd_jax.cli import host_memory as hm
+from uhd_jax.cli import commands, host_memory as hm
 
 CPU = {"JAX_PLATFORMS": "cpu"}
 QUALIFIES = dict(glibc=(2, 36), thp="madvise")
@@ -34,6 +34,12 @@ def test_the_restart_environment_adds_the_tunable_once():
 ])
 def test_no_restart_where_it_would_change_nothing(environ, glibc, thp):
     assert hm.huge_page_environment(environ, glibc=glibc, thp=thp) is None
+
+
+def test_each_command_entry_point_runs_its_own_program():
+    for name, module in commands.PROGRAMS.items():
+        assert getattr(commands, name).args == (name,)
+        assert module == ("uhd_jax.convert.cli" if name == "convert" else f"uhd_jax.cli.{name}")
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):

@@ -1,8 +1,9 @@
-"""The console scripts' and launch/ scripts' entry points: each restarts the process with huge pages where that
-helps (`host_memory.restart_with_huge_pages`) before its program, and the program's imports of numpy and JAX,
+"""The console scripts' and launch/ scripts' entry points. Each restarts the process with huge pages where that helps
+(`host_memory.restart_with_huge_pages`), then imports and runs its program, so the restart comes before numpy and JAX
 are loaded."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 from uhd_jax.cli.host_memory import restart_with_huge_pages
@@ -21,41 +22,6 @@ def run(program: str, argv=None):
     return importlib.import_module(PROGRAMS[program]).main(argv)
 
 
-def train(argv=None):
-    return run("train", argv)
-
-
-def generate(argv=None):
-    return run("generate", argv)
-
-
-def evaluate(argv=None):
-    return run("evaluate", argv)
-
-
-def convert(argv=None):
-    return run("convert", argv)
-
-
-def check_data(argv=None):
-    return run("check_data", argv)
-
-
-def show_slices(argv=None):
-    return run("show_slices", argv)
-
-
-def benchmark(argv=None):
-    return run("benchmark", argv)
-
-
-def demo(argv=None):
-    return run("demo", argv)
-
-
-def serve(argv=None):
-    return run("serve", argv)
-
-
-def chat(argv=None):
-    return run("chat", argv)
+# the console scripts' targets (setup.py COMMANDS): train(argv=None) runs uhd-train, and so on
+train, generate, evaluate, convert, check_data, show_slices, benchmark, demo, serve, chat = (
+    functools.partial(run, program) for program in PROGRAMS)
