@@ -154,24 +154,24 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, q_leng
                                         key_value_seq_lengths=kv_lengths, implementation=impl)
 
 
-# Batch rows per iteration of the chunked attention's loop. Two rows made each product large enough for both cores of
-# the 2-core machine: forward + backward at B=8, T=512, 4 query / 2 KV heads of 32, 37-42 ms against 49-65 ms one row
-# at a time, alternating runs (2026-12-03); four rows 49-51 ms.
+# Batch rows per iteration of the chunked attention's loop, as measured on the 2-core machine (forward + backward at
+# B=8, T=512, 4 query / 2 KV heads of 32, alternating runs, 2026-12-03): two rows 37-42 ms, one row 49-65 ms, four
+# rows 49-51 ms. Each iteration is a few dozen small products, and two rows make each one twice as large.
 CHUNKED_ROWS_PER_STEP = 2
 
 
 def chunked_attention(q, k, v, *, is_causal: bool, kv_lengths=None, block: int = 64):
     """The CPU's attention: CHUNKED_ROWS_PER_STEP batch rows at a time (`lax.map`), causal queries in blocks of
     `block`, block i reading only keys [0, end of block i), so the keys a causal mask would zero out are never
-    multiplied (about half the work at long T). Each rows' body is rematerialised: its scores and probabilities live
-    only inside it, small enough
-    for the CPU's caches, where XLA's dense kernel (and this function over the whole batch at once) streams the
-    (B, N, T, S) scores through memory several times in the forward and backward passes. Forward + backward at B=8,
-    T=512, 4 query / 2 KV heads of 32, float32, 2 cores (2026-12-02): XLA's dense kernel 114-138 ms, the whole batch
-    in query blocks 56-72 ms, this 29-39 ms, torch's scaled_dot_product_attention(is_causal=True) 42 ms. (A
-    FlashAttention-style custom gradient from the saved log-sum-exp measured 36-42 ms: slower here.) Masks come from
-    iotas and the lengths, inside. Same inputs and outputs as `dot_product_attention`. A scan over the batch axis
-    serialises a batch that a mesh shards: 'auto' picks this kernel only on the CPU."""
+    multiplied (about half the work at long T). Each iteration's body is rematerialised: its scores and
+    probabilities live only inside it, small enough for the CPU's caches, where XLA's dense kernel (and this function
+    over the whole batch at once) streams the (B, N, T, S) scores through memory several times in the forward and
+    backward passes. Forward + backward at B=8, T=512, 4 query / 2 KV heads of 32, float32, 2 cores (2026-12-02):
+    XLA's dense kernel 114-138 ms, the whole batch in query blocks 56-72 ms, this one row at a time 29-39 ms, torch's
+    scaled_dot_product_attention(is_causal=True) 42 ms. (A FlashAttention-style custom gradient from the saved
+    log-sum-exp measured 36-42 ms: slower here.) Masks come from iotas and the lengths, inside. Same inputs and outputs
+    as `dot_product_attention`. A scan over the batch axis serialises a batch that a mesh shards: 'auto' picks this
+    kernel only on the CPU."""
     b, t, n, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     scale = 1.0 / float(d) ** 0.5
