@@ -60,7 +60,8 @@ def glibc_version() -> tuple[int, int] | None:
 def thp_mode(path: str = THP_ENABLED) -> str | None:
     """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), None where it cannot be read."""
     try:
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
     except OSError:
         return None
     chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
@@ -83,7 +84,7 @@ def huge_page_environment(environ, *, glibc: tuple[int, int] | None, thp: str | 
 def restart_with_huge_pages() -> None:
     """Replace this process with the same command under `huge_page_environment`, where it applies; else return."""
     env = huge_page_environment(os.environ, glibc=glibc_version(), thp=thp_mode())
-    if env is not None and sys.executable and getattr(sys, "orig_argv", None):
+    if env is not None and sys.executable:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
